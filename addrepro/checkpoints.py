@@ -1,0 +1,94 @@
+"""Checkpoints: one file per model, written atomically and loaded without unpickling code.
+
+A checkpoint holds plain tensors and plain containers only (``torch.load(weights_only=True)``):
+the task and model config needed to rebuild the model, the resolved run config, the weights in
+TransformerLens naming, and — for resuming — the optimiser and data-stream state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from addrepro.data import TaskSpec
+from addrepro.model import ModelConfig, Transformer
+
+FORMAT = "addrepro-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    payload = {"format": FORMAT, **payload}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load and sanity-check a checkpoint; every failure names the file and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.ckpt"
+        if not candidate.exists():
+            raise CheckpointError(f"checkpoint: no checkpoints/last.ckpt in folder {path}")
+        path = candidate
+    if not path.exists():
+        raise CheckpointError(f"checkpoint={path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many different errors
+        raise CheckpointError(f"checkpoint={path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint={path} is not an addrepro checkpoint (format {FORMAT} expected)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[Transformer, TaskSpec]:
+    """Rebuild the single model stored in a checkpoint (K = 1)."""
+    spec = TaskSpec(**ckpt["task"])
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = Transformer.from_member_state_dicts(cfg, [ckpt["model"]])
+    return model, spec
+
+
+def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Path = "") -> None:
+    """Fail with the differing keys when a checkpoint does not match the configured run."""
+    diffs = [
+        f"{section}.{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
+        for section, theirs, ours in (("data", ckpt["task"], task), ("model", ckpt["model_config"], model_config))
+        for k in sorted(set(theirs) | set(ours))
+        if theirs.get(k) != ours.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint={path} does not match the config: " + "; ".join(diffs))
+
+
+def checkpoint_steps(max_steps: int, schedule: str, every: int, log_count: int) -> list[int]:
+    """Steps at which periodic checkpoints are written (``last.ckpt`` is extra)."""
+    if schedule == "linear":
+        return list(range(every, max_steps + 1, every))
+    # Log-spaced from step 1: dense where the early shelves form, sparse later.
+    steps = {round(math.exp(i * math.log(max_steps) / max(log_count - 1, 1))) for i in range(log_count)}
+    return sorted({0, *steps} & set(range(max_steps + 1)))

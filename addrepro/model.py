@@ -1,0 +1,211 @@
+"""A small decoder-only transformer, held as K stacked models.
+
+Every parameter has a leading ensemble dimension K (K = 1 for a single run), so one forward pass
+trains K independent models: members never mix, and member k with seed s is initialised exactly as
+a single run with seed s. Parameter names follow TransformerLens (``embed.W_E``,
+``blocks.0.attn.W_Q``, ``blocks.0.mlp.W_in``, ``unembed.W_U`` …), so that ``state_dict`` sliced at
+member k is a HookedTransformer-style state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("relu", "gelu")
+NORMALIZATIONS = (None, "LN")
+INITS = ("nanda", "normal")
+
+
+@dataclass
+class ModelConfig:
+    d_vocab: int  # input tokens: base digits, "+" and "="
+    d_vocab_out: int  # the unembedding maps to the digits only
+    n_ctx: int
+    d_model: int = 128
+    n_layers: int = 1
+    n_heads: int = 4
+    d_head: int = 32
+    d_mlp: int = 512
+    act_fn: str = "relu"
+    normalization: str | None = None  # None or "LN"
+    attn_only: bool = False
+    init: str = "nanda"  # "nanda": the scales of Nanda's 5-digit addition code; "normal": init_std for all
+    init_std: float = 0.02
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _stacked(k: int, *shape: int, fill: float | None = None) -> nn.Parameter:
+    t = torch.empty(k, *shape)
+    if fill is not None:
+        t.fill_(fill)
+    return nn.Parameter(t)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, k: int, d_model: int):
+        super().__init__()
+        self.w = _stacked(k, d_model, fill=1.0)
+        self.b = _stacked(k, d_model, fill=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
+        x = x - x.mean(-1, keepdim=True)
+        scale = (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        return x / scale * self.w[:, None, None] + self.b[:, None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        h, d, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q, self.W_K, self.W_V = (_stacked(k, h, d, dh) for _ in range(3))
+        self.W_O = _stacked(k, h, dh, d)
+        self.scale = 1.0 / math.sqrt(dh)
+        mask = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
+        t = x.shape[2]
+        q = torch.einsum("kbtd,khde->kbhte", x, self.W_Q)  # (K, B, H, T, d_head)
+        k_ = torch.einsum("kbtd,khde->kbhte", x, self.W_K)
+        v = torch.einsum("kbtd,khde->kbhte", x, self.W_V)
+        scores = q @ k_.transpose(-1, -2) * self.scale  # (K, B, H, T, T)
+        scores = scores.masked_fill(~self.mask[:t, :t], float("-inf"))
+        pattern = scores.softmax(-1)
+        z = pattern @ v  # (K, B, H, T, d_head)
+        return torch.einsum("kbhte,khed->kbtd", z, self.W_O)  # (K, B, T, d_model)
+
+
+class MLP(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        self.W_in = _stacked(k, cfg.d_model, cfg.d_mlp)
+        self.b_in = _stacked(k, cfg.d_mlp, fill=0.0)
+        self.W_out = _stacked(k, cfg.d_mlp, cfg.d_model)
+        self.b_out = _stacked(k, cfg.d_model, fill=0.0)
+        self.act = F.relu if cfg.act_fn == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
+        k, bsz, t, d = x.shape
+        pre = torch.baddbmm(self.b_in[:, None], x.reshape(k, bsz * t, d), self.W_in)  # (K, B*T, d_mlp)
+        out = torch.baddbmm(self.b_out[:, None], self.act(pre), self.W_out)  # (K, B*T, d_model)
+        return out.view(k, bsz, t, d)
+
+
+class Block(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        use_ln = cfg.normalization == "LN"
+        self.ln1 = LayerNorm(k, cfg.d_model) if use_ln else nn.Identity()
+        self.attn = Attention(k, cfg)
+        self.mlp = None if cfg.attn_only else MLP(k, cfg)
+        self.ln2 = LayerNorm(k, cfg.d_model) if use_ln and not cfg.attn_only else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln2(x))
+        return x
+
+
+class Embed(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        self.W_E = _stacked(k, cfg.d_vocab, cfg.d_model)
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        self.W_pos = _stacked(k, cfg.n_ctx, cfg.d_model)
+
+
+class Unembed(nn.Module):
+    def __init__(self, k: int, cfg: ModelConfig):
+        super().__init__()
+        self.W_U = _stacked(k, cfg.d_model, cfg.d_vocab_out)
+
+
+class Transformer(nn.Module):
+    """K independent transformers in one module; ``seeds[k]`` initialises member k."""
+
+    def __init__(self, cfg: ModelConfig, seeds: list[int] | int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        k = self.n_models
+        self.embed = Embed(k, cfg)
+        self.pos_embed = PosEmbed(k, cfg)
+        self.blocks = nn.ModuleList(Block(k, cfg) for _ in range(cfg.n_layers))
+        self.ln_final = LayerNorm(k, cfg.d_model) if cfg.normalization == "LN" else nn.Identity()
+        self.unembed = Unembed(k, cfg)
+        for member, seed in enumerate(self.seeds):
+            self.init_member(member, seed)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.seeds)
+
+    @torch.no_grad()
+    def init_member(self, member: int, seed: int) -> None:
+        """Initialise member ``member`` from its own generator, in a fixed parameter order."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if not leaf.startswith("W_"):
+                continue  # biases 0 and LayerNorm weights 1 are set at construction
+            if cfg.init == "nanda":
+                fan = {"W_out": cfg.d_mlp, "W_U": cfg.d_vocab_out}.get(leaf, cfg.d_model)
+                std = 1.0 / math.sqrt(fan)
+            else:
+                std = cfg.init_std
+            p[member].copy_(torch.randn(p.shape[1:], generator=g) * std)
+
+    def residual(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final residual stream ``(K, B, T, d_model)`` for tokens ``(K, B, T)`` or ``(B, T)``."""
+        if tokens.dim() == 2:
+            tokens = tokens.expand(self.n_models, *tokens.shape)
+        t = tokens.shape[-1]
+        members = torch.arange(self.n_models, device=tokens.device)[:, None, None]
+        x = self.embed.W_E[members, tokens] + self.pos_embed.W_pos[:, None, :t]  # (K, B, T, d_model)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_final(x)
+
+    def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Logits ``(K, B, T, d_vocab_out)``; with ``last``, only at the last ``last`` positions."""
+        x = self.residual(tokens)
+        if last is not None:
+            x = x[:, :, -last:]
+        return x @ self.unembed.W_U[:, None]  # (K, B, T', d_vocab_out)
+
+    def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
+        """A single model's TransformerLens-style state dict (no leading K)."""
+        return {name: t[member].detach().clone() for name, t in self.state_dict().items()}
+
+    @classmethod
+    def from_member_state_dicts(cls, cfg: ModelConfig, states: list[dict[str, torch.Tensor]]) -> Transformer:
+        model = cls(cfg, seeds=[0] * len(states))
+        stacked = {name: torch.stack([s[name] for s in states]) for name in states[0]}
+        model.load_state_dict(stacked)
+        return model
+
+
+def parameter_group(name: str) -> str:
+    """The gradient-norm group of a parameter: embed, attn, mlp, ln or unembed."""
+    if name.startswith(("embed.", "pos_embed.")):
+        return "embed"
+    if name.startswith("unembed."):
+        return "unembed"
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    return "ln"
