@@ -1,0 +1,288 @@
+"""Tests for addrepro.shelf_detection on synthetic curves with known answers."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from addrepro.shelf_detection import (
+    Shelf,
+    Spike,
+    SpikeMonitor,
+    detect_shelves,
+    detect_spikes,
+)
+
+LOG10 = math.log(10)
+LOG2 = math.log(2)
+ATLAS = {
+    "uniform": LOG10,
+    "near_uniform": 2.1,
+    "naive_sum": LOG2,
+    "carry_tenth": 0.1 * LOG2,
+    "solved": 0.0,
+}
+TOL_STEPS = 60
+
+
+def staircase_log_loss(
+    steps: np.ndarray, levels: list[float], centres: list[float], width: float
+) -> np.ndarray:
+    """log-loss resting at `levels`, with sigmoid drops centred at `centres`."""
+    y = np.full(len(steps), math.log(levels[0]))
+    for c, hi, lo in zip(centres, levels[:-1], levels[1:], strict=True):
+        y += (math.log(lo) - math.log(hi)) * 0.5 * (1 + np.tanh((steps - c) / (2 * width)))
+    return y
+
+
+def noisy(y: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Multiplicative (log-normal) noise, as minibatch losses have."""
+    rng = np.random.default_rng(seed)
+    return np.exp(y + sigma * rng.standard_normal(len(y)))
+
+
+def three_shelf_curve(seed: int = 0, sigma: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    # log 10 until ~440, log 2 on ~560-1140, 0.01 from ~1260 (a sigmoid of
+    # width 20 is within 5% of its level 3 widths from its centre).
+    steps = np.arange(2000)
+    y = staircase_log_loss(steps, [LOG10, LOG2, 0.01], [500, 1200], width=20)
+    return steps, noisy(y, sigma, seed)
+
+
+THREE_SHELF_TRUTH = [(0, 440, LOG10, "uniform"), (560, 1140, LOG2, "naive_sum"), (1260, 1999, 0.01, None)]
+
+
+def assert_shelves(shelves: list[Shelf], truth: list[tuple], tol: float = TOL_STEPS) -> None:
+    assert len(shelves) == len(truth), shelves
+    for shelf, (start, end, level, name) in zip(shelves, truth, strict=True):
+        assert abs(shelf.start_step - start) <= tol, (shelf, start)
+        assert abs(shelf.end_step - end) <= tol, (shelf, end)
+        assert abs(math.log(shelf.level / level)) < 0.05, (shelf, level)
+        assert shelf.atlas_level == name, shelf
+        if name is None:
+            assert shelf.atlas_loss is None
+        else:
+            assert shelf.atlas_loss == ATLAS[name]
+
+
+# ----------------------------------------------------------------------------
+# Shelves
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("sigma", [0.03, 0.1])
+def test_three_shelves_found_with_levels_and_atlas(seed: int, sigma: float) -> None:
+    steps, loss = three_shelf_curve(seed, sigma)
+    assert_shelves(detect_shelves(steps, loss, ATLAS), THREE_SHELF_TRUTH)
+
+
+def test_sharp_drops_give_exact_boundaries() -> None:
+    steps = np.arange(1500)
+    y = staircase_log_loss(steps, [LOG10, LOG2, 0.1 * LOG2], [500, 1000], width=0.5)
+    shelves = detect_shelves(steps, noisy(y, 0.05, 3), ATLAS)
+    truth = [
+        (0, 499, LOG10, "uniform"),
+        (500, 999, LOG2, "naive_sum"),
+        (1000, 1499, 0.1 * LOG2, "carry_tenth"),
+    ]
+    assert_shelves(shelves, truth, tol=5)
+
+
+def test_small_step_between_close_levels_is_two_shelves() -> None:
+    # log 10 -> 2.1 is only 0.09 in log-loss, yet the two are distinct shelves
+    # and each is matched to the nearer atlas level. A step that small is
+    # flatter than max_slope throughout, so the two shelves touch and the
+    # boundary lands somewhere inside the transition around step 2000.
+    steps = np.arange(10_000)
+    y = staircase_log_loss(steps, [LOG10, 2.1, LOG2, 0.1 * LOG2], [2000, 3500, 6000], width=80)
+    shelves = detect_shelves(steps, noisy(y, 0.1, 4), ATLAS)
+    truth = [
+        (0, 2000, LOG10, "uniform"),
+        (2000, 3250, 2.1, "near_uniform"),
+        (3750, 5750, LOG2, "naive_sum"),
+        (6250, 9999, 0.1 * LOG2, "carry_tenth"),
+    ]
+    assert_shelves(shelves, truth, tol=250)
+    assert shelves[1].start_step == shelves[0].end_step + 1
+
+
+def test_level_outside_atlas_has_no_match() -> None:
+    steps = np.arange(1500)
+    y = staircase_log_loss(steps, [LOG10, 1.2, 0.01], [400, 1000], width=15)
+    shelves = detect_shelves(steps, noisy(y, 0.05, 5), ATLAS)
+    assert_shelves(shelves, [(0, 355, LOG10, "uniform"), (445, 955, 1.2, None), (1045, 1499, 0.01, None)])
+
+
+def test_zero_atlas_level_matches_only_tiny_losses() -> None:
+    steps = np.arange(1000)
+    y = staircase_log_loss(steps, [LOG2, 1e-5], [500], width=10)
+    shelves = detect_shelves(steps, noisy(y, 0.1, 6), ATLAS)
+    assert [s.atlas_level for s in shelves] == ["naive_sum", "solved"]
+    assert shelves[1].atlas_loss == 0.0
+    # Without the zero level, nothing is close to 1e-5.
+    no_zero = {k: v for k, v in ATLAS.items() if v > 0}
+    assert [s.atlas_level for s in detect_shelves(steps, noisy(y, 0.1, 6), no_zero)] == ["naive_sum", None]
+
+
+def test_no_atlas_gives_no_names() -> None:
+    steps, loss = three_shelf_curve()
+    shelves = detect_shelves(steps, loss)
+    assert len(shelves) == 3
+    assert all(s.atlas_level is None and s.atlas_loss is None for s in shelves)
+
+
+@pytest.mark.parametrize("tau", [100.0, 300.0, 1000.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_smooth_exponential_decay_has_no_shelves(tau: float, seed: int) -> None:
+    # Log-loss falls linearly: never flat, so no shelf anywhere.
+    steps = np.arange(2000)
+    loss = noisy(math.log(2.3) - steps / tau, 0.1, seed)
+    assert detect_shelves(steps, loss, ATLAS) == []
+
+
+def test_exponential_decay_to_floor_has_only_the_floor() -> None:
+    steps = np.arange(2000)
+    loss = (0.01 + 2.3 * np.exp(-steps / 150)) * noisy(np.zeros(2000), 0.05, 7)
+    shelves = detect_shelves(steps, loss, ATLAS)
+    assert len(shelves) == 1
+    # 2.3 exp(-t/150) is 5% of the floor at t ~ 1270.
+    assert abs(shelves[0].start_step - 1270) <= 150
+    assert shelves[0].end_step == 1999
+    assert abs(shelves[0].level - 0.01) < 0.001
+
+
+def test_log_spaced_steps_report_steps_not_indices() -> None:
+    steps = np.unique(np.geomspace(1, 20_000, 600).astype(int))
+    y = staircase_log_loss(steps.astype(float), [LOG10, LOG2, 0.01], [500, 3000], width=60)
+    shelves = detect_shelves(steps, noisy(y, 0.05, 8), ATLAS)
+    assert [s.atlas_level for s in shelves] == ["uniform", "naive_sum", None]
+    assert shelves[0].start_step == 1
+    assert 250 <= shelves[0].end_step <= 400
+    assert 600 <= shelves[1].start_step <= 850
+    assert 2500 <= shelves[1].end_step <= 2850
+    assert 3150 <= shelves[2].start_step <= 3500
+    assert shelves[2].end_step == 20_000
+    assert all(isinstance(s.start_step, int) and isinstance(s.end_step, int) for s in shelves)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 9])
+def test_short_curves_return_empty(n: int) -> None:
+    assert detect_shelves(np.arange(n), np.full(n, LOG2), ATLAS) == []
+
+
+def test_short_but_flat_curve_is_one_shelf() -> None:
+    shelves = detect_shelves(np.arange(12), noisy(np.full(12, math.log(LOG2)), 0.02, 9), ATLAS)
+    assert [(s.start_step, s.end_step, s.atlas_level) for s in shelves] == [(0, 11, "naive_sum")]
+
+
+def test_nan_and_inf_points_are_ignored() -> None:
+    steps, loss = three_shelf_curve(seed=10)
+    rng = np.random.default_rng(11)
+    bad = rng.choice(len(loss), size=100, replace=False)
+    loss = loss.copy()
+    loss[bad[:50]] = np.nan
+    loss[bad[50:]] = np.inf
+    assert_shelves(detect_shelves(steps, loss, ATLAS), THREE_SHELF_TRUTH)
+    # All-NaN curve: nothing to find, no error.
+    assert detect_shelves(steps, np.full(len(steps), np.nan), ATLAS) == []
+
+
+def test_exact_zero_losses_do_not_break_detection() -> None:
+    steps = np.arange(600)
+    loss = np.where(steps < 300, LOG2, 0.0)
+    shelves = detect_shelves(steps, loss, ATLAS)
+    assert [(s.start_step, s.end_step, s.atlas_level) for s in shelves] == [
+        (0, 299, "naive_sum"),
+        (300, 599, "solved"),
+    ]
+
+
+def test_mismatched_lengths_raise() -> None:
+    with pytest.raises(ValueError):
+        detect_shelves(np.arange(10), np.ones(11))
+
+
+def test_shelf_as_dict() -> None:
+    shelf = Shelf(start_step=1, end_step=5, level=0.7, atlas_level="naive_sum", atlas_loss=LOG2)
+    assert shelf.as_dict() == {
+        "start_step": 1,
+        "end_step": 5,
+        "level": 0.7,
+        "atlas_level": "naive_sum",
+        "atlas_loss": LOG2,
+    }
+
+
+def test_ten_thousand_points_under_a_second() -> None:
+    steps = np.arange(10_000)
+    y = staircase_log_loss(steps, [LOG10, LOG2, 0.1 * LOG2, 0.01], [2000, 5000, 8000], width=50)
+    curves = [noisy(y, 0.1, 12), noisy(0.3 * np.zeros(10_000), 0.3, 13), np.exp(-steps / 2000)]
+    for loss in curves:
+        start = time.perf_counter()
+        detect_shelves(steps, loss, ATLAS)
+        assert time.perf_counter() - start < 1.0
+
+
+# ----------------------------------------------------------------------------
+# Spikes
+# ----------------------------------------------------------------------------
+
+
+def flat_curve_with_spikes() -> tuple[np.ndarray, np.ndarray]:
+    steps = np.arange(0, 4000, 2)  # steps need not be consecutive integers
+    loss = noisy(np.full(len(steps), math.log(0.3)), 0.1, 20)
+    loss[400] = 3.0  # single-point spike at step 800
+    loss[1200:1203] = [1.5, 4.0, 2.0]  # three-point spike peaking at step 2402
+    return steps, loss
+
+
+def test_two_injected_spikes_are_found_exactly() -> None:
+    steps, loss = flat_curve_with_spikes()
+    spikes = detect_spikes(steps, loss)
+    assert [s.step for s in spikes] == [800, 2402]
+    assert [s.loss for s in spikes] == [3.0, 4.0]
+    for s in spikes:
+        assert abs(s.baseline - 0.3) < 0.03
+        assert s.ratio == pytest.approx(s.loss / s.baseline)
+
+
+def test_spike_thresholds() -> None:
+    steps = np.arange(200)
+    loss = np.full(200, 0.01)
+    loss[100] = 0.05  # 5x the baseline but only 0.04 above it: below min_excess
+    loss[150] = 0.2  # 20x and 0.19 above
+    assert [s.step for s in detect_spikes(steps, loss)] == [150]
+    assert [s.step for s in detect_spikes(steps, loss, min_excess=0.01)] == [100, 150]
+    assert detect_spikes(steps, loss, factor=25.0) == []
+
+
+def test_spikes_ignore_nan_and_short_series() -> None:
+    steps, loss = flat_curve_with_spikes()
+    loss = loss.copy()
+    loss[[10, 500, 1100]] = [np.nan, np.inf, np.nan]
+    assert [s.step for s in detect_spikes(steps, loss)] == [800, 2402]
+    assert detect_spikes([0, 1, 2], [1.0, 100.0, 1.0]) == []
+
+
+def test_spike_monitor_agrees_with_batch_detection() -> None:
+    steps, loss = flat_curve_with_spikes()
+    loss = loss.copy()
+    loss[700] = np.nan
+    monitor = SpikeMonitor()
+    alerts = [
+        a for s, v in zip(steps, loss, strict=True) if (a := monitor.update(int(s), float(v))) is not None
+    ]
+    batch = detect_spikes(steps, loss)
+    # Alerts fire at the first point of each spike; the kept list holds peaks.
+    assert [a.step for a in alerts] == [800, 2400]
+    assert monitor.spikes == batch
+    assert len(monitor._history) == monitor.window  # bounded memory
+
+
+def test_spike_as_dict() -> None:
+    spike = Spike(step=3, loss=1.0, baseline=0.25, ratio=4.0)
+    assert spike.as_dict() == {"step": 3, "loss": 1.0, "baseline": 0.25, "ratio": 4.0}
