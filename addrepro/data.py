@@ -234,3 +234,9 @@ def split_train_heldout(
     a, b = distinct_pairs(spec, train_size + heldout_size, seed)
     tokens = encode(a, b, spec)
     return tokens[:train_size], tokens[train_size:]
+
+
+def operands_from_tokens(tokens: torch.Tensor, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place-indexed operand digits ``(..., n)`` read from token sequences ``(..., T)``."""
+    n = spec.n_digits
+    return tokens[..., :n].flip(-1), tokens[..., n + 1 : 2 * n + 1].flip(-1)

@@ -9,9 +9,23 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 
-def run_name(overrides: list[str]) -> str:
-    """A W&B run name made from the job's overrides, e.g. ``model.width=32,seed=1``."""
-    kept = [o for o in overrides if not o.startswith(("resume=", "hydra.", "logger."))]
+def swept_keys(argv: list[str]) -> set[str]:
+    """Keys that a multirun command line sweeps over (``model.width=32,64``, ``seed=range(3)`` …)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # a malformed override is reported by Hydra itself
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def run_name(overrides: list[str], swept: set[str] | None = None) -> str:
+    """A W&B run name from the job's overrides: the swept values in a sweep, e.g. ``model.width=32``."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "logger."))]
+    if swept:
+        kept = [o for o in kept if o.lstrip("+~").split("=", 1)[0] in swept] or kept
     return ",".join(kept) or "default"
 
 

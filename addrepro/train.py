@@ -87,11 +87,41 @@ def train(cfg: DictConfig, job_dir: Path, name: str, group: str) -> dict:
     )
     ticks = range(math.ceil(settings.max_steps / settings.steps_per_call))
     trainer.fit(module, train_dataloaders=ticks)
-    if cfg.trainer.plots:
-        from addrepro.plots import write_run_plots
-
-        write_run_plots(job_dir, module.history, spec)
+    finish_job(job_dir, module, cfg)
     return next((r for r in reversed(module.history) if "val/loss" in r), {})
+
+
+def finish_job(job_dir: Path, module, cfg: DictConfig) -> None:  # noqa: ANN001
+    """Files that outlive the run: confusion arrays, spikes, plots; and the same to W&B."""
+    import json
+
+    from addrepro.report import draw_job, save_confusion
+
+    save_confusion(job_dir, module.confusions)
+    spikes = [{"member": k, **s.as_dict()} for k, s in module.spikes]
+    (job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
+    paths = draw_job(job_dir, rows=module.history) if cfg.trainer.plots else []
+    _log_files_to_wandb(module.members[0].loggers, paths, job_dir)
+
+
+def _log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None:
+    import json
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        payload = {f"plots/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+        shelves_path = job_dir / "shelves_detected.json"
+        if shelves_path.exists():
+            shelves = json.loads(shelves_path.read_text())
+            columns = ["place", "start_step", "end_step", "level", "atlas_level", "atlas_loss"]
+            payload["shelves"] = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in shelves])
+        if payload:
+            logger.experiment.log(payload)
 
 
 def _wandb_id(loggers: list) -> str | None:
@@ -105,14 +135,15 @@ def _wandb_id(loggers: list) -> str | None:
 
 def job_identity(cfg: DictConfig) -> tuple[Path, str, str, bool]:
     """Job folder, W&B run name, W&B group and whether this job is part of a multirun."""
-    from addrepro.tracking import run_name
+    from addrepro.tracking import run_name, swept_keys
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
     group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
-    return job_dir, run_name(list(hc.overrides.task)), group, multirun
+    swept = swept_keys(sys.argv[1:]) if multirun else None
+    return job_dir, run_name(list(hc.overrides.task), swept), group, multirun
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

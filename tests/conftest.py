@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Short runs: log and evaluate often enough that every key appears, write few checkpoints.
+FAST = [
+    "trainer.progress_bar=false",
+    "trainer.val_every_n_steps=25",
+    "trainer.log_every_n_steps=5",
+    "metrics.every_n_steps=25",
+    "metrics.carry_set_size=16",
+    "metrics.chain_set_size=8",
+    "data.val_size=256",
+]
+
+
+def cli_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args>`` the way a user would, in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def _run(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        return run_cli(module, list(args), tmp_path, timeout)
+
+    return _run

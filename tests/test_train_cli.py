@@ -1,0 +1,104 @@
+"""The training command as a user runs it: real Hydra multiruns in a subprocess, real offline W&B runs."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import FAST, cli_env
+
+from addrepro.checkpoints import load_checkpoint, model_from_checkpoint
+from addrepro.report import load_rows
+from addrepro.wandb_offline import read_run
+
+
+def test_multirun_two_jobs_two_wandb_runs_one_group(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("addrepro.train", "-m", "model.width=32,64", "trainer.max_steps=50", f"hydra.sweep.dir={sweep}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    runs = [read_run(job) for job in jobs]
+    assert runs[0].run_id != runs[1].run_id
+    assert runs[0].group == runs[1].group != ""
+    assert {r.name for r in runs} == {"model.width=32", "model.width=64"}
+    for job, run, width in zip(jobs, runs, (32, 64), strict=True):
+        assert run.exit_code == 0
+        assert run.config["model"]["width"] == width
+        for j in range(6):  # 5 digits: places 0..4 and the carry-out place 5
+            for key in (f"train/loss/place_{j}", f"train/acc/place_{j}", f"val/loss/place_{j}"):
+                assert key in run.history_keys, key
+        for key in ("train/loss", "train/acc", "train/lr", "train/grad_norm/global", "train/grad_norm/attn",
+                    "train/grad_norm/mlp", "train/grad_norm/embed", "train/grad_norm/unembed",
+                    "train/grad_norm/layer_0", "val/acc", "val/naive/place_1/plus_1",
+                    "carry/place_1/cin_1/loss", "chain/place_4/len_3/loss"):
+            assert key in run.history_keys, key
+        steps, losses = run.series("train/loss/place_0")
+        assert steps and all(0 < v < 10 for v in losses)
+        # The CSV holds the same numbers as W&B.
+        rows = [r for r in load_rows(job) if "train/loss/place_0" in r]
+        assert [r["train/loss/place_0"] for r in rows] == losses
+        ckpt = load_checkpoint(job / "checkpoints" / "last.ckpt")
+        assert ckpt["step"] == 50
+        model, spec = model_from_checkpoint(ckpt)
+        assert model.cfg.d_model == width and spec.n_digits == 5
+        assert (job / "place_loss.png").stat().st_size > 10_000
+        assert json.loads((job / "status.json").read_text())["status"] == "ok"
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert {k: v["status"] for k, v in summary.items()} == {"0": "ok", "1": "ok"}
+
+
+def test_short_run_lowers_the_loss(cli, tmp_path):
+    proc = cli("addrepro.train", "data.n_digits=2", "trainer.max_steps=150", "model.width=64",
+               "optimizer.lr=3e-3", "logger=csv", "hydra.run.dir=run", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in load_rows(tmp_path / "run") if "val/loss" in r]
+    assert rows[0]["step"] == 0 and rows[-1]["step"] == 150
+    assert rows[0]["val/loss"] > 2.0  # starts near log 10
+    assert rows[-1]["val/loss"] < 0.6 * rows[0]["val/loss"]
+
+
+def test_runs_started_together_get_separate_folders(tmp_path):
+    args = [sys.executable, "-m", "addrepro.train", "trainer.max_steps=2", "logger=csv", "trainer.plots=false",
+            "data.n_digits=1", *FAST]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    folders = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert len(folders) == 2
+    assert all((f / "checkpoints" / "last.ckpt").exists() for f in folders)
+
+
+def test_bad_values_stop_before_training_with_one_line(cli, tmp_path):
+    # The whole table of bad values is in test_config_check.py; here, what a user sees.
+    cases = {
+        "data.base=40": "data.base=40 is invalid: must be an integer in 2..36",
+        "model.width=130": "model.width=130 is invalid: must be divisible by model.n_heads=4 (or set model.d_head)",
+        "data.task=mul": "data.task='mul' is invalid: must be one of add, digitwise",
+        "optimizer.lr=-1": "optimizer.lr=-1 is invalid: must be a number > 0.0",
+    }
+    for override, message in cases.items():
+        proc = cli("addrepro.train", override, "hydra.run.dir=bad")
+        assert proc.returncode == 2, (override, proc.stderr[-2000:])
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert lines == [f"addrepro: config error: {message}"], (override, lines)
+        assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_unknown_key_is_refused_without_traceback(cli):
+    proc = cli("addrepro.train", "model.widht=64")
+    assert proc.returncode != 0
+    assert "widht" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("addrepro.train", "-m", "data.base=40,10", "data.n_digits=2", "trainer.max_steps=5",
+               "logger=csv", "trainer.plots=false", f"hydra.sweep.dir={sweep}", *FAST)
+    assert proc.returncode == 1
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["0"]["status"] == "failed" and "data.base=40" in summary["0"]["message"]
+    assert summary["1"]["status"] == "ok"
+    assert "job 0 failed: config: data.base=40" in proc.stderr
+    assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5
