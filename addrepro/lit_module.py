@@ -13,16 +13,21 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
+from addrepro.carry_sets import CarrySets, carry_metric_dict
 from addrepro.checkpoints import checkpoint_steps, save_checkpoint
+from addrepro.confusion import confusion_matrices
 from addrepro.data import FiniteBatches, InfiniteBatches, TaskSpec, encode, sample_operands, split_train_heldout
 from addrepro.grad_norms import grad_norm_keys, grad_norms
 from addrepro.model import ModelConfig, Transformer
+from addrepro.naive_sum import naive_sum_metric_dict
 from addrepro.optim import StackedAdamW
 from addrepro.place_metrics import place_metric_dict, place_stats
+from addrepro.shelf_detection import Spike, SpikeMonitor
 
 
 class Divergence(RuntimeError):
@@ -57,6 +62,11 @@ class TrainSettings:
     val_every_n_steps: int = 100
     ckpt_steps: tuple[int, ...] = ()
     steps_per_call: int = 1
+    metrics_every_n_steps: int = 100  # naive-sum, carry-conditioned and confusion metrics
+    carry_set_size: int = 128
+    chain_set_size: int = 64
+    spike_window: int = 50
+    spike_factor: float = 3.0
 
 
 class AdditionModule(pl.LightningModule):
@@ -70,6 +80,10 @@ class AdditionModule(pl.LightningModule):
         self.val_tokens: torch.Tensor | None = None
         self.ckpt_steps = set(settings.ckpt_steps)
         self.history: list[dict] = []  # host copies of logged rows, for plots at the end
+        self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
+        self.spike_monitors = [SpikeMonitor(settings.spike_window, settings.spike_factor) for _ in members]
+        self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
+        self._snapshot: tuple[int, list[dict]] | None = None  # weights at the previous logging step
 
     # -- setup -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -96,6 +110,9 @@ class AdditionModule(pl.LightningModule):
                 self.streams.append(FiniteBatches(train.to(device), s.batch_size, m.data_seed, self.spec))
                 val_sets.append(heldout)
         self.val_tokens = torch.stack(val_sets).to(device)  # (K, V, T)
+        self.carry_sets = CarrySets.build(self.spec, s.carry_set_size, s.chain_set_size).to(device)
+        if 0 in self.ckpt_steps:
+            self.save_checkpoints("step_0.ckpt", 0)
 
     @property
     def opt(self) -> StackedAdamW:
@@ -112,7 +129,7 @@ class AdditionModule(pl.LightningModule):
 
     def train_one_step(self) -> None:
         s, step = self.settings, self.opt.step_count
-        if step % s.val_every_n_steps == 0:
+        if step % s.val_every_n_steps == 0 or step % s.metrics_every_n_steps == 0:
             self.validate(step)
         stats = place_stats(self.model, self.next_batch(), self.spec)
         lightning_opt = self.optimizers()
@@ -124,19 +141,59 @@ class AdditionModule(pl.LightningModule):
             metrics = place_metric_dict(stats, "train")
             metrics.update({f"train/{k}": v for k, v in grad_norms(self.model, self.grad_keys).items()})
             metrics["train/lr"] = self.opt.current_lr()
+            candidate = [self.model.member_state_dict(k) for k in range(len(self.members))]
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)
+            self.check_spikes(step, candidate)
         if step + 1 in self.ckpt_steps:
             self.save_checkpoints(f"step_{step + 1}.ckpt", step + 1)
 
     @torch.no_grad()
-    def validate(self, step: int) -> None:
+    def validate(self, step: int, final: bool = False) -> None:
+        s = self.settings
         stats = place_stats(self.model, self.val_tokens, self.spec)
-        self.emit(place_metric_dict(stats, "val"), step)
+        if step % s.val_every_n_steps == 0 or final:
+            self.emit(place_metric_dict(stats, "val"), step)
+        if step % s.metrics_every_n_steps == 0 or final:
+            metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
+            metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec))
+            self.emit(metrics, step)
+            confusion = confusion_matrices(stats).cpu()
+            self.confusions.append((step, confusion))
+            self.log_confusion_images(step, confusion)
+
+    def log_confusion_images(self, step: int, confusion: torch.Tensor) -> None:
+        """Confusion matrices as one W&B image per member (places side by side, carry-out first)."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        for k, m in enumerate(self.members):
+            for logger in m.loggers:
+                if isinstance(logger, WandbLogger):
+                    import wandb
+
+                    image = confusion_image(confusion[k])
+                    logger.experiment.log(
+                        {"val/confusion": wandb.Image(image, caption=f"step {step}: rows true digit, cols predicted; "
+                                                      "places carry-out .. units"),
+                         "trainer/global_step": step}
+                    )
+
+    def check_spikes(self, step: int, weights: list[dict]) -> None:
+        """Keep the weights just before and at a loss spike, for studying it later."""
+        for k, monitor in enumerate(self.spike_monitors):
+            row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
+            spike = monitor.update(step, row["train/loss"])
+            if spike is not None:
+                self.spikes.append((k, spike))
+                if self._snapshot is not None:
+                    before_step, before = self._snapshot
+                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, before[k])
+                self.save_weights(k, f"spike_{step}_at.ckpt", step, weights[k])
+        self._snapshot = (step, weights)
 
     def on_train_end(self) -> None:
-        self.validate(self.opt.step_count)
+        self.validate(self.opt.step_count, final=True)
         self.save_checkpoints("last.ckpt", self.opt.step_count)
         for m in self.members:
             for logger in m.loggers:
@@ -158,6 +215,20 @@ class AdditionModule(pl.LightningModule):
         if "train/loss" in metrics:
             self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
 
+    def checkpoint_header(self, k: int, step: int) -> dict:
+        return {
+            "task": asdict(self.spec),
+            "model_config": self.model_cfg.to_dict(),
+            "config": self.members[k].config,
+            "step": step,
+            "wandb_run_id": self.members[k].wandb_run_id,
+        }
+
+    def save_weights(self, k: int, filename: str, step: int, weights: dict) -> None:
+        """A weights-only checkpoint (enough for analysis, not for resuming)."""
+        payload = {**self.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
+        save_checkpoint(self.members[k].job_dir / "checkpoints" / filename, payload)
+
     def save_checkpoints(self, filename: str, step: int) -> None:
         opt_state = self.opt.state
         params = dict(self.model.named_parameters())
@@ -170,14 +241,10 @@ class AdditionModule(pl.LightningModule):
             save_checkpoint(
                 m.job_dir / "checkpoints" / filename,
                 {
-                    "task": asdict(self.spec),
-                    "model_config": self.model_cfg.to_dict(),
-                    "config": m.config,
-                    "step": step,
+                    **self.checkpoint_header(k, step),
                     "model": {n: t.cpu() for n, t in self.model.member_state_dict(k).items()},
                     "optimizer": {"step_count": self.opt.step_count, "moments": moments},
                     "data": self.streams[k].state_dict(),
-                    "wandb_run_id": m.wandb_run_id,
                 },
             )
 
@@ -197,6 +264,11 @@ def settings_from_config(cfg) -> TrainSettings:  # noqa: ANN001 - a DictConfig
         val_every_n_steps=t.val_every_n_steps,
         ckpt_steps=tuple(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
         steps_per_call=t.get("steps_per_call", 1),
+        metrics_every_n_steps=cfg.metrics.every_n_steps,
+        carry_set_size=cfg.metrics.carry_set_size,
+        chain_set_size=cfg.metrics.chain_set_size,
+        spike_window=cfg.metrics.spike_window,
+        spike_factor=cfg.metrics.spike_factor,
     )
 
 
@@ -222,3 +294,15 @@ def model_config_from_config(cfg, spec: TaskSpec) -> ModelConfig:  # noqa: ANN00
         init=m.init,
         init_std=m.init_std,
     )
+
+
+def confusion_image(confusion: torch.Tensor, scale: int = 8) -> np.ndarray:
+    """Greyscale tiles of ``(n+1, base, base)`` probabilities, carry-out first; NaN rows drawn mid-grey."""
+    import numpy as np
+
+    tiles = []
+    for j in range(confusion.shape[0] - 1, -1, -1):
+        tile = confusion[j].nan_to_num(0.5).clamp(0, 1).numpy()
+        tile = np.kron(1.0 - tile, np.ones((scale, scale)))  # dark = high probability
+        tiles += [tile, np.ones((tile.shape[0], scale))]
+    return (np.concatenate(tiles[:-1], axis=1) * 255).astype(np.uint8)

@@ -1,0 +1,110 @@
+"""Fixed evaluation sets conditioned on carries, and the metrics measured on them.
+
+Random pairs rarely contain long carry chains (a chain of length L has probability ~ base^-L), so
+each condition gets its own set, built directly rather than filtered from random data:
+
+* ``carry in c at place j`` (j = 1..n, c = 0/1): pairs whose carry into place j is c;
+* ``chain length L at place j`` (0 <= L <= j): the L pairs right below j each sum to base-1 and
+  the pair below them does not (or the chain reaches the units), so the carry into j is decided
+  L places further down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from addrepro.data import TaskSpec, carries_in, encode, sample_operands, split_tokens
+from addrepro.naive_sum import naive_offset_probs
+from addrepro.place_metrics import stats_from_logits
+
+
+def chain_length(a: torch.Tensor, b: torch.Tensor, place: int, base: int) -> torch.Tensor:
+    """Number of consecutive pairs right below ``place`` summing to base-1, ``(B,)``."""
+    length = torch.zeros_like(a[..., 0])
+    running = torch.ones_like(a[..., 0], dtype=torch.bool)
+    for i in range(place - 1, -1, -1):
+        running = running & (a[..., i] + b[..., i] == base - 1)
+        length = length + running.long()
+    return length
+
+
+def carry_in_set(spec: TaskSpec, place: int, carry: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """``size`` sequences whose true carry into ``place`` is ``carry`` (rejection from random pairs)."""
+    kept: list[torch.Tensor] = []
+    total = 0
+    while total < size:
+        a, b = sample_operands(spec, 4 * size, g)
+        mask = carries_in(a, b, spec)[:, place] == carry
+        tokens = encode(a[mask], b[mask], spec)
+        kept.append(tokens)
+        total += len(tokens)
+    return torch.cat(kept)[:size]
+
+
+def chain_set(spec: TaskSpec, place: int, length: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """``size`` sequences with a carry chain of exactly ``length`` right below ``place``."""
+    a, b = sample_operands(spec, size, g)
+    b = b.clone()
+    lo = place - length
+    b[:, lo:place] = spec.base - 1 - a[:, lo:place]
+    if lo > 0:
+        # Any digit except the one that would extend the chain.
+        shift = torch.randint(1, spec.base, (size,), generator=g)
+        b[:, lo - 1] = torch.remainder(spec.base - 1 - a[:, lo - 1] + shift, spec.base)
+    return encode(a, b, spec)
+
+
+@dataclass
+class CarrySets:
+    """All conditioned sets, concatenated so one forward pass evaluates them together."""
+
+    tokens: torch.Tensor  # (N, T)
+    slices: dict[str, tuple[int, int, int]]  # name -> (place, start, stop)
+
+    @classmethod
+    def build(cls, spec: TaskSpec, carry_size: int = 128, chain_size: int = 64, seed: int = 7) -> CarrySets:
+        g = torch.Generator().manual_seed(seed)
+        parts, slices, start = [], {}, 0
+        if spec.task != "add":
+            return cls(tokens=torch.zeros(0, spec.seq_len, dtype=torch.long), slices={})
+        for j in range(1, spec.n_places):
+            for c in (0, 1):
+                parts.append(carry_in_set(spec, j, c, carry_size, g))
+                slices[f"carry/place_{j}/cin_{c}"] = (j, start, start + carry_size)
+                start += carry_size
+        for j in range(1, spec.n_places):
+            for length in range(0, min(j, spec.n_digits - 1) + 1):
+                parts.append(chain_set(spec, j, length, chain_size, g))
+                slices[f"chain/place_{j}/len_{length}"] = (j, start, start + chain_size)
+                start += chain_size
+        return cls(tokens=torch.cat(parts), slices=slices)
+
+    def to(self, device: torch.device | str) -> CarrySets:
+        return CarrySets(self.tokens.to(device), self.slices)
+
+
+@torch.no_grad()
+def carry_metric_dict(model: torch.nn.Module, sets: CarrySets, spec: TaskSpec) -> dict[str, torch.Tensor]:
+    """Loss, accuracy, P(naive+0) and P(naive+1) at the conditioned place, per set; values ``(K,)``."""
+    if not sets.slices:
+        return {}
+    inputs, targets = split_tokens(sets.tokens, spec)
+    logits = model(inputs, last=spec.n_places)
+    k = logits.shape[0]
+    stats = stats_from_logits(logits, targets.expand(k, *targets.shape), spec)
+    tokens = sets.tokens.expand(k, *sets.tokens.shape)
+    out = {}
+    for name, (j, lo, hi) in sets.slices.items():
+        loss = stats.token_loss[:, lo:hi, j].mean(1)
+        acc = stats.correct[:, lo:hi, j].float().mean(1)
+        out[f"{name}/loss"], out[f"{name}/acc"] = loss, acc
+        if j < spec.n_digits:
+            sub = type(stats)(stats.log_probs[:, lo:hi], stats.targets[:, lo:hi], stats.token_loss[:, lo:hi])
+            offsets = naive_offset_probs(sub, tokens[:, lo:hi], spec)  # (K, n, base)
+            out[f"{name}/p_plus0"], out[f"{name}/p_plus1"] = offsets[:, j, 0], offsets[:, j, 1]
+        else:
+            probs = stats.log_probs[:, lo:hi, j].exp().mean(1)
+            out[f"{name}/p_plus0"], out[f"{name}/p_plus1"] = probs[:, 0], probs[:, 1]
+    return out

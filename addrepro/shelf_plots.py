@@ -1,0 +1,197 @@
+"""The shelf pictures: per-place loss curves against the atlas, with detected shelves marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from addrepro.atlas import atlas_by_place, shelf_atlas
+from addrepro.data import TaskSpec
+from addrepro.plots import place_label, save, series
+from addrepro.shelf_detection import detect_shelves
+
+# Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
+GUIDE_LEVELS = ("uniform", "marginal", "answer_prefix", "naive_sum", "carry_depth_1", "carry_depth_2")
+
+
+def place_atlas(spec: TaskSpec) -> dict[int, dict[str, float]]:
+    return atlas_by_place(shelf_atlas(spec.n_digits, spec.base, spec.order, spec.task))
+
+
+def find_shelves(rows: list[dict], spec: TaskSpec, prefix: str = "train") -> dict[int, list]:
+    """Detected shelves of every place's loss curve, matched against the atlas."""
+    atlas = place_atlas(spec)
+    out = {}
+    for j in range(spec.n_places):
+        steps, loss = series(rows, f"{prefix}/loss/place_{j}")
+        out[j] = detect_shelves(steps, loss, atlas[j]) if len(steps) else []
+    return out
+
+
+def _atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
+    seen: list[float] = []
+    for name in GUIDE_LEVELS:
+        value = levels.get(name)
+        # Skip zero levels (not on a log axis) and near-duplicates, which would stack their labels.
+        if value is None or value < floor or any(abs(np.log(value / s)) < 0.03 for s in seen):
+            continue
+        seen.append(value)
+        ax.axhline(value, color="0.6", lw=0.8, ls=":", zorder=0)
+        ax.text(1.0, value, f" {name} {value:.3g}", transform=ax.get_yaxis_transform(), fontsize=6,
+                va="center", ha="left", color="0.35")
+
+
+def plot_place_losses(
+    rows: list[dict], spec: TaskSpec, path: Path, reference: dict | None = None, title: str = ""
+) -> Path:
+    """One panel per place: train (and val) loss on a log axis, atlas guides, detected shelves."""
+    atlas = place_atlas(spec)
+    shelves = find_shelves(rows, spec)
+    n = spec.n_places
+    cols = min(3, n)
+    nrows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.0 * nrows), squeeze=False, sharex=True)
+    # Carry-out first, as the answer is read.
+    for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
+        steps, loss = series(rows, f"train/loss/place_{j}")
+        ax.plot(steps, loss, lw=1.0, color="C0", label="train")
+        vsteps, vloss = series(rows, f"val/loss/place_{j}")
+        if len(vsteps):
+            ax.plot(vsteps, vloss, lw=1.0, color="C1", marker=".", ms=3, label="val")
+        if reference is not None and str(j) in reference["places"]:
+            ref = reference["places"][str(j)]
+            ax.plot(reference["steps"], ref, "k--", lw=1.2, marker="x", ms=4, label=reference["label"])
+        for shelf in shelves[j]:
+            ax.hlines(shelf.level, shelf.start_step, shelf.end_step, color="C3", lw=3, alpha=0.5)
+            tag = shelf.atlas_level or f"{shelf.level:.3g}"
+            ax.annotate(tag, ((shelf.start_step + shelf.end_step) / 2, shelf.level), fontsize=6,
+                        color="C3", ha="center", va="bottom")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-4, 4.0)
+        _atlas_guides(ax, atlas[j], 1e-4)
+        ax.set_title(place_label(j, spec), fontsize=9)
+        ax.grid(alpha=0.2)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle(title or f"per-place loss, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def write_shelves_json(rows: list[dict], spec: TaskSpec, path: Path) -> Path:
+    shelves = find_shelves(rows, spec)
+    payload = [{"place": j, **s.as_dict()} for j, found in shelves.items() for s in found]
+    path.write_text(json.dumps(payload, indent=1))
+    return path
+
+
+def _place_grid(spec: TaskSpec, places: list[int], height: float = 2.8):
+    cols = min(3, len(places))
+    nrows = int(np.ceil(len(places) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, height * nrows), squeeze=False, sharex=True)
+    for ax in axes.flat[len(places):]:
+        ax.axis("off")
+    return fig, list(zip(axes.flat, places, strict=False))
+
+
+def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
+    """P(naive sum + k) per place over training (k = 0, 1, 2, base-1), and the carry-out's P(0), P(1)."""
+    if not series(rows, "val/naive/place_0/plus_0")[0].size:
+        return None
+    places = list(range(spec.n_places - 1, -1, -1))
+    fig, cells = _place_grid(spec, places)
+    offsets = sorted({0, 1, min(2, spec.base - 1), spec.base - 1})
+    for ax, j in cells:
+        if j == spec.n_digits:
+            for digit in (0, 1):
+                ax.plot(*series(rows, f"val/carry_out/p{digit}"), label=f"P({digit})")
+        else:
+            for k in offsets:
+                ax.plot(*series(rows, f"val/naive/place_{j}/plus_{k}"), label=f"+{k}")
+            for d in range(1, j):
+                steps, p = series(rows, f"val/depth_sum/place_{j}/depth_{d}")
+                if d <= 2 and len(steps):
+                    ax.plot(steps, p, ls="--", lw=0.8, label=f"depth-{d} sum")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(place_label(j, spec), fontsize=9)
+        ax.legend(fontsize=6, loc="center right")
+        ax.grid(alpha=0.2)
+    fig.suptitle("probability on the naive sum + k (validation set)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
+    """Per place: loss and P(+0)/P(+1) on the carry-in-0 and carry-in-1 sets, and loss per chain length."""
+    places = [j for j in range(spec.n_places - 1, 0, -1) if series(rows, f"carry/place_{j}/cin_0/loss")[0].size]
+    if not places:
+        return None
+    fig, axes = plt.subplots(len(places), 3, figsize=(13, 2.4 * len(places)), squeeze=False, sharex=True)
+    for row, j in zip(axes, places, strict=True):
+        for c, color in ((0, "C0"), (1, "C3")):
+            row[0].plot(*series(rows, f"carry/place_{j}/cin_{c}/loss"), color=color, label=f"carry in {c}")
+            row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus0"), color=color, label=f"P(+0 | cin {c})")
+            row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=color, ls="--",
+                        label=f"P(+1 | cin {c})")
+        for length in range(0, spec.n_digits):
+            steps, loss = series(rows, f"chain/place_{j}/len_{length}/loss")
+            if len(steps):
+                shade = plt.cm.viridis(length / max(spec.n_digits - 1, 1))
+                row[2].plot(steps, loss, color=shade, label=f"chain {length}")
+        row[0].set_yscale("log")
+        row[2].set_yscale("log")
+        row[0].set_ylabel(place_label(j, spec), fontsize=8)
+        for ax in row:
+            ax.grid(alpha=0.2)
+            ax.legend(fontsize=6)
+    axes[0][0].set_title("loss by carry in")
+    axes[0][1].set_title("P(naive+0), P(naive+1) by carry in")
+    axes[0][2].set_title("loss by carry-chain length")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_confusion_evolution(steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path,
+                             max_columns: int = 6) -> Path | None:
+    """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true)."""
+    if len(steps) == 0:
+        return None
+    pick = np.unique(np.linspace(0, len(steps) - 1, min(max_columns, len(steps))).round().astype(int))
+    places = list(range(spec.n_places - 1, -1, -1))
+    fig, axes = plt.subplots(len(places), len(pick), figsize=(1.6 * len(pick) + 1, 1.6 * len(places)),
+                             squeeze=False)
+    for r, j in enumerate(places):
+        for c, i in enumerate(pick):
+            ax = axes[r][c]
+            ax.imshow(confusion[i, j], vmin=0, vmax=1, cmap="magma_r")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"step {int(steps[i])}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(place_label(j, spec).replace("place ", "p"), fontsize=7)
+    fig.suptitle("confusion (rows: true digit, columns: predicted; mean probability)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def draw_all(job_dir: Path, rows: list[dict], spec: TaskSpec, reference: dict | None = None,
+             confusion: tuple[np.ndarray, np.ndarray] | None = None) -> list[Path]:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference),
+        write_shelves_json(rows, spec, job_dir / "shelves_detected.json"),
+        plot_naive_sum(rows, spec, job_dir / "naive_sum.png"),
+        plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png"),
+    ]
+    if confusion is not None:
+        paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
+    return [p for p in paths if p is not None]
