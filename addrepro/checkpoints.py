@@ -89,6 +89,7 @@ def checkpoint_steps(max_steps: int, schedule: str, every: int, log_count: int) 
     """Steps at which periodic checkpoints are written (``last.ckpt`` is extra)."""
     if schedule == "linear":
         return list(range(every, max_steps + 1, every))
-    # Log-spaced from step 1: dense where the early shelves form, sparse later.
+    # Step 0 (the initialisation) and then log-spaced from step 1: dense where the early shelves
+    # form, sparse later.
     steps = {round(math.exp(i * math.log(max_steps) / max(log_count - 1, 1))) for i in range(log_count)}
     return sorted({0, *steps} & set(range(max_steps + 1)))

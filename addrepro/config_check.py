@@ -44,7 +44,8 @@ def _number(cfg: DictConfig, key: str, lo: float, strict: bool = False) -> None:
 
 def _choice(cfg: DictConfig, key: str, choices: tuple) -> None:
     value = _select(cfg, key)
-    if value not in choices:
+    # Compare types too: 1 == True and 0 == False would otherwise pass for a boolean switch.
+    if not any(value == c and type(value) is type(c) for c in choices):
         shown = ", ".join("null" if c is None else str(c) for c in choices)
         raise ConfigError(key, value, f"must be one of {shown}")
 
@@ -66,6 +67,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.batch_size", 1)
     _int(cfg, "data.seed")
     _int(cfg, "data.val_size", 1)
+    _int(cfg, "data.val_seed")
     _int(cfg, "data.train_size", 1, null=True)
     if cfg.data.train_size is not None:
         n_pairs = cfg.data.base ** (2 * cfg.data.n_digits)
@@ -98,7 +100,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "optimizer.lr", 0.0, strict=True)
     _number(cfg, "optimizer.weight_decay", 0.0)
     betas = cfg.optimizer.betas
-    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
         raise ConfigError("optimizer.betas", list(betas), "must be two numbers in [0, 1)")
     _number(cfg, "optimizer.eps", 0.0, strict=True)
     _int(cfg, "optimizer.warmup_steps", 0)

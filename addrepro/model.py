@@ -162,7 +162,9 @@ class Transformer(nn.Module):
             if not leaf.startswith("W_"):
                 continue  # biases 0 and LayerNorm weights 1 are set at construction
             if cfg.init == "nanda":
-                fan = {"W_out": cfg.d_mlp, "W_U": cfg.d_vocab_out}.get(leaf, cfg.d_model)
+                # As Nanda's public code: every weight N(0, 1/d_model) but W_U N(0, 1/d_vocab_out).
+                # (W_out too is scaled by d_model there, not by d_mlp.)
+                fan = cfg.d_vocab_out if leaf == "W_U" else cfg.d_model
                 std = 1.0 / math.sqrt(fan)
             else:
                 std = cfg.init_std

@@ -1,0 +1,76 @@
+"""Each experiment preset builds the model and optimiser of its published setup."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
+from addrepro.config_check import validate
+from addrepro.lit_module import AdditionModule, Member, model_config_from_config, settings_from_config, task_spec_from_config
+from addrepro.report import load_reference
+from conftest import REPO
+
+
+def build(experiment: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
+    validate(cfg)
+    spec = task_spec_from_config(cfg)
+    member = Member(seed=0, data_seed=0, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, job_dir=REPO)
+    module = AdditionModule(spec, model_config_from_config(cfg, spec), [member], settings_from_config(cfg))
+    return cfg, spec, module
+
+
+def test_nanda_5digit_matches_the_published_setup():
+    cfg, spec, module = build("nanda_5digit")
+    assert (spec.n_digits, spec.base, spec.order, spec.task) == (5, 10, "msb", "add")
+    assert cfg.data.batch_size == 64 and cfg.data.train_size is None and cfg.trainer.max_steps == 3000
+    shapes = {n: tuple(p.shape[1:]) for n, p in module.model.named_parameters()}
+    assert shapes == {
+        "embed.W_E": (12, 128),
+        "pos_embed.W_pos": (17, 128),
+        "blocks.0.attn.W_Q": (4, 128, 32),
+        "blocks.0.attn.W_K": (4, 128, 32),
+        "blocks.0.attn.W_V": (4, 128, 32),
+        "blocks.0.attn.W_O": (4, 32, 128),
+        "blocks.0.mlp.W_in": (128, 512),
+        "blocks.0.mlp.b_in": (512,),
+        "blocks.0.mlp.W_out": (512, 128),
+        "blocks.0.mlp.b_out": (128,),
+        "unembed.W_U": (128, 10),  # the 10 digits only; no attention biases, no LayerNorm
+    }
+    params = dict(module.model.named_parameters())
+    fans = {"embed.W_E": 128, "blocks.0.attn.W_Q": 128, "blocks.0.mlp.W_in": 128, "blocks.0.mlp.W_out": 128,
+            "unembed.W_U": 10}
+    for name, fan in fans.items():
+        assert params[name].std().item() == pytest.approx(1 / math.sqrt(fan), rel=0.1), name
+    opt = module.configure_optimizers()
+    assert opt.member_lr.tolist() == [pytest.approx(1e-4)] and opt.member_wd.tolist() == [pytest.approx(0.1)]
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.98) and group["warmup_steps"] == 10
+    assert cfg.reference == "nanda_5digit"
+    reference = load_reference(cfg.reference)
+    assert reference["steps"] == [100, 500, 1000, 1400, 1800, 3000]
+    assert reference["places"]["5"][0] == 0.60 and reference["places"]["0"][-1] == 0.002
+
+
+def test_nanda_finite_uses_750_pairs():
+    cfg, _, module = build("nanda_5digit_finite")
+    assert cfg.data.train_size == 750 and cfg.model.width == 128 and cfg.optimizer.lr == 1e-4
+    module.on_fit_start()
+    stream = module.streams[0]
+    assert len(stream.train_tokens) == 750
+    assert len(torch.unique(stream.train_tokens, dim=0)) == 750
+
+
+def test_quirke_5digit_matches_the_paper():
+    cfg, spec, module = build("quirke_5digit")
+    params = dict(module.model.named_parameters())
+    assert tuple(params["blocks.0.attn.W_Q"].shape[1:]) == (3, 510, 170)
+    assert tuple(params["blocks.0.mlp.W_in"].shape[1:]) == (510, 2040)
+    assert "blocks.0.ln1.w" in params and "ln_final.w" in params
+    opt = module.configure_optimizers()
+    assert opt.member_lr.tolist() == [pytest.approx(8e-5)] and opt.param_groups[0]["betas"] == (0.9, 0.98)
+    assert cfg.data.batch_size == 64 and cfg.trainer.max_steps == 10000
