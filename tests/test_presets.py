@@ -4,13 +4,19 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
 from addrepro.config_check import validate
-from addrepro.lit_module import AdditionModule, Member, model_config_from_config, settings_from_config, task_spec_from_config
+from addrepro.lit_module import (
+    AdditionModule,
+    Member,
+    model_config_from_config,
+    settings_from_config,
+    task_spec_from_config,
+)
 from addrepro.report import load_reference
-from conftest import REPO
 
 
 def build(experiment: str):
