@@ -106,6 +106,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "optimizer.warmup_steps", 0)
 
     _int(cfg, "trainer.max_steps", 1)
+    _int(cfg, "trainer.steps_per_call", 1)
     _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
     _int(cfg, "trainer.log_every_n_steps", 1)
     _int(cfg, "trainer.val_every_n_steps", 1)

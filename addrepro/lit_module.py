@@ -263,7 +263,7 @@ def settings_from_config(cfg) -> TrainSettings:  # noqa: ANN001 - a DictConfig
         log_every_n_steps=t.log_every_n_steps,
         val_every_n_steps=t.val_every_n_steps,
         ckpt_steps=tuple(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
-        steps_per_call=t.get("steps_per_call", 1),
+        steps_per_call=t.steps_per_call,
         metrics_every_n_steps=cfg.metrics.every_n_steps,
         carry_set_size=cfg.metrics.carry_set_size,
         chain_set_size=cfg.metrics.chain_set_size,

@@ -54,13 +54,13 @@ def load_reference(name: str | None) -> dict | None:
 
 
 def save_confusion(job_dir: Path, confusions: list) -> Path | None:
-    """Store ``(step, (K, n+1, base, base))`` pairs of member 0 as ``confusion.npz``."""
+    """Store ``(step, (n+1, base, base))`` pairs of one model as ``confusion.npz``."""
     if not confusions:
         return None
     from addrepro.checkpoints import atomic_write
 
     steps = np.array([s for s, _ in confusions])
-    mats = np.stack([c[0].numpy() for _, c in confusions])
+    mats = np.stack([c.numpy() for _, c in confusions])
     path = Path(job_dir) / "confusion.npz"
     atomic_write(path, lambda f: np.savez_compressed(f, steps=steps, confusion=mats))
     return path
@@ -97,7 +97,7 @@ def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> l
     job_dir = Path(job_dir)
     cfg = job_config(job_dir)
     spec = spec_of(cfg)
-    rows = load_rows(job_dir) if rows is None else [r for r in rows if r.get("member", 0) == 0]
+    rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion
     reference = load_reference(cfg.get("reference"))
     paths = draw_all(job_dir, rows, spec, reference=reference, confusion=confusion)

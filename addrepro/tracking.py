@@ -37,41 +37,49 @@ def wandb_mode(cfg: DictConfig) -> str:
 def make_loggers(
     cfg: DictConfig, job_dir: Path, name: str, group: str, run_id: str | None = None
 ) -> list[Logger]:
-    """The loggers of one model: CSV at ``<job>/csv/metrics.csv`` and W&B under ``<job>/wandb``."""
+    """The loggers of one model: CSV at ``<job>/csv/metrics.csv`` and W&B under ``<job>/wandb``.
+
+    The W&B run is created here rather than by Lightning, which would reuse any live run: the
+    members of an ensemble are trained in one process, each with its own run.
+    """
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(job_dir), name="csv", version=""))
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
     if wb.enabled and mode != "disabled":
-        loggers.append(
-            WandbLogger(
-                save_dir=str(job_dir),
-                project=wb.project,
-                entity=wb.entity,
-                group=wb.group or group,
-                name=wb.name or name,
-                tags=list(wb.tags),
-                id=run_id,
-                resume="allow" if run_id else None,
-                mode=mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
-                settings=_wandb_settings(),
-            )
+        import wandb
+
+        run = wandb.init(
+            dir=str(job_dir),
+            project=wb.project,
+            entity=wb.entity,
+            group=wb.group or group,
+            name=wb.name or name,
+            tags=list(wb.tags),
+            id=run_id,
+            resume="allow" if run_id else None,
+            mode=mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(silent=True, init_timeout=60, console="off"),
+            reinit="create_new",
         )
+        _live_runs.append(run)
+        loggers.append(WandbLogger(experiment=run))
     return loggers
 
 
-def _wandb_settings():
-    import wandb
-
-    # Never wait for input (no login prompt) and give up on an unreachable server quickly.
-    return wandb.Settings(silent=True, init_timeout=60, console="off")
+_live_runs: list = []  # W&B runs opened by this process and not yet finished
 
 
-def finish_wandb_run(exit_code: int) -> None:
-    """Close the live W&B run, so the next job of a multirun gets its own (Lightning reuses a live one)."""
-    import wandb
+def wandb_run_id(loggers: list[Logger]) -> str | None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.experiment.id
+    return None
 
-    if wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
+
+def finish_wandb_runs(exit_code: int) -> None:
+    """Close this job's W&B runs (marked failed with a non-zero exit code) before the next job starts."""
+    while _live_runs:
+        _live_runs.pop().finish(exit_code=exit_code)

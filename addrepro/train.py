@@ -11,6 +11,7 @@ import math
 import secrets
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -38,8 +39,23 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
 
 
-def train(cfg: DictConfig, job_dir: Path, name: str, group: str) -> dict:
-    """Train one job; returns the final metrics row of member 0."""
+@dataclass
+class JobPlan:
+    """One job of a run or sweep, ready to train: its config, folder and W&B identity."""
+
+    cfg: DictConfig
+    job_dir: Path
+    name: str
+    group: str
+    multirun: bool
+
+
+def train(plans: list[JobPlan]) -> list[dict]:
+    """Train the jobs of ``plans`` as one stack of models (one job: a single run).
+
+    The jobs must agree on everything but their seeds, learning rate and weight decay (see
+    ``addrepro.ensemble.packing_key``). Returns each job's final validation row.
+    """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import TQDMProgressBar
 
@@ -50,24 +66,29 @@ def train(cfg: DictConfig, job_dir: Path, name: str, group: str) -> dict:
         settings_from_config,
         task_spec_from_config,
     )
-    from addrepro.tracking import make_loggers
+    from addrepro.tracking import make_loggers, wandb_run_id
 
     _quiet_lightning()
+    cfg = plans[0].cfg
     spec = task_spec_from_config(cfg)
     model_cfg = model_config_from_config(cfg, spec)
     settings = settings_from_config(cfg)
-    loggers = make_loggers(cfg, job_dir, name=name, group=group)
-    member = Member(
-        seed=cfg.seed,
-        data_seed=cfg.data.seed,
-        lr=cfg.optimizer.lr,
-        weight_decay=cfg.optimizer.weight_decay,
-        job_dir=job_dir,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        loggers=loggers,
-        wandb_run_id=_wandb_id(loggers),
-    )
-    module = AdditionModule(spec, model_cfg, [member], settings)
+    members = []
+    for plan in plans:
+        loggers = make_loggers(plan.cfg, plan.job_dir, name=plan.name, group=plan.group)
+        members.append(
+            Member(
+                seed=plan.cfg.seed,
+                data_seed=plan.cfg.data.seed,
+                lr=plan.cfg.optimizer.lr,
+                weight_decay=plan.cfg.optimizer.weight_decay,
+                job_dir=plan.job_dir,
+                config=OmegaConf.to_container(plan.cfg, resolve=True),
+                loggers=loggers,
+                wandb_run_id=wandb_run_id(loggers),
+            )
+        )
+    module = AdditionModule(spec, model_cfg, members, settings)
     trainer = pl.Trainer(
         max_steps=settings.max_steps,
         max_epochs=1,
@@ -79,7 +100,7 @@ def train(cfg: DictConfig, job_dir: Path, name: str, group: str) -> dict:
         enable_progress_bar=cfg.trainer.progress_bar,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        default_root_dir=str(job_dir),
+        default_root_dir=str(plans[0].job_dir),
         # Redrawing the bar every step costs more than a training step of these tiny models.
         callbacks=[TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // settings.steps_per_call))]
         if cfg.trainer.progress_bar
@@ -87,21 +108,25 @@ def train(cfg: DictConfig, job_dir: Path, name: str, group: str) -> dict:
     )
     ticks = range(math.ceil(settings.max_steps / settings.steps_per_call))
     trainer.fit(module, train_dataloaders=ticks)
-    finish_job(job_dir, module, cfg)
-    return next((r for r in reversed(module.history) if "val/loss" in r), {})
+    finals = []
+    for k, plan in enumerate(plans):
+        rows = [r for r in module.history if r["member"] == k]
+        finish_job(plan, module, k, rows)
+        finals.append(next((r for r in reversed(rows) if "val/loss" in r), {}))
+    return finals
 
 
-def finish_job(job_dir: Path, module, cfg: DictConfig) -> None:  # noqa: ANN001
+def finish_job(plan: JobPlan, module, k: int, rows: list[dict]) -> None:  # noqa: ANN001
     """Files that outlive the run: confusion arrays, spikes, plots; and the same to W&B."""
     import json
 
     from addrepro.report import draw_job, save_confusion
 
-    save_confusion(job_dir, module.confusions)
-    spikes = [{"member": k, **s.as_dict()} for k, s in module.spikes]
-    (job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
-    paths = draw_job(job_dir, rows=module.history) if cfg.trainer.plots else []
-    _log_files_to_wandb(module.members[0].loggers, paths, job_dir)
+    save_confusion(plan.job_dir, [(step, c[k]) for step, c in module.confusions])
+    spikes = [s.as_dict() for member, s in module.spikes if member == k]
+    (plan.job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
+    paths = draw_job(plan.job_dir, rows=rows) if plan.cfg.trainer.plots else []
+    _log_files_to_wandb(module.members[k].loggers, paths, plan.job_dir)
 
 
 def _log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None:
@@ -124,17 +149,8 @@ def _log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None
             logger.experiment.log(payload)
 
 
-def _wandb_id(loggers: list) -> str | None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            return logger.experiment.id
-    return None
-
-
-def job_identity(cfg: DictConfig) -> tuple[Path, str, str, bool]:
-    """Job folder, W&B run name, W&B group and whether this job is part of a multirun."""
+def job_plan(cfg: DictConfig) -> JobPlan:
+    """The current Hydra job's folder, W&B run name and group; validation happens separately."""
     from addrepro.tracking import run_name, swept_keys
 
     hc = HydraConfig.get()
@@ -143,38 +159,51 @@ def job_identity(cfg: DictConfig) -> tuple[Path, str, str, bool]:
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
     group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
     swept = swept_keys(sys.argv[1:]) if multirun else None
-    return job_dir, run_name(list(hc.overrides.task), swept), group, multirun
+    return JobPlan(cfg, job_dir, run_name(list(hc.overrides.task), swept), group, multirun)
+
+
+def checked_plan(cfg: DictConfig) -> JobPlan | None:
+    """The job's plan, or None after reporting a bad config in one line (exit 2 outside a sweep)."""
+    plan = job_plan(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        write_status(plan.job_dir, "failed", f"config: {e}")
+        print(f"addrepro: config error: {e}", file=sys.stderr)
+        if plan.multirun:
+            return None
+        sys.exit(2)
+    write_status(plan.job_dir, "running")
+    return plan
+
+
+def run_plans(plans: list[JobPlan]) -> bool:
+    """Train ``plans`` together, record each job's status and close its W&B run; True if all went well."""
+    from addrepro.tracking import finish_wandb_runs
+
+    try:
+        finals = train(plans)
+    except Exception as e:
+        finish_wandb_runs(exit_code=1)
+        for plan in plans:
+            write_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
+        print(f"addrepro: job failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if not plans[0].multirun:
+            raise
+        log.exception("job failed")
+        return False
+    finish_wandb_runs(exit_code=0)
+    for plan, final in zip(plans, finals, strict=True):
+        write_status(plan.job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
+        log.info("done: %s (val loss %.4f)", plan.job_dir, final.get("val/loss", float("nan")))
+    return True
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    job_dir, name, group, multirun = job_identity(cfg)
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        write_status(job_dir, "failed", f"config: {e}")
-        print(f"addrepro: config error: {e}", file=sys.stderr)
-        if multirun:
-            return
-        sys.exit(2)
-    write_status(job_dir, "running")
-    try:
-        final = train(cfg, job_dir, name, group)
-    except Exception as e:
-        from addrepro.tracking import finish_wandb_run
-
-        finish_wandb_run(exit_code=1)
-        write_status(job_dir, "failed", f"{type(e).__name__}: {e}")
-        print(f"addrepro: job failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if multirun:
-            log.exception("job failed")
-            return
-        raise
-    from addrepro.tracking import finish_wandb_run
-
-    finish_wandb_run(exit_code=0)
-    write_status(job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
-    log.info("done: %s (val loss %.4f)", job_dir, final.get("val/loss", float("nan")))
+    plan = checked_plan(cfg)
+    if plan is not None:
+        run_plans([plan])
 
 
 if __name__ == "__main__":

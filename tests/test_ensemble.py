@@ -1,0 +1,91 @@
+"""Stacked ensembles: every member trains exactly like a single run with its settings."""
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, REPO
+from hydra import compose, initialize_config_dir
+
+from addrepro.ensemble import pack, packing_key
+from addrepro.train import JobPlan, train
+from addrepro.wandb_offline import read_run
+
+SMALL = ["data.n_digits=3", "model.width=32", "trainer.max_steps=40", "logger=csv", "trainer.plots=false",
+         "trainer.log_every_n_steps=5", "trainer.val_every_n_steps=20", "metrics.every_n_steps=20",
+         "metrics.carry_set_size=8", "metrics.chain_set_size=4", "data.val_size=64", "trainer.progress_bar=false"]
+
+
+def config(*overrides):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[*SMALL, *overrides])
+
+
+@pytest.fixture
+def one_thread():
+    # Bitwise equality needs the same reduction order in both runs; two threads split the
+    # batched and unbatched matmuls differently (differences of ~1e-7 that training amplifies).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def final_weights(job_dir):
+    return torch.load(job_dir / "checkpoints" / "last.ckpt", weights_only=True)["model"]
+
+
+def test_members_equal_single_runs_bitwise(tmp_path, one_thread):
+    settings = [("seed=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.1"),
+                ("seed=1", "optimizer.lr=3e-3", "optimizer.weight_decay=0.0"),
+                ("seed=2", "optimizer.lr=1e-3", "optimizer.weight_decay=1.0")]
+    cfgs = [config(*s) for s in settings]
+    assert len({packing_key(c) for c in cfgs}) == 1
+    plans = [JobPlan(c, tmp_path / f"member{i}", f"m{i}", "g", True) for i, c in enumerate(cfgs)]
+    for p in plans:
+        p.job_dir.mkdir()
+    stacked_finals = train(plans)
+    for i, cfg in enumerate(cfgs):
+        single = JobPlan(cfg, tmp_path / f"single{i}", "s", "g", False)
+        single.job_dir.mkdir()
+        (single_final,) = train([single])
+        a, b = final_weights(plans[i].job_dir), final_weights(single.job_dir)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (i, name)
+        drop = {"member"}
+        assert {k: v for k, v in single_final.items() if k not in drop} == {
+            k: v for k, v in stacked_finals[i].items() if k not in drop
+        }
+    # Members really differ from each other (different seeds and settings).
+    assert not torch.equal(final_weights(plans[0].job_dir)["embed.W_E"], final_weights(plans[1].job_dir)["embed.W_E"])
+
+
+def test_packing_groups_only_shape_compatible_jobs():
+    cfgs = [config("seed=0"), config("seed=1", "optimizer.lr=3e-3"), config("model.width=64"),
+            config("seed=5", "data.seed=9", "optimizer.weight_decay=0.5"), config("data.base=2")]
+    keys = [packing_key(c) for c in cfgs]
+    groups = pack(list(range(5)), keys, max_members=64)
+    assert groups == [[0, 1, 3], [2], [4]]
+    assert pack(list(range(5)), ["k"] * 5, max_members=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_ensemble_launcher_gives_each_member_its_own_run(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("addrepro.train", "-m", "seed=0,1,2", "hydra/launcher=ensemble", "data.n_digits=2",
+               "model.width=32", "trainer.max_steps=20", "trainer.plots=false", f"hydra.sweep.dir={sweep}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training 3 job(s) as one stack" in proc.stdout + proc.stderr
+    runs = [read_run(sweep / str(j)) for j in range(3)]
+    assert len({r.run_id for r in runs}) == 3 and len({r.group for r in runs}) == 1
+    assert [r.name for r in runs] == ["seed=0", "seed=1", "seed=2"]
+    assert [r.config["seed"] for r in runs] == [0, 1, 2]
+    assert all(r.exit_code == 0 for r in runs)
+    assert runs[0].history_keys == runs[1].history_keys == runs[2].history_keys
+    assert "train/loss/place_2" in runs[0].history_keys
+    losses = [r.series("train/loss")[1][-1] for r in runs]
+    assert len(set(losses)) == 3  # three different models
+    for j in range(3):
+        ckpt = torch.load(sweep / str(j) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["config"]["seed"] == j and ckpt["model"]["embed.W_E"].dim() == 2  # a single model
+        assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "ok"
