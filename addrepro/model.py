@@ -71,15 +71,24 @@ class Attention(nn.Module):
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
+        k, bsz, t, d = x.shape
+        h, dh = self.W_Q.shape[1], self.W_Q.shape[3]
+        # One matmul for Q, K and V of every head: (K, d_model, 3 * H * d_head).
+        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 3 * h * dh)
+        qkv = torch.bmm(x.reshape(k, bsz * t, d), w_qkv)  # (K, B*T, 3*H*d_head)
+        q, k_, v = qkv.view(k * bsz, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
+        z = F.scaled_dot_product_attention(q, k_, v, is_causal=True, scale=self.scale)  # (K*B, H, T, d_head)
+        z = z.transpose(1, 2).reshape(k, bsz * t, h * dh)
+        out = torch.bmm(z, self.W_O.reshape(k, h * dh, d))  # (K, B*T, d_model)
+        return out.view(k, bsz, t, d)
+
+    def pattern(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention pattern ``(K, B, H, T, T)``, for analysis (training never materialises it)."""
         t = x.shape[2]
-        q = torch.einsum("kbtd,khde->kbhte", x, self.W_Q)  # (K, B, H, T, d_head)
+        q = torch.einsum("kbtd,khde->kbhte", x, self.W_Q)
         k_ = torch.einsum("kbtd,khde->kbhte", x, self.W_K)
-        v = torch.einsum("kbtd,khde->kbhte", x, self.W_V)
-        scores = q @ k_.transpose(-1, -2) * self.scale  # (K, B, H, T, T)
-        scores = scores.masked_fill(~self.mask[:t, :t], float("-inf"))
-        pattern = scores.softmax(-1)
-        z = pattern @ v  # (K, B, H, T, d_head)
-        return torch.einsum("kbhte,khed->kbtd", z, self.W_O)  # (K, B, T, d_model)
+        scores = (q @ k_.transpose(-1, -2) * self.scale).masked_fill(~self.mask[:t, :t], float("-inf"))
+        return scores.softmax(-1)
 
 
 class MLP(nn.Module):
