@@ -173,7 +173,7 @@ def test_report_usage_without_a_folder(capsys):
     assert main([]) == 2
     assert main(["a", "b"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["usage: python -m addrepro.report <job folder>"] * 2
+    assert err == ["usage: python -m addrepro.report <job folder | sweep folder>"] * 2
 
 
 def test_saved_confusion_matches_what_report_reads(job):
