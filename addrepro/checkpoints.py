@@ -93,3 +93,31 @@ def checkpoint_steps(max_steps: int, schedule: str, every: int, log_count: int) 
     # form, sparse later.
     steps = {round(math.exp(i * math.log(max_steps) / max(log_count - 1, 1))) for i in range(log_count)}
     return sorted({0, *steps} & set(range(max_steps + 1)))
+
+
+def resumable_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of a job folder to continue from: ``last.ckpt``, else the latest ``step_N.ckpt``."""
+    ckpt_dir = Path(folder) / "checkpoints"
+    if (ckpt_dir / "last.ckpt").exists():
+        return ckpt_dir / "last.ckpt"
+    steps = sorted(ckpt_dir.glob("step_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
+    return steps[-1] if steps else None
+
+
+def find_resume_checkpoint(resume: str, job_dir: Path) -> Path | None:
+    """``resume``: a checkpoint file, a job folder, or ``auto`` (this job's own folder, if it has one).
+
+    ``auto`` is for pre-emption: a requeued job finds what it wrote before it was stopped, and a
+    first start finds nothing and begins from scratch.
+    """
+    if resume == "auto":
+        return resumable_checkpoint(job_dir)
+    path = Path(resume)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"resume={resume} does not exist")
+    found = resumable_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"resume={resume}: no last.ckpt or step_N.ckpt in {path / 'checkpoints'}")
+    return found

@@ -46,6 +46,8 @@ class Member:
     config: dict = field(default_factory=dict)  # its resolved run config, stored in checkpoints
     loggers: list[Logger] = field(default_factory=list)
     wandb_run_id: str | None = None
+    wandb_name: str = ""
+    wandb_group: str = ""
 
 
 @dataclass
@@ -70,7 +72,14 @@ class TrainSettings:
 
 
 class AdditionModule(pl.LightningModule):
-    def __init__(self, spec: TaskSpec, model_cfg: ModelConfig, members: list[Member], settings: TrainSettings):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        model_cfg: ModelConfig,
+        members: list[Member],
+        settings: TrainSettings,
+        resume_states: list[dict | None] | None = None,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.spec, self.model_cfg, self.members, self.settings = spec, model_cfg, members, settings
@@ -84,6 +93,8 @@ class AdditionModule(pl.LightningModule):
         self.spike_monitors = [SpikeMonitor(settings.spike_window, settings.spike_factor) for _ in members]
         self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
         self._snapshot: tuple[int, list[dict]] | None = None  # weights at the previous logging step
+        self.resume_states = resume_states if resume_states and any(resume_states) else None
+        self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
 
     # -- setup -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -110,9 +121,43 @@ class AdditionModule(pl.LightningModule):
                 self.streams.append(FiniteBatches(train.to(device), s.batch_size, m.data_seed, self.spec))
                 val_sets.append(heldout)
         self.val_tokens = torch.stack(val_sets).to(device)  # (K, V, T)
+        self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         self.carry_sets = CarrySets.build(self.spec, s.carry_set_size, s.chain_set_size).to(device)
-        if 0 in self.ckpt_steps:
+        if self.resume_states:
+            self.load_resume_states(self.resume_states)
+        elif 0 in self.ckpt_steps:
             self.save_checkpoints("step_0.ckpt", 0)
+
+    @torch.no_grad()
+    def load_resume_states(self, states: list[dict]) -> None:
+        """Continue exactly where the checkpoints stopped: weights, optimiser moments, data streams, history."""
+        from addrepro.report import load_confusion, load_rows
+
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            p.copy_(torch.stack([st["model"][name] for st in states]).to(p.device))
+            moments = [st["optimizer"]["moments"].get(name) for st in states]
+            if all(m is not None for m in moments):
+                self.opt.state[p] = {
+                    key: torch.stack([m[key] for m in moments]).to(p.device) for key in ("exp_avg", "exp_avg_sq")
+                }
+        self.opt.step_count = states[0]["optimizer"]["step_count"]
+        for stream, st in zip(self.streams, states, strict=True):
+            stream.load_state_dict(st["data"])
+        start = self.start_step
+        for k, m in enumerate(self.members):
+            rows = [r for r in load_rows(m.job_dir) if r["step"] < start]
+            self.history += [{"member": k, **r} for r in rows]
+            for r in rows:  # the spike detector continues with the same window
+                if "train/loss" in r:
+                    self.spike_monitors[k].update(r["step"], r["train/loss"])
+            confusion = load_confusion(m.job_dir)
+            if confusion is not None and k == 0:
+                self.confusions = [
+                    (int(step), torch.stack([torch.from_numpy(c)] * len(self.members)))
+                    for step, c in zip(*confusion, strict=True)
+                    if step < start
+                ]
 
     @property
     def opt(self) -> StackedAdamW:
@@ -136,6 +181,9 @@ class AdditionModule(pl.LightningModule):
         lightning_opt.zero_grad(set_to_none=True)
         # Summing member losses keeps every member's gradient exactly its own mean loss's gradient.
         self.manual_backward(stats.loss.sum())
+        # Remember, on the device, the first step whose loss was not finite (reported at the next log).
+        bad = ~stats.loss.detach().isfinite()
+        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
         logging = step % s.log_every_n_steps == 0
         if logging:
             metrics = place_metric_dict(stats, "train")
@@ -155,6 +203,7 @@ class AdditionModule(pl.LightningModule):
         stats = place_stats(self.model, self.val_tokens, self.spec)
         if step % s.val_every_n_steps == 0 or final:
             self.emit(place_metric_dict(stats, "val"), step)
+            self.flush_metrics()
         if step % s.metrics_every_n_steps == 0 or final:
             metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
             metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec))
@@ -195,6 +244,10 @@ class AdditionModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self.validate(self.opt.step_count, final=True)
         self.save_checkpoints("last.ckpt", self.opt.step_count)
+        self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        """Write the metrics file now, so a killed run keeps its metrics up to the last evaluation."""
         for m in self.members:
             for logger in m.loggers:
                 logger.save()
@@ -203,12 +256,19 @@ class AdditionModule(pl.LightningModule):
     def emit(self, metrics: dict[str, torch.Tensor], step: int) -> None:
         """Copy ``(K,)`` metrics to the host in one transfer and send member k's values to its loggers."""
         keys = list(metrics)
-        values = torch.stack([metrics[k].detach().float() for k in keys]).cpu().tolist()  # (M, K)
+        values = torch.stack([metrics[k].detach().float() for k in keys] + [self.first_nonfinite.float()])
+        values = values.cpu().tolist()  # (M + 1, K)
         for k, member in enumerate(self.members):
             row = {key: values[i][k] for i, key in enumerate(keys)}
             bad = [key for key, v in row.items() if not math.isfinite(v)]
-            if bad:
-                raise Divergence(f"step {step}: non-finite {bad[0]}={row[bad[0]]} (member seed {member.seed})")
+            first = int(values[-1][k])
+            if bad or first >= 0:
+                what = f"{bad[0]}={row[bad[0]]}" if bad else "train/loss"
+                since = f", first non-finite loss at step {first}" if first >= 0 else ""
+                raise Divergence(
+                    f"step {step}: non-finite {what}{since} (seed {member.seed}, {member.job_dir.name}); "
+                    "the last good checkpoint is kept"
+                )
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
@@ -222,6 +282,8 @@ class AdditionModule(pl.LightningModule):
             "config": self.members[k].config,
             "step": step,
             "wandb_run_id": self.members[k].wandb_run_id,
+            "wandb_name": self.members[k].wandb_name,
+            "wandb_group": self.members[k].wandb_group,
         }
 
     def save_weights(self, k: int, filename: str, step: int, weights: dict) -> None:
@@ -230,6 +292,11 @@ class AdditionModule(pl.LightningModule):
         save_checkpoint(self.members[k].job_dir / "checkpoints" / filename, payload)
 
     def save_checkpoints(self, filename: str, step: int) -> None:
+        # A diverged model must never replace the last good checkpoint (one sync, at save steps only).
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            bad = next(n for n, p in self.model.named_parameters() if not p.detach().isfinite().all())
+            raise Divergence(f"step {step}: non-finite weights in {bad}; not saving {filename}")
         opt_state = self.opt.state
         params = dict(self.model.named_parameters())
         for k, m in enumerate(self.members):

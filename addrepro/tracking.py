@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
 
 
 def swept_keys(argv: list[str]) -> set[str]:
@@ -35,7 +35,7 @@ def wandb_mode(cfg: DictConfig) -> str:
 
 
 def make_loggers(
-    cfg: DictConfig, job_dir: Path, name: str, group: str, run_id: str | None = None
+    cfg: DictConfig, job_dir: Path, name: str, group: str, run_id: str | None = None, resume_step: int | None = None
 ) -> list[Logger]:
     """The loggers of one model: CSV at ``<job>/csv/metrics.csv`` and W&B under ``<job>/wandb``.
 
@@ -44,13 +44,14 @@ def make_loggers(
     """
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(job_dir), name="csv", version=""))
+        from addrepro.metrics_file import MetricsCSVLogger
+
+        loggers.append(MetricsCSVLogger(job_dir, keep_before_step=resume_step))
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
     if wb.enabled and mode != "disabled":
-        import wandb
 
-        run = wandb.init(
+        init = dict(
             dir=str(job_dir),
             project=wb.project,
             entity=wb.entity,
@@ -59,14 +60,34 @@ def make_loggers(
             tags=list(wb.tags),
             id=run_id,
             resume="allow" if run_id else None,
-            mode=mode,
             config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(silent=True, init_timeout=60, console="off"),
             reinit="create_new",
         )
+        run = _init_wandb(init, mode, timeout=wb.get("init_timeout", 30))
         _live_runs.append(run)
         loggers.append(WandbLogger(experiment=run))
     return loggers
+
+
+def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wandb Run
+    """Start a W&B run; an online run that cannot reach its server falls back to offline, never waits."""
+    import sys
+
+    import wandb
+
+    def start(mode: str):  # noqa: ANN202
+        settings = wandb.Settings(silent=True, init_timeout=timeout, console="off")
+        return wandb.init(**init, mode=mode, settings=settings)
+
+    if mode != "online":
+        return start(mode)
+    try:
+        return start("online")
+    except Exception as e:  # no network, no API key, server down: keep the run, log offline
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"addrepro: W&B online unavailable ({type(e).__name__}: {reason}); logging offline instead",
+              file=sys.stderr)
+        return start("offline")
 
 
 _live_runs: list = []  # W&B runs opened by this process and not yet finished

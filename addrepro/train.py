@@ -11,7 +11,7 @@ import math
 import secrets
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -48,6 +48,7 @@ class JobPlan:
     name: str
     group: str
     multirun: bool
+    resume_from: Path | None = None
 
 
 def train(plans: list[JobPlan]) -> list[dict]:
@@ -73,9 +74,20 @@ def train(plans: list[JobPlan]) -> list[dict]:
     spec = task_spec_from_config(cfg)
     model_cfg = model_config_from_config(cfg, spec)
     settings = settings_from_config(cfg)
-    members = []
+    from addrepro.checkpoints import load_checkpoint
+
+    members, resume_states = [], []
     for plan in plans:
-        loggers = make_loggers(plan.cfg, plan.job_dir, name=plan.name, group=plan.group)
+        state = load_checkpoint(plan.resume_from) if plan.resume_from else None
+        resume_states.append(state)
+        loggers = make_loggers(
+            plan.cfg,
+            plan.job_dir,
+            name=plan.name,
+            group=plan.group,
+            run_id=state.get("wandb_run_id") if state else None,
+            resume_step=state["step"] if state else None,
+        )
         members.append(
             Member(
                 seed=plan.cfg.seed,
@@ -86,9 +98,11 @@ def train(plans: list[JobPlan]) -> list[dict]:
                 config=OmegaConf.to_container(plan.cfg, resolve=True),
                 loggers=loggers,
                 wandb_run_id=wandb_run_id(loggers),
+                wandb_name=plan.name,
+                wandb_group=plan.group,
             )
         )
-    module = AdditionModule(spec, model_cfg, members, settings)
+    module = AdditionModule(spec, model_cfg, members, settings, resume_states=resume_states)
     trainer = pl.Trainer(
         max_steps=settings.max_steps,
         max_epochs=1,
@@ -106,7 +120,7 @@ def train(plans: list[JobPlan]) -> list[dict]:
         if cfg.trainer.progress_bar
         else [],
     )
-    ticks = range(math.ceil(settings.max_steps / settings.steps_per_call))
+    ticks = range(math.ceil(max(settings.max_steps - module.start_step, 0) / settings.steps_per_call))
     trainer.fit(module, train_dataloaders=ticks)
     finals = []
     for k, plan in enumerate(plans):
@@ -158,18 +172,59 @@ def job_plan(cfg: DictConfig) -> JobPlan:
     multirun = hc.mode == RunMode.MULTIRUN
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
     group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
-    swept = swept_keys(sys.argv[1:]) if multirun else None
+    swept = swept_keys(_sweep_overrides(group_dir)) if multirun else None
     return JobPlan(cfg, job_dir, run_name(list(hc.overrides.task), swept), group, multirun)
+
+
+def resume_plan(plan: JobPlan) -> JobPlan:
+    """Continue the run a checkpoint belongs to: its config (plus this command's overrides), its folder."""
+    from addrepro.checkpoints import check_compatible, find_resume_checkpoint, load_checkpoint
+    from addrepro.lit_module import model_config_from_config, task_spec_from_config
+
+    path = find_resume_checkpoint(str(plan.cfg.resume), plan.job_dir)
+    if path is None:  # resume=auto on a first start
+        return plan
+    ckpt = load_checkpoint(path)
+    cfg = OmegaConf.create(ckpt["config"])
+    # This command's overrides win over the stored config; their values are taken from this job's
+    # composed config, so group overrides (logger=csv) bring their whole group.
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        value = OmegaConf.select(plan.cfg, key, default=None)
+        if key in ("resume", "experiment") or key.startswith("hydra") or value is None:
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.resume = str(path)
+    validate(cfg)
+    spec = task_spec_from_config(cfg)
+    check_compatible(ckpt, asdict(spec), model_config_from_config(cfg, spec).to_dict(), path)
+    name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
+    log.info("resuming %s from step %d", path, ckpt["step"])
+    return JobPlan(cfg, path.parent.parent, name, group, plan.multirun, resume_from=path)
+
+
+def _sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The multirun's own command-line overrides, as Hydra saved them (jobs run by submitit see no argv)."""
+    saved = sweep_dir / "multirun.yaml"
+    if saved.exists():
+        return list(OmegaConf.load(saved).hydra.overrides.task)
+    return sys.argv[1:]
 
 
 def checked_plan(cfg: DictConfig) -> JobPlan | None:
     """The job's plan, or None after reporting a bad config in one line (exit 2 outside a sweep)."""
+    from addrepro.checkpoints import CheckpointError
+
     plan = job_plan(cfg)
     try:
         validate(cfg)
-    except ConfigError as e:
-        write_status(plan.job_dir, "failed", f"config: {e}")
-        print(f"addrepro: config error: {e}", file=sys.stderr)
+        if cfg.resume:
+            plan = resume_plan(plan)
+    except (ConfigError, CheckpointError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "checkpoint"
+        write_status(plan.job_dir, "failed", f"{kind}: {e}")
+        print(f"addrepro: {kind} error: {e}", file=sys.stderr)
         if plan.multirun:
             return None
         sys.exit(2)
@@ -179,6 +234,7 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
 
 def run_plans(plans: list[JobPlan]) -> bool:
     """Train ``plans`` together, record each job's status and close its W&B run; True if all went well."""
+    from addrepro.lit_module import Divergence
     from addrepro.tracking import finish_wandb_runs
 
     try:
@@ -187,6 +243,11 @@ def run_plans(plans: list[JobPlan]) -> bool:
         finish_wandb_runs(exit_code=1)
         for plan in plans:
             write_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
+        if isinstance(e, Divergence):  # an expected way for a run to end: one line, no traceback
+            print(f"addrepro: diverged: {e}", file=sys.stderr)
+            if not plans[0].multirun:
+                sys.exit(1)
+            return False
         print(f"addrepro: job failed: {type(e).__name__}: {e}", file=sys.stderr)
         if not plans[0].multirun:
             raise
