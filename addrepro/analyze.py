@@ -1,0 +1,128 @@
+"""``python -m addrepro.analyze checkpoint=<path> analysis=<name>``: interpretability analyses.
+
+Exports the checkpoint to TransformerLens (``addrepro.export``) and runs one of the analyses of
+``addrepro.interp`` (ablation, logit_attribution, attention, composition, or over_training of any
+of them over a run's checkpoints), writing ``<job>/analysis/<name>_<ckpt stem>.{png,json}``.
+A missing checkpoint or an unknown analysis is one error line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+SINGLE = ("ablation", "logit_attribution", "attention", "composition")
+ANALYSES = (*SINGLE, "over_training")
+
+
+class AnalyzeError(ValueError):
+    pass
+
+
+def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Path]:
+    """``(checkpoint file or job folder, job folder)``; raises AnalyzeError with one line."""
+    if not checkpoint:
+        raise AnalyzeError("checkpoint=<path> is required (a .ckpt file or a job folder)")
+    path = Path(checkpoint)
+    if not path.exists():
+        raise AnalyzeError(f"checkpoint={path} does not exist")
+    if path.is_dir():
+        if not (path / "checkpoints").is_dir():
+            raise AnalyzeError(f"checkpoint={path}: no checkpoints/ folder in it")
+        job = path
+        if analysis != "over_training":
+            path = path / "checkpoints" / "last.ckpt"
+            if not path.exists():
+                raise AnalyzeError(f"checkpoint: no checkpoints/last.ckpt in folder {job}")
+    else:
+        job = path.parent.parent
+    return path, job
+
+
+def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else job / "analysis"
+    if cfg.analysis == "over_training":
+        return out_dir / f"over_training_{cfg.of}"
+    return out_dir / f"{cfg.analysis}_{path.stem}"
+
+
+def analyze(cfg: DictConfig) -> list[Path]:
+    if cfg.analysis not in ANALYSES:
+        raise AnalyzeError(f"unknown analysis={cfg.analysis!r} (choose from {', '.join(ANALYSES)})")
+    if cfg.analysis == "over_training" and cfg.of not in SINGLE:
+        raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
+    path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
+
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    from addrepro.checkpoints import CheckpointError
+    from addrepro.interp import ANALYSES as MODULES
+    from addrepro.interp import load_subject, over_training, write_outputs
+
+    subject_options = dict(cfg.data)
+    try:
+        if cfg.analysis == "over_training":
+            options = OmegaConf.to_container(cfg[cfg.of], resolve=True) or {}
+            result = over_training.run(job, cfg.of, subject_options, **options)
+            figure = over_training.plot(result)
+        else:
+            module = MODULES[cfg.analysis]
+            result = module.run(
+                load_subject(path, **subject_options), **(OmegaConf.to_container(cfg[cfg.analysis]) or {})
+            )
+            figure = module.plot(result)
+    except CheckpointError as e:
+        raise AnalyzeError(str(e)) from None
+    paths = write_outputs(result, figure, output_stem(cfg, path, job))
+    if cfg.wandb:
+        log_to_wandb(job, cfg, result, paths)
+    return paths
+
+
+def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) -> None:
+    """Resume the run's W&B run (its id is in the checkpoint) and log the PNG and the summary scalars."""
+    import torch
+    import wandb
+
+    from addrepro.interp import ANALYSES as MODULES
+
+    ckpts = sorted((job / "checkpoints").glob("*.ckpt"))
+    ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
+    run_cfg = ckpt.get("config", {}).get("logger", {}).get("wandb", {})
+    run = wandb.init(
+        id=ckpt.get("wandb_run_id"),
+        resume="allow",
+        dir=str(job),
+        project=run_cfg.get("project", "addrepro"),
+        entity=run_cfg.get("entity"),
+        mode=os.environ.get("WANDB_MODE") or run_cfg.get("mode", "offline"),
+        settings=wandb.Settings(silent=True, console="off"),
+    )
+    payload = {f"analysis/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+    if cfg.analysis in MODULES:
+        payload.update({f"analysis/{cfg.analysis}/{k}": v for k, v in MODULES[cfg.analysis].summarize(result).items()})
+    run.log(payload)
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    try:
+        paths = analyze(cfg)
+    except AnalyzeError as e:
+        print(f"addrepro: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ImportError as e:
+        print(f"addrepro: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p in paths:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

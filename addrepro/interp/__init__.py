@@ -1,0 +1,22 @@
+"""Interpretability analyses of exported models (TransformerLens 4 ``TransformerBridge``).
+
+Install with ``pip install -e ".[interp]"``.
+
+Each analysis module has ``run(subject, **options) -> dict`` (plain values, tensors where arrays),
+``summarize(result) -> {name: float}`` (for ``over_training``) and ``plot(result) -> Figure``;
+``common.write_outputs`` writes the result as JSON and the figure as PNG.
+"""
+
+from __future__ import annotations
+
+from addrepro.interp import ablation, attention, composition, logit_attribution, over_training
+from addrepro.interp.common import Subject, load_subject, write_outputs
+
+ANALYSES = {
+    "ablation": ablation,
+    "logit_attribution": logit_attribution,
+    "attention": attention,
+    "composition": composition,
+}
+
+__all__ = ["ANALYSES", "Subject", "load_subject", "over_training", "write_outputs"]

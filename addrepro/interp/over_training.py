@@ -1,0 +1,75 @@
+"""Any analysis over all checkpoints of a run folder, as time-evolution plots.
+
+Checkpoints are ``<job>/checkpoints/*.ckpt`` ordered by their stored step (``last.ckpt`` is skipped
+when a periodic checkpoint has the same step). Each analysis' ``summarize`` turns one result into
+named scalars ``"group/series"``; the plot draws one panel per group, with the series that move most.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from addrepro.interp.common import Subject, load_subject, new_figure
+
+
+def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint of a job folder, by step, one per step."""
+    job_dir = Path(job_dir)
+    by_step: dict[int, Path] = {}
+    for path in sorted((job_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.name == "last.ckpt"):
+        step = int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
+        by_step.setdefault(step, path)
+    return sorted(by_step.items())
+
+
+def run(job_dir: str | Path, of: str, subject_options: dict | None = None, **options: Any) -> dict:
+    """Run analysis ``of`` on every checkpoint; ``series[name]`` lists its value at each step."""
+    from addrepro.interp import ANALYSES
+
+    module = ANALYSES[of]
+    steps, series = [], {}
+    checkpoints = run_checkpoints(job_dir)
+    for i, (step, path) in enumerate(checkpoints):
+        subject: Subject = load_subject(path, **(subject_options or {}))
+        values = module.summarize(module.run(subject, **options))
+        for name, value in values.items():
+            series.setdefault(name, [float("nan")] * i).append(value)
+        for name in set(series) - set(values):
+            series[name].append(float("nan"))
+        steps.append(step)
+    return {
+        "analysis": "over_training",
+        "of": of,
+        "job_dir": str(job_dir),
+        "steps": steps,
+        "checkpoints": [str(p) for _, p in checkpoints],
+        "series": series,
+    }
+
+
+def plot(result: dict, max_series: int = 8) -> Any:
+    groups: dict[str, list[str]] = {}
+    for name in result["series"]:
+        groups.setdefault(name.split("/", 1)[0], []).append(name)
+    n = max(len(groups), 1)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = new_figure(rows, cols, width=5.0, height=3.2)
+    steps = result["steps"]
+    for ax, (group, names) in zip(axes.flat, groups.items(), strict=False):
+        movement = {m: np.nanmax(np.abs(result["series"][m])) if result["series"][m] else 0 for m in names}
+        for m in sorted(names, key=lambda m: -movement[m])[:max_series]:
+            ax.plot(steps, result["series"][m], marker=".", label=m.split("/", 1)[-1])
+        ax.set_xscale("symlog", linthresh=max(1, min([s for s in steps if s > 0], default=1)))
+        ax.set_xlabel("step")
+        ax.set_title(group, fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.suptitle(f"{result['of']} over training")
+    fig.tight_layout()
+    return fig
