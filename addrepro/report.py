@@ -1,6 +1,7 @@
 """``python -m addrepro.report <job folder>``: redraw a run's plots from its saved files alone.
 
-Reads ``csv/metrics.csv``, ``confusion.npz`` and ``.hydra/config.yaml``; needs no W&B.
+Reads ``csv/metrics.csv``, ``confusion.npz`` and ``.hydra/config.yaml``; needs no W&B. Given a sweep
+folder instead (job folders with ``.hydra/`` inside), compares its jobs (``addrepro.sweep_report``).
 """
 
 from __future__ import annotations
@@ -111,10 +112,13 @@ def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> l
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m addrepro.report <job folder>", file=sys.stderr)
+        print("usage: python -m addrepro.report <job folder | sweep folder>", file=sys.stderr)
         return 2
     try:
-        paths = draw_job(Path(argv[0]))
+        from addrepro.sweep_report import draw_sweep, is_sweep_dir
+
+        folder = Path(argv[0])
+        paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
     except FileNotFoundError as e:
         print(f"addrepro.report: {e}", file=sys.stderr)
         return 2

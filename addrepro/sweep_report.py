@@ -1,0 +1,257 @@
+"""``python -m addrepro.report <sweep folder>``: compare the jobs of a sweep from their saved files alone.
+
+A sweep folder holds one folder per job with ``.hydra/`` (numbered ``0, 1, ...`` for a Hydra multirun,
+any name for a W&B sweep's ``outputs/wandb_sweeps/<id>/``). From each job's ``csv/metrics.csv``,
+``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` this writes, into the sweep folder:
+
+* ``sweep_place_loss.png``: one panel per place, the train loss of every job on a log axis, coloured by
+  the swept value (a colormap for numbers, distinct colours otherwise; a second swept key sets the line
+  style), with the atlas levels as dotted guides when all jobs share one task;
+* ``sweep_shelves.md`` and ``sweep_shelves.json``: per job, the shelves of every place's loss curve
+  (nearest atlas level and the step the place left it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.pyplot as plt
+import yaml
+from omegaconf import OmegaConf
+
+from addrepro.data import TaskSpec
+from addrepro.plots import place_label, save, series
+from addrepro.report import job_config, load_rows, spec_of
+
+PNG = "sweep_place_loss.png"
+TABLE = "sweep_shelves.md"
+TABLE_JSON = "sweep_shelves.json"
+LINESTYLES = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1, 1, 1))]
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Job folders (with ``.hydra/``) directly inside ``sweep_dir``: numbered ones in order, then the rest."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A folder of job folders, not a job folder itself."""
+    path = Path(path)
+    return not (path / ".hydra" / "config.yaml").exists() and bool(find_jobs(path))
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    path = job / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    out = {}
+    for item in items or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _typed(cfg, key: str, raw: str) -> Any:  # noqa: ANN001
+    """The job's value of an override key: from its config (typed), else the override text (config groups)."""
+    value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    if value is None or OmegaConf.is_config(value):
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+    return value
+
+
+def swept_values(jobs: list[Path], configs: list) -> tuple[list[str], list[dict[str, Any]]]:
+    """The override keys whose value differs between jobs, and each job's values of them."""
+    overrides = [_overrides(job) for job in jobs]
+    keys: list[str] = []
+    for ov in overrides:
+        for key in ov:
+            if key not in keys and len({o.get(key) for o in overrides}) > 1:
+                keys.append(key)
+    values = [{k: _typed(cfg, k, ov.get(k, "")) for k in keys} for cfg, ov in zip(configs, overrides, strict=True)]
+    return keys, values
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def job_label(values: dict[str, Any], job: Path) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()) or job.name
+
+
+def _colours(keys: list[str], values: list[dict[str, Any]]):
+    """Colour per job from the first swept key, plus a ScalarMappable for a colorbar when it is numeric."""
+    n = len(values)
+    if not keys:
+        return [plt.cm.tab10(i % 10) for i in range(n)], None
+    key = keys[0]
+    vals = [v.get(key) for v in values]
+    if all(_is_number(x) for x in vals) and len(set(vals)) > 1:
+        lo, hi = min(vals), max(vals)
+        norm = (matplotlib.colors.LogNorm(lo, hi) if lo > 0 and hi / lo >= 4
+                else matplotlib.colors.Normalize(lo, hi))
+        cmap = plt.cm.viridis
+        mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+        return [cmap(0.9 * norm(x)) for x in vals], (key, mappable)
+    distinct = list(dict.fromkeys(str(x) for x in vals))
+    return [plt.cm.tab10(distinct.index(str(x)) % 10) for x in vals], None
+
+
+def _linestyles(keys: list[str], values: list[dict[str, Any]]) -> list:
+    if len(keys) < 2:
+        return ["-"] * len(values)
+    distinct = list(dict.fromkeys(str(v.get(keys[1])) for v in values))
+    return [LINESTYLES[distinct.index(str(v.get(keys[1]))) % len(LINESTYLES)] for v in values]
+
+
+def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: list[TaskSpec],
+                            keys: list[str], values: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """One panel per place (carry-out first), one train-loss line per job, atlas guides if the task is shared."""
+    from addrepro.shelf_plots import _atlas_guides, place_atlas
+
+    shared = len({(s.n_digits, s.base, s.order, s.task) for s in specs}) == 1
+    n = max(s.n_places for s in specs)
+    atlas = place_atlas(specs[0]) if shared else None
+    colours, mappable = _colours(keys, values)
+    styles = _linestyles(keys, values)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.4 * cols + 1.2, 3.2 * nrows + 0.8), squeeze=False, sharex=True,
+                             layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
+    lo = 4.0
+    for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
+        for job, job_rows, spec, colour, style, vals in zip(jobs, rows, specs, colours, styles, values, strict=True):
+            if j >= spec.n_places:
+                continue
+            steps, loss = series(job_rows, f"train/loss/place_{j}")
+            if len(steps):
+                ax.plot(steps, loss, color=colour, ls=style, lw=1.1, label=job_label(vals, job))
+                positive = loss[loss > 0]
+                lo = min(lo, float(positive.min())) if positive.size else lo
+        ax.set_yscale("log")
+        floor = max(1e-4, lo / 2)
+        ax.set_ylim(floor, 4.0)
+        if atlas is not None:
+            _atlas_guides(ax, atlas[j], floor)
+        ax.set_title(place_label(j, specs[0]) if shared else f"place {j}", fontsize=9)
+        ax.grid(alpha=0.2)
+        ax.tick_params(labelbottom=True)  # also above an empty cell of the grid
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for row in axes:
+        row[0].set_ylabel("train loss (nats)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+    if mappable is not None:
+        key, sm = mappable
+        bar = fig.colorbar(sm, ax=axes, shrink=0.8, label=key)
+        ticks = sorted({v[key] for v in values})
+        bar.set_ticks(ticks, labels=[_fmt(t) for t in ticks])
+        bar.minorticks_off()
+    if shared:
+        s = specs[0]
+        head = f"{s.n_digits}-digit base {s.base} ({s.order}, {s.task}); dotted: atlas levels"
+    else:
+        head = "jobs differ in task (digits/base/order): atlas guides skipped"
+    by = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "job"
+    fig.suptitle(title or f"per-place train loss, {len(jobs)} jobs by {by} — {head}",
+                 fontsize=10)
+    return save(fig, path)
+
+
+def shelf_records(rows: list[dict], spec: TaskSpec) -> list[dict]:
+    """Every shelf of every place: atlas level, level, start and the step the place left it."""
+    from addrepro.shelf_plots import find_shelves
+
+    out = []
+    for j, shelves in find_shelves(rows, spec).items():
+        steps, _ = series(rows, f"train/loss/place_{j}")
+        last = int(steps.max()) if len(steps) else None
+        for s in shelves:
+            out.append({"place": j, **s.as_dict(), "left": last is not None and s.end_step < last})
+    return out
+
+
+def _cell(records: list[dict], j: int) -> str:
+    parts = []
+    for r in records:
+        if r["place"] != j:
+            continue
+        name = r["atlas_level"] or f"{r['level']:.3g}"
+        parts.append(f"{name}→{r['end_step']}" if r["left"] else f"{name}→(still)")
+    return ", ".join(parts) or "–"
+
+
+def shelf_table(entries: list[dict], keys: list[str], n_places: int) -> str:
+    places = list(range(n_places - 1, -1, -1))
+    head = ["job", *keys, "status", *(f"place {j}" for j in places)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [e["job"], *(_fmt(e["swept"].get(k, "")) for k in keys), e["status"]]
+        cells += [_cell(e["shelves"], j) if e["shelves"] is not None else "–" for j in places]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def draw_sweep(sweep_dir: Path) -> list[Path]:
+    """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder."""
+    from addrepro.sweep import read_statuses
+
+    sweep_dir = Path(sweep_dir)
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir} holds no job folders (subfolders with .hydra/)")
+    configs = [job_config(job) for job in jobs]
+    keys, values = swept_values(jobs, configs)
+    statuses = read_statuses(sweep_dir)
+    entries, plotted = [], []
+    for job, cfg, vals in zip(jobs, configs, values, strict=True):
+        status = statuses.get(job.name, {}).get("status", "unknown")
+        try:
+            spec = spec_of(cfg)
+            rows = [r for r in load_rows(job) if r.get("member", 0) == 0]
+        except (FileNotFoundError, TypeError, ValueError):
+            rows, spec = [], None
+        has_curve = spec is not None and any("train/loss/place_0" in r for r in rows)
+        shelves = shelf_records(rows, spec) if has_curve else None
+        entries.append({"job": job.name, "folder": str(job), "swept": vals, "status": status,
+                        "spec": None if spec is None else {"n_digits": spec.n_digits, "base": spec.base,
+                                                           "order": spec.order, "task": spec.task},
+                        "shelves": shelves})
+        if has_curve:
+            plotted.append((job, rows, spec, vals))
+    paths = []
+    if plotted:
+        p_jobs, p_rows, p_specs, p_vals = (list(x) for x in zip(*plotted, strict=True))
+        paths.append(plot_sweep_place_losses(p_jobs, p_rows, p_specs, keys, p_vals, sweep_dir / PNG))
+    n_places = max((e["spec"]["n_digits"] + 1 for e in entries if e["spec"]), default=1)
+    table = shelf_table(entries, keys, n_places)
+    legend = ("Shelves of each place's train loss, per job: `level→step` is the nearest atlas level (or the loss "
+              "when none is near) and the last step on the shelf; `(still)`: on it at the end of training.")
+    md = sweep_dir / TABLE
+    md.write_text(f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n"
+                  f"{legend}\n\n{table}\n")
+    js = sweep_dir / TABLE_JSON
+    js.write_text(json.dumps({"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}, indent=1, default=str))
+    return [*paths, md, js]
+

@@ -1,0 +1,198 @@
+"""Sweeps at scale: the ready sweep definitions, launchers, W&B sweep files and the sweep report.
+
+Real multiruns run in subprocesses (the basic launcher and submitit's local executor) and their offline
+W&B runs are read back; the sweep report is drawn from the saved files alone.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FAST, REPO, cli_env, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from addrepro import report
+from addrepro.wandb_offline import read_run
+from addrepro.wandb_sweep import command_args, expand_commands, grid_runs, load_sweep
+
+SWEEPS = ["width", "depth", "weight_decay", "base", "digits", "mlp", "seeds", "width_x_weight_decay"]
+DOCUMENTED = {
+    "width": {"model.width": [64, 128, 256, 512]},
+    "depth": {"model.depth": [1, 2, 3]},
+    "weight_decay": {"optimizer.weight_decay": [0, 0.1, 0.5, 1]},
+    "base": {"data.base": [2, 3, 10, 16]},
+    "digits": {"data.n_digits": [3, 5, 10]},
+    "mlp": {"model.attn_only": [False, True]},
+    "seeds": {"seed": [0, 1, 2, 3, 4]},
+    "width_x_weight_decay": {"model.width": [64, 128, 256, 512], "optimizer.weight_decay": [0, 0.1, 0.5, 1]},
+}
+TINY = ["data.n_digits=2", "trainer.plots=false", *FAST]
+
+
+def _hydra_grid(cfg) -> dict[str, list]:
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return {o.key_or_group: list(o.sweep_iterator()) for o in parsed}
+
+
+def test_sweep_configs_define_the_documented_grids_in_hydra_and_wandb():
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        for name in SWEEPS:
+            cfg = compose("train", overrides=[f"+sweep={name}"], return_hydra_config=True)
+            assert _hydra_grid(cfg) == DOCUMENTED[name], name
+            # Jobs are named from their swept values, whatever the launcher.
+            first = {k: v[0] for k, v in DOCUMENTED[name].items()}
+            cfg = compose("train", overrides=[f"+sweep={name}", *(f"{k}={v}" for k, v in first.items())])
+            assert cfg.logger.wandb.name == ",".join(f"{k}={v}" for k, v in first.items()), name
+            # The W&B sweep file of the same name walks the same grid.
+            wandb_file = load_sweep(REPO / "sweeps" / "wandb" / f"{name}.yaml")
+            wandb_grid = {k: spec["values"] for k, spec in wandb_file["parameters"].items()}
+            assert wandb_grid == DOCUMENTED[name], name
+        launchers = {"slurm": "SlurmLauncher", "local": "LocalLauncher", "parallel": "JoblibLauncher"}
+        for launcher, target in launchers.items():
+            cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_.endswith(target)
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.array_parallelism > 1
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory):
+    """The README's 2x2 corner of the width x weight-decay grid, run for real (basic launcher, offline W&B)."""
+    cwd = tmp_path_factory.mktemp("grid")
+    sweep = cwd / "sweep"
+    proc = run_cli("addrepro.train", ["-m", "+sweep=width_x_weight_decay", "model.width=64,128",
+                                      "optimizer.weight_decay=0,1", "trainer.max_steps=20", *TINY,
+                                      f"hydra.sweep.dir={sweep}"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+def test_grid_sweep_runs_and_lines_up_in_one_wandb_group(grid_sweep):
+    jobs = sorted((p for p in grid_sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    summary = json.loads((grid_sweep / "sweep_summary.json").read_text())
+    assert [v["status"] for v in summary.values()] == ["ok"] * 4
+    runs = [read_run(job) for job in jobs]
+    assert len({r.group for r in runs}) == 1 and runs[0].group.startswith("sweep-")
+    assert len({r.run_id for r in runs}) == 4
+    expected = [(64, 0), (64, 1), (128, 0), (128, 1)]
+    assert [r.name for r in runs] == [f"model.width={w},optimizer.weight_decay={d}" for w, d in expected]
+    for run, (width, wd) in zip(runs, expected, strict=True):
+        assert run.exit_code == 0
+        assert run.config["model"]["width"] == width and run.config["optimizer"]["weight_decay"] == wd
+        assert run.config["trainer"]["max_steps"] == 20
+        assert "train/loss/place_2" in run.history_keys and "val/loss" in run.history_keys
+    assert all(r.history_keys == runs[0].history_keys for r in runs)  # one dashboard fits all
+    assert all(r.series("train/loss")[0] == runs[0].series("train/loss")[0] for r in runs)  # same steps
+
+
+def test_sweep_report_from_saved_files(grid_sweep):
+    assert report.main([str(grid_sweep)]) == 0
+    png = grid_sweep / "sweep_place_loss.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 5_000_000
+    table = (grid_sweep / "sweep_shelves.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| job")]
+    assert len(rows) == 4
+    assert table[table.index(rows[0]) - 2].startswith("| job | model.width | optimizer.weight_decay | status |")
+    assert rows[0].startswith("| 0 | 64 | 0 | ok |") and rows[3].startswith("| 3 | 128 | 1 | ok |")
+    payload = json.loads((grid_sweep / "sweep_shelves.json").read_text())
+    assert payload["swept_keys"] == ["model.width", "optimizer.weight_decay"]
+    assert [j["swept"] for j in payload["jobs"]] == [
+        {"model.width": w, "optimizer.weight_decay": d} for w, d in ((64, 0), (64, 1), (128, 0), (128, 1))]
+    assert all(isinstance(j["shelves"], list) for j in payload["jobs"])
+    # A single job folder still gets the single-job report.
+    assert report.main([str(grid_sweep / "0")]) == 0
+    assert (grid_sweep / "0" / "place_loss.png").exists()
+
+
+def test_submitit_local_launcher_runs_jobs_in_separate_processes(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("addrepro.train", ["-m", "hydra/launcher=local", "+sweep=base", "data.base=10,2,40",
+                                      "trainer.max_steps=5", "logger=csv", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    # The bad job (base 40) fails alone; the others finish, and the summary names it.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [summary[k]["status"] for k in ("0", "1", "2")] == ["ok", "ok", "failed"]
+    assert "data.base=40" in summary["2"]["message"]
+    assert "job 2 failed: config: data.base=40" in proc.stderr
+    ids = []
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").exists()
+        assert json.loads((sweep / job / "status.json").read_text())["status"] == "ok"
+        ids.append(yaml.safe_load((sweep / job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+    # submitit's local job id is the pid of the job's own process.
+    assert len(set(ids)) == 2 and all((sweep / ".submitit" / str(i)).is_dir() for i in ids)
+
+
+def test_wandb_sweep_macros(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADDREPRO_TEST_VAR", "xyz")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "program": "train.py", "method": "grid",
+        "parameters": {"b": {"values": [True, False]}, "a": {"value": 0.5}, "c": {"distribution": "int_uniform",
+                                                                                   "min": 1, "max": 2}},
+        "command": ["${env}", "${interpreter}", "${program}", "--tag=${envvar:ADDREPRO_TEST_VAR}", "${args}",
+                    "${args_no_boolean_flags}", "${args_json}", "${nonsense}"],
+    }))
+    assert grid_runs(load_sweep(path)) == [{"a": 0.5, "b": b, "c": c} for b in (True, False) for c in (1, 2)]
+    commands = expand_commands(path)
+    assert commands[0] == ["/usr/bin/env", "python", "train.py", "--tag=xyz", "--a=0.5", "--b=True", "--c=1",
+                           "--a=0.5", "--b", "--c=1", '{"a": 0.5, "b": true, "c": 1}']
+    assert commands[2][4:10] == ["--a=0.5", "--b=False", "--c=1", "--a=0.5", "--c=1", '{"a": 0.5, "b": false, "c": 1}']
+    assert command_args({"x.y": 3})["args_no_hyphens"] == ["x.y=3"]
+    # Default command, nested parameters.
+    path.write_text(yaml.safe_dump({"program": "p.py", "method": "grid",
+                                    "parameters": {"opt": {"parameters": {"lr": {"values": [1, 2]}}}}}))
+    assert expand_commands(path)[1] == ["/usr/bin/env", "python", "p.py", "--opt={'lr': 2}"]
+
+
+def test_wandb_sweep_file_expands_to_hydra_commands_and_they_run(tmp_path):
+    commands = expand_commands(REPO / "sweeps" / "wandb" / "width_x_weight_decay.yaml")
+    assert len(commands) == 16
+    tail = ["logger.wandb.mode=online", "logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}",
+            "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/${now:%Y-%m-%d_%H-%M-%S}_${uid:}"]
+    assert commands[0] == ["/usr/bin/env", "python", "-m", "addrepro.train", "model.width=64",
+                           "optimizer.weight_decay=0", *tail]
+    assert commands[1][4:6] == ["model.width=64", "optimizer.weight_decay=0.1"]
+    assert commands[-1][4:6] == ["model.width=512", "optimizer.weight_decay=1"]
+    # Run the two jobs of the MLP on/off sweep as agents would (offline: WANDB_MODE wins over the command's
+    # logger.wandb.mode=online): the first through the CLI's --run, the second by hand at the same time.
+    mlp = REPO / "sweeps" / "wandb" / "mlp.yaml"
+    extra = ["trainer.max_steps=5", "logger.wandb.project=addrepro-test", *TINY]
+    env = cli_env()
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", WANDB_RUN_ID="byhand01")
+    second = subprocess.Popen(expand_commands(mlp)[1] + extra, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "addrepro.wandb_sweep", str(mlp), "--run", "1", "--", *extra],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert second.wait(timeout=300) == 0, second.stderr.read()[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.splitlines()
+    assert printed[1].endswith("model.attn_only=True logger.wandb.mode=online "
+                               "'logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}' "
+                               "'hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/"
+                               "${now:%Y-%m-%d_%H-%M-%S}_${uid:}'")
+    assert printed[2].startswith("[0] /usr/bin/env python -m addrepro.train model.attn_only=False")
+    folder = tmp_path / "outputs" / "wandb_sweeps" / "local"
+    jobs = sorted(folder.iterdir())
+    assert len(jobs) == 2
+    runs = sorted((read_run(job) for job in jobs), key=lambda r: r.name)
+    # A single run is named from all its overrides: the agent's arguments, then the settings appended here.
+    assert [r.name.split(",")[0] for r in runs] == ["model.attn_only=False", "model.attn_only=True"]
+    assert {r.group for r in runs} == {"wandb-sweep-local"}
+    assert [r.config["model"]["attn_only"] for r in runs] == [False, True]
+    assert all(r.exit_code == 0 and r.project == "addrepro-test" for r in runs)
+    assert runs[1].run_id == "byhand01"  # W&B takes the run id the agent hands over in WANDB_RUN_ID
+    # The folder of a W&B sweep's jobs is a sweep folder for the report too.
+    assert report.main([str(folder)]) == 0
+    assert json.loads((folder / "sweep_shelves.json").read_text())["swept_keys"] == ["model.attn_only"]
+    assert Path(folder / "sweep_place_loss.png").stat().st_size > 10_000
