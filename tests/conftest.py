@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +45,13 @@ def cli(tmp_path):
         return run_cli(module, list(args), tmp_path, timeout)
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny tensors train up to 10x faster on shared CPUs, and runs that must be
+    bitwise equal (ensemble vs single, resume vs uninterrupted) need the same reduction order."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

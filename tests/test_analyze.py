@@ -16,15 +16,10 @@ from addrepro.interp import ablation, attention, composition, logit_attribution,
 from addrepro.interp.common import load_subject, write_outputs  # noqa: E402
 from addrepro.model import ModelConfig, Transformer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 SUBJECT = {"carry_size": 32, "chain_size": 16}  # smaller carry-conditioned sets than training's
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

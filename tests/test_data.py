@@ -20,14 +20,7 @@ from addrepro.data import (
     split_train_heldout,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on shared CPUs (10x faster here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASES = (2, 3, 10, 16, 36)

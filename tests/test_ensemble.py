@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
@@ -19,16 +18,6 @@ SMALL = ["data.n_digits=3", "model.width=32", "trainer.max_steps=40", "logger=cs
 def config(*overrides):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=[*SMALL, *overrides])
-
-
-@pytest.fixture
-def one_thread():
-    # Bitwise equality needs the same reduction order in both runs; two threads split the
-    # batched and unbatched matmuls differently (differences of ~1e-7 that training amplifies).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def final_weights(job_dir):

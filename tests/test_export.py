@@ -12,14 +12,7 @@ from addrepro.data import TaskSpec  # noqa: E402
 from addrepro.export import MISSING_MESSAGE, export_diff, to_transformer_lens  # noqa: E402
 from addrepro.model import ModelConfig, Transformer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: extra threads only fight over the (shared) cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(base: int, n_layers: int, attn_only: bool, norm: str | None, act: str, seed: int = 0) -> Transformer:

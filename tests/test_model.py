@@ -8,14 +8,7 @@ import torch
 from addrepro.grad_norms import grad_norm_keys, grad_norms
 from addrepro.model import ModelConfig, Transformer, parameter_group
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on shared CPUs (10x faster here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cfg(**overrides) -> ModelConfig:

@@ -8,14 +8,7 @@ import torch
 from addrepro.model import ModelConfig, Transformer
 from addrepro.optim import StackedAdamW, warmup_factor
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids spin contention on shared CPUs (10x faster here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = ModelConfig(d_vocab=12, d_vocab_out=10, n_ctx=8, d_model=16, n_layers=1, n_heads=2, d_head=8, d_mlp=32)
