@@ -29,27 +29,28 @@ def build(experiment: str):
     return cfg, spec, module
 
 
-def test_nanda_5digit_matches_the_published_setup():
-    cfg, spec, module = build("nanda_5digit")
+@pytest.mark.parametrize("preset,d", [("nanda_5digit", 512), ("nanda_5digit_d128", 128)])
+def test_nanda_5digit_matches_the_published_setup(preset, d):
+    cfg, spec, module = build(preset)
     assert (spec.n_digits, spec.base, spec.order, spec.task) == (5, 10, "msb", "add")
     assert cfg.data.batch_size == 64 and cfg.data.train_size is None and cfg.trainer.max_steps == 3000
     shapes = {n: tuple(p.shape[1:]) for n, p in module.model.named_parameters()}
     assert shapes == {
-        "embed.W_E": (12, 128),
-        "pos_embed.W_pos": (17, 128),
-        "blocks.0.attn.W_Q": (4, 128, 32),
-        "blocks.0.attn.W_K": (4, 128, 32),
-        "blocks.0.attn.W_V": (4, 128, 32),
-        "blocks.0.attn.W_O": (4, 32, 128),
-        "blocks.0.mlp.W_in": (128, 512),
-        "blocks.0.mlp.b_in": (512,),
-        "blocks.0.mlp.W_out": (512, 128),
-        "blocks.0.mlp.b_out": (128,),
-        "unembed.W_U": (128, 10),  # the 10 digits only; no attention biases, no LayerNorm
+        "embed.W_E": (12, d),
+        "pos_embed.W_pos": (17, d),
+        "blocks.0.attn.W_Q": (4, d, d // 4),
+        "blocks.0.attn.W_K": (4, d, d // 4),
+        "blocks.0.attn.W_V": (4, d, d // 4),
+        "blocks.0.attn.W_O": (4, d // 4, d),
+        "blocks.0.mlp.W_in": (d, 4 * d),
+        "blocks.0.mlp.b_in": (4 * d,),
+        "blocks.0.mlp.W_out": (4 * d, d),
+        "blocks.0.mlp.b_out": (d,),
+        "unembed.W_U": (d, 10),  # the 10 digits only; no attention biases, no LayerNorm
     }
     params = dict(module.model.named_parameters())
-    fans = {"embed.W_E": 128, "blocks.0.attn.W_Q": 128, "blocks.0.mlp.W_in": 128, "blocks.0.mlp.W_out": 128,
-            "unembed.W_U": 10}
+    # Nanda's code: every weight N(0, 1/d_model), W_U N(0, 1/d_vocab_out) (W_out too uses d_model)
+    fans = {"embed.W_E": d, "blocks.0.attn.W_Q": d, "blocks.0.mlp.W_in": d, "blocks.0.mlp.W_out": d, "unembed.W_U": 10}
     for name, fan in fans.items():
         assert params[name].std().item() == pytest.approx(1 / math.sqrt(fan), rel=0.1), name
     opt = module.configure_optimizers()
@@ -64,11 +65,12 @@ def test_nanda_5digit_matches_the_published_setup():
 
 def test_nanda_finite_uses_750_pairs():
     cfg, _, module = build("nanda_5digit_finite")
-    assert cfg.data.train_size == 750 and cfg.model.width == 128 and cfg.optimizer.lr == 1e-4
+    assert cfg.data.train_size == 750 and cfg.model.width == 512 and cfg.optimizer.lr == 1e-4
     module.on_fit_start()
     stream = module.streams[0]
     assert len(stream.train_tokens) == 750
     assert len(torch.unique(stream.train_tokens, dim=0)) == 750
+    assert stream.full_batch and stream.next() is stream.train_tokens
 
 
 def test_quirke_5digit_matches_the_paper():
