@@ -74,6 +74,7 @@ class Shelf:
     level: float  # median loss on the shelf (nats)
     atlas_level: str | None  # name of the nearest atlas level within tolerance
     atlas_loss: float | None
+    method: str = "change_point"  # "change_point" (a flat segment) or "atlas" (resting near a level)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -307,6 +308,52 @@ def detect_shelves(
             )
         )
     return shelves
+
+
+def atlas_plateaus(
+    steps, losses, atlas: dict[str, float], *, smooth: int = 9, rel_tol: float = 0.12, min_points: int = 10
+) -> list[Shelf]:
+    """Stretches where the smoothed curve rests near an atlas level, whether or not it is flat.
+
+    Change points find flat segments; a curve that sinks slowly through a level (the tens digit of
+    5-digit addition passing log 2 over a few hundred steps) has none, yet it does rest near that
+    level. Every point is assigned to the nearest nonzero atlas level within ``rel_tol`` (in log
+    space); runs of at least ``min_points`` points at one level are reported.
+    """
+    steps = np.asarray(steps, dtype=float)
+    losses = np.asarray(losses, dtype=float)
+    keep = np.isfinite(losses) & np.isfinite(steps) & (losses > 0)
+    steps, losses = steps[keep], losses[keep]
+    # Levels closer than a few percent (answer_prefix is log 10 to 4 decimals at low places) would
+    # split one rest into alternating labels: keep the first of each such group, in atlas order.
+    levels: list[tuple[str, float]] = []
+    for name, value in atlas.items():
+        if value > 1e-3 and all(abs(math.log(value / kept)) > 0.03 for _, kept in levels):
+            levels.append((name, value))
+    if len(losses) < min_points or not levels:
+        return []
+    y = _running_median(np.log(losses), smooth)
+    logs = np.log([v for _, v in levels])
+    distance = np.abs(y[:, None] - logs[None, :])  # (points, levels)
+    nearest = distance.argmin(1)
+    label = np.where(distance[np.arange(len(y)), nearest] <= rel_tol, nearest, -1)
+    runs: list[list[int]] = []  # [label, first index, last index]
+    for i, lab in enumerate(label):
+        if lab < 0:
+            continue
+        if runs and runs[-1][0] == lab and i - runs[-1][2] <= smooth:  # bridge short excursions
+            runs[-1][2] = i
+        elif runs and runs[-1][0] == lab and i == runs[-1][2] + 1:
+            runs[-1][2] = i
+        else:
+            runs.append([lab, i, i])
+    out = []
+    for lab, first, last in runs:
+        if last - first + 1 >= min_points:
+            name, value = levels[lab]
+            level = float(np.median(losses[first : last + 1]))
+            out.append(Shelf(int(steps[first]), int(steps[last]), level, name, float(value), method="atlas"))
+    return out
 
 
 # ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 from addrepro.atlas import atlas_by_place, shelf_atlas
 from addrepro.data import TaskSpec
 from addrepro.plots import place_label, save, series
-from addrepro.shelf_detection import detect_shelves
+from addrepro.shelf_detection import atlas_plateaus, detect_shelves
 
 # Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
 GUIDE_LEVELS = ("uniform", "marginal", "answer_prefix", "naive_sum", "carry_depth_1", "carry_depth_2")
@@ -22,12 +22,22 @@ def place_atlas(spec: TaskSpec) -> dict[int, dict[str, float]]:
 
 
 def find_shelves(rows: list[dict], spec: TaskSpec, prefix: str = "train") -> dict[int, list]:
-    """Detected shelves of every place's loss curve, matched against the atlas."""
+    """Shelves of every place's loss curve: rests near atlas levels, plus other flat segments."""
     atlas = place_atlas(spec)
     out = {}
     for j in range(spec.n_places):
         steps, loss = series(rows, f"{prefix}/loss/place_{j}")
-        out[j] = detect_shelves(steps, loss, atlas[j]) if len(steps) else []
+        if not len(steps):
+            out[j] = []
+            continue
+        rests = atlas_plateaus(steps, loss, atlas[j])
+        # Several levels can be 0 (naive_sum of the units digit): a loss near 0 is called "exact".
+        levels = {name: v for name, v in atlas[j].items() if v > 0 or name == "exact"}
+        flat = [
+            s for s in detect_shelves(steps, loss, levels)
+            if not any(s.start_step <= r.end_step and r.start_step <= s.end_step for r in rests)
+        ]
+        out[j] = sorted(rests + flat, key=lambda s: s.start_step)
     return out
 
 

@@ -12,6 +12,7 @@ from addrepro.shelf_detection import (
     Shelf,
     Spike,
     SpikeMonitor,
+    atlas_plateaus,
     detect_shelves,
     detect_spikes,
 )
@@ -214,6 +215,7 @@ def test_shelf_as_dict() -> None:
         "level": 0.7,
         "atlas_level": "naive_sum",
         "atlas_loss": LOG2,
+        "method": "change_point",
     }
 
 
@@ -286,3 +288,42 @@ def test_spike_monitor_agrees_with_batch_detection() -> None:
 def test_spike_as_dict() -> None:
     spike = Spike(step=3, loss=1.0, baseline=0.25, ratio=4.0)
     assert spike.as_dict() == {"step": 3, "loss": 1.0, "baseline": 0.25, "ratio": 4.0}
+
+
+# ---------------------------------------------------------------------------
+# atlas_plateaus: resting near a known level, flat or not
+# ---------------------------------------------------------------------------
+
+REST_ATLAS = {"uniform": math.log(10), "answer_prefix": math.log(10) * 0.999, "naive_sum": math.log(2),
+         "carry_depth_1": 0.1 * math.log(2), "exact": 0.0}
+
+
+def _sloped_rest_curve(seed=0):
+    """log 10 until 500, a slow slide through log 2 (0.78 -> 0.62 over 600..1000), then a fast drop."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(0, 1500, 10)
+    y = np.where(steps < 500, math.log(10), 0.0)
+    y = np.where((steps >= 500) & (steps < 600), math.log(10) + (steps - 500) / 100 * (0.78 - math.log(10)), y)
+    y = np.where((steps >= 600) & (steps < 1000), 0.78 - (steps - 600) / 400 * 0.16, y)
+    y = np.where(steps >= 1000, 0.62 * np.exp(-(steps - 1000) / 30.0) + 1e-4, y)
+    return steps, y * np.exp(rng.normal(0, 0.03, len(steps)))
+
+
+def test_atlas_plateaus_find_a_sloped_rest_near_log2():
+    steps, loss = _sloped_rest_curve()
+    found = atlas_plateaus(steps, loss, REST_ATLAS)
+    names = [s.atlas_level for s in found]
+    assert names == ["uniform", "naive_sum"]  # answer_prefix merged into uniform; fast drop not a rest
+    uniform, rest = found
+    assert uniform.start_step <= 30 and 470 <= uniform.end_step <= 560
+    assert 580 <= rest.start_step <= 660 and 950 <= rest.end_step <= 1020
+    assert rest.method == "atlas" and abs(rest.level - math.log(2)) < 0.05
+    # A flat-segment detector with its default flatness calls the slide no shelf at all.
+    assert not any(abs(s.level - math.log(2)) < 0.1 for s in detect_shelves(steps, loss, REST_ATLAS))
+
+
+def test_atlas_plateaus_ignore_fast_crossings_and_short_curves():
+    steps = np.arange(0, 200, 10)
+    loss = np.exp(np.linspace(math.log(3.0), math.log(0.01), len(steps)))  # crosses every level quickly
+    assert atlas_plateaus(steps, loss, REST_ATLAS) == []
+    assert atlas_plateaus(steps[:5], np.full(5, math.log(2)), REST_ATLAS) == []
