@@ -93,6 +93,7 @@ class AdditionModule(pl.LightningModule):
         self.spike_monitors = [SpikeMonitor(settings.spike_window, settings.spike_factor) for _ in members]
         self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
         self._snapshot: tuple[int, list[dict]] | None = None  # weights at the previous logging step
+        self._spikes_awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
 
@@ -229,7 +230,10 @@ class AdditionModule(pl.LightningModule):
                     )
 
     def check_spikes(self, step: int, weights: list[dict]) -> None:
-        """Keep the weights just before and at a loss spike, for studying it later."""
+        """Keep the weights just before, at and just after a loss spike (logging steps), to study it later."""
+        for k, spike_step in self._spikes_awaiting_after:
+            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, weights[k])
+        self._spikes_awaiting_after = []
         for k, monitor in enumerate(self.spike_monitors):
             row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
             spike = monitor.update(step, row["train/loss"])
@@ -239,6 +243,7 @@ class AdditionModule(pl.LightningModule):
                     before_step, before = self._snapshot
                     self.save_weights(k, f"spike_{step}_before.ckpt", before_step, before[k])
                 self.save_weights(k, f"spike_{step}_at.ckpt", step, weights[k])
+                self._spikes_awaiting_after.append((k, step))
         self._snapshot = (step, weights)
 
     def on_train_end(self) -> None:
@@ -272,7 +277,7 @@ class AdditionModule(pl.LightningModule):
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
-        if "train/loss" in metrics:
+        if "train/loss" in metrics and self._trainer is not None:  # the progress bar
             self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
 
     def checkpoint_header(self, k: int, step: int) -> dict:

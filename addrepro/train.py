@@ -138,7 +138,20 @@ def finish_job(plan: JobPlan, module, k: int, rows: list[dict]) -> None:  # noqa
     from addrepro.report import draw_job, save_confusion
 
     save_confusion(plan.job_dir, [(step, c[k]) for step, c in module.confusions])
-    spikes = [s.as_dict() for member, s in module.spikes if member == k]
+    window = 5 * plan.cfg.trainer.log_every_n_steps
+    spikes = [
+        {
+            **s.as_dict(),
+            # The gradient norms around the spike, to tell an optimiser blow-up from a data fluke.
+            "grad_norms": [
+                {key: v for key, v in r.items() if key == "step" or key.startswith("train/grad_norm/")}
+                for r in rows
+                if "train/grad_norm/global" in r and abs(r["step"] - s.step) <= window
+            ],
+        }
+        for member, s in module.spikes
+        if member == k
+    ]
     (plan.job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
     paths = draw_job(plan.job_dir, rows=rows) if plan.cfg.trainer.plots else []
     _log_files_to_wandb(module.members[k].loggers, paths, plan.job_dir)

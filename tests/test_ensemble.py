@@ -78,3 +78,4 @@ def test_ensemble_launcher_gives_each_member_its_own_run(cli, tmp_path):
         ckpt = torch.load(sweep / str(j) / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["config"]["seed"] == j and ckpt["model"]["embed.W_E"].dim() == 2  # a single model
         assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "ok"
+
