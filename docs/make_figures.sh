@@ -10,12 +10,10 @@ mkdir -p "$out"
 # 1. Nanda's 5-digit run, three seeds trained as one stacked ensemble, and its report.
 $py -m addrepro.train -m experiment=nanda_5digit seed=0,1,2 hydra/launcher=ensemble \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/nanda
-for s in 0 1 2; do $py -m addrepro.report outputs/docs/nanda/$s > /dev/null; done
 cp outputs/docs/nanda/0/place_loss.png "$out/nanda_place_loss_seed0.png"
 cp outputs/docs/nanda/0/naive_sum.png "$out/nanda_naive_sum_seed0.png"
 cp outputs/docs/nanda/0/carry_conditioned.png "$out/nanda_carry_conditioned_seed0.png"
-$py -m addrepro.report outputs/docs/nanda > /dev/null
-cp outputs/docs/nanda/sweep_place_loss.png "$out/nanda_seeds.png"
+$py docs/compare_seeds.py outputs/docs/nanda/0 outputs/docs/nanda/1 outputs/docs/nanda/2   # the README table
 
 # 2. A small 2-layer model on 3-digit addition with log-spaced checkpoints, for the analyses.
 $py -m addrepro.train data.n_digits=3 model.depth=2 model.width=64 optimizer.lr=3e-3 \
