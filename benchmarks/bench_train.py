@@ -153,7 +153,15 @@ def _sync(device: str) -> None:
 def machine(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main() -> int:
@@ -168,7 +176,7 @@ def main() -> int:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     spec = TaskSpec(n_digits=5)
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"{'device':28} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9}")
+    print(f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9}")
     for device in devices:
         k = args.ensemble or (64 if device == "cuda" else 8)
         for name in args.configs:
@@ -181,7 +189,7 @@ def main() -> int:
             steps = max(args.steps // k * 4, 20)
             rows.append((f"ensemble x{k}", addrepro_run(c["width"], c["batch"], steps, 10, device, k, True), k))
             for path, rate, members in rows:
-                print(f"{machine(device):28} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
+                print(f"{machine(device):36} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
                       f"{rate * members / plain:8.2f}x", flush=True)
     return 0
 
