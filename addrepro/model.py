@@ -70,17 +70,35 @@ class Attention(nn.Module):
         mask = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril()
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attention output ``(K, B, T', d_model)`` at every position, or only at the last ``queries``.
+
+        Keys and values always come from all T positions; when only the answer positions matter (the
+        last layer in training) the queries, the output projection and all that follows shrink to them.
+        """
         k, bsz, t, d = x.shape
         h, dh = self.W_Q.shape[1], self.W_Q.shape[3]
-        # One matmul for Q, K and V of every head: (K, d_model, 3 * H * d_head).
-        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 3 * h * dh)
-        qkv = torch.bmm(x.reshape(k, bsz * t, d), w_qkv)  # (K, B*T, 3*H*d_head)
-        q, k_, v = qkv.view(k * bsz, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
-        z = F.scaled_dot_product_attention(q, k_, v, is_causal=True, scale=self.scale)  # (K*B, H, T, d_head)
-        z = z.transpose(1, 2).reshape(k, bsz * t, h * dh)
-        out = torch.bmm(z, self.W_O.reshape(k, h * dh, d))  # (K, B*T, d_model)
-        return out.view(k, bsz, t, d)
+        if queries is None or queries >= t:
+            # One matmul for Q, K and V of every head: (K, d_model, 3 * H * d_head).
+            w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 3 * h * dh)
+            qkv = torch.bmm(x.reshape(k, bsz * t, d), w_qkv)  # (K, B*T, 3*H*d_head)
+            q, k_, v = qkv.view(k * bsz, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
+            z = F.scaled_dot_product_attention(q, k_, v, is_causal=True, scale=self.scale)  # (K*B, H, T, d_head)
+            t_q = t
+        else:
+            t_q = queries
+            w_kv = torch.cat([self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 2 * h * dh)
+            kv = torch.bmm(x.reshape(k, bsz * t, d), w_kv)  # (K, B*T, 2*H*d_head)
+            k_, v = kv.view(k * bsz, t, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
+            w_q = self.W_Q.permute(0, 2, 1, 3).reshape(k, d, h * dh)
+            q = torch.bmm(x[:, :, -t_q:].reshape(k, bsz * t_q, d), w_q)  # (K, B*T', H*d_head)
+            q = q.view(k * bsz, t_q, h, dh).transpose(1, 2)  # (K*B, H, T', d_head)
+            # Query i sits at position t - T' + i: the causal mask is aligned bottom-right.
+            mask = self.mask[t - t_q : t, :t]  # (T', T)
+            z = F.scaled_dot_product_attention(q, k_, v, attn_mask=mask, scale=self.scale)  # (K*B, H, T', d_head)
+        z = z.transpose(1, 2).reshape(k, bsz * t_q, h * dh)
+        out = torch.bmm(z, self.W_O.reshape(k, h * dh, d))  # (K, B*T', d_model)
+        return out.view(k, bsz, t_q, d)
 
     def pattern(self, x: torch.Tensor) -> torch.Tensor:
         """Attention pattern ``(K, B, H, T, T)``, for analysis (training never materialises it)."""
@@ -116,8 +134,10 @@ class Block(nn.Module):
         self.mlp = None if cfg.attn_only else MLP(k, cfg)
         self.ln2 = LayerNorm(k, cfg.d_model) if use_ln and not cfg.attn_only else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The residual stream after this block, at every position or only at the last ``queries``."""
+        attn_out = self.attn(self.ln1(x), queries)
+        x = x[:, :, -attn_out.shape[2] :] + attn_out
         if self.mlp is not None:
             x = x + self.mlp(self.ln2(x))
         return x
@@ -179,22 +199,29 @@ class Transformer(nn.Module):
                 std = cfg.init_std
             p[member].copy_(torch.randn(p.shape[1:], generator=g) * std)
 
-    def residual(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final residual stream ``(K, B, T, d_model)`` for tokens ``(K, B, T)`` or ``(B, T)``."""
+    def residual(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """Final residual stream ``(K, B, T, d_model)`` for tokens ``(K, B, T)`` or ``(B, T)``.
+
+        With ``last``, only the last ``last`` positions ``(K, B, last, d_model)``: the final block then
+        computes its queries and MLP there alone — the same values, with less work (the answer is a
+        third of the sequence).
+        """
         if tokens.dim() == 2:
             tokens = tokens.expand(self.n_models, *tokens.shape)
         t = tokens.shape[-1]
-        members = torch.arange(self.n_models, device=tokens.device)[:, None, None]
-        x = self.embed.W_E[members, tokens] + self.pos_embed.W_pos[:, None, :t]  # (K, B, T, d_model)
-        for block in self.blocks:
-            x = block(x)
+        k, d_vocab, d_model = self.embed.W_E.shape
+        # Member k's token ids are offset by k * d_vocab into the flattened (K * d_vocab, d_model) table:
+        # one embedding lookup for all members, whose backward is far cheaper than advanced indexing.
+        offsets = torch.arange(k, device=tokens.device)[:, None, None] * d_vocab
+        x = F.embedding(tokens + offsets, self.embed.W_E.view(k * d_vocab, d_model))  # (K, B, T, d_model)
+        x = x + self.pos_embed.W_pos[:, None, :t]
+        for i, block in enumerate(self.blocks):
+            x = block(x, last if i == len(self.blocks) - 1 else None)
         return self.ln_final(x)
 
     def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Logits ``(K, B, T, d_vocab_out)``; with ``last``, only at the last ``last`` positions."""
-        x = self.residual(tokens)
-        if last is not None:
-            x = x[:, :, -last:]
+        x = self.residual(tokens, last)  # (K, B, T', d_model)
         return x @ self.unembed.W_U[:, None]  # (K, B, T', d_vocab_out)
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:

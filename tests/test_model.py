@@ -347,3 +347,41 @@ def test_grad_norms_closed_form_and_missing_grads():
     )
     # groups whose parameters have no gradient are left out
     assert "grad_norm/attn" not in norms and "grad_norm/layer_0" not in norms
+
+
+# -----------------------------------------------------------------------------
+# answer positions only: the last block computes queries and MLP where the loss is read
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"n_layers": 1}, {"n_layers": 2}, {"n_layers": 3, "normalization": "LN"}, {"attn_only": True},
+     {"normalization": "LN", "attn_only": True, "n_layers": 2}],
+)  # fmt: skip
+def test_last_positions_give_the_full_forward_values_with_less_work(overrides):
+    cfg = small_cfg(**overrides)
+    model = Transformer(cfg, seeds=[3, 4])
+    perturb_all(model, seed=2)
+    tokens = random_tokens(6, cfg.n_ctx, seed=5)
+    seen = []
+    last_block = model.blocks[-1]
+    hook_at = last_block.attn.W_O if cfg.attn_only else last_block.mlp.W_in
+    module = last_block.attn if cfg.attn_only else last_block.mlp
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out.shape[2]))
+    tail = model(tokens, last=4)
+    handle.remove()
+    assert seen == [4]  # the last block's output exists only at the 4 answer positions
+    full = model(tokens)
+    torch.testing.assert_close(tail, full[:, :, -4:], atol=1e-6, rtol=0)
+    for k in range(2):
+        ref = reference_logits(model.member_state_dict(k), cfg, tokens)[:, -4:]
+        torch.testing.assert_close(tail[k].double(), ref, atol=2e-5, rtol=1e-5)
+    # and the gradients are those of the full forward pass
+    weights = torch.randn(tail.shape, generator=torch.Generator().manual_seed(0))
+    (tail * weights).sum().backward()
+    trimmed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (full[:, :, -4:] * weights).sum().backward()
+    assert hook_at.grad.abs().max() > 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(trimmed[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
