@@ -1,10 +1,12 @@
 """AdamW over stacked parameters, with a learning rate and weight decay per ensemble member.
 
 ``torch.optim.AdamW`` takes one scalar learning rate per parameter group; stacked ensembles need a
-value per member along the leading K dimension. The update follows torch's single-tensor AdamW
-step for step (decoupled decay, then moments, then bias-corrected step), so a one-member run
-matches ``torch.optim.AdamW`` (tested), and every operation is elementwise per member, so member k
-of an ensemble gets exactly the update a single run would.
+value per member along the leading K dimension. Each member's slice ``p[k]`` is a contiguous block
+of every stacked parameter, so the step runs torch's fused AdamW kernel (the one behind
+``AdamW(fused=True)``: decoupled decay, moments and bias-corrected step in one pass over memory)
+once per member, with that member's settings. Member k of an ensemble therefore gets exactly the
+update a single run would, and a one-member run matches ``torch.optim.AdamW`` (tested). Devices
+without the fused kernel use the same update written as elementwise tensor operations.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class StackedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         warmup_steps: int = 0,
+        fused: bool | None = None,
     ):
         params = list(params)
         if len(lr) != len(weight_decay):
@@ -40,9 +43,13 @@ class StackedAdamW(torch.optim.Optimizer):
         defaults = dict(lr=max(lr), betas=tuple(betas), eps=eps, warmup_steps=warmup_steps)
         super().__init__(params, defaults)
         device = params[0].device
+        self.lr, self.weight_decay = [float(x) for x in lr], [float(x) for x in weight_decay]
         self.member_lr = torch.tensor(lr, dtype=torch.float32, device=device)
         self.member_wd = torch.tensor(weight_decay, dtype=torch.float32, device=device)
+        self.fused = device.type in ("cpu", "cuda") if fused is None else fused
         self.step_count = 0  # optimiser steps taken; a host integer, so the schedule needs no sync
+        # The fused kernel reads the step from a device tensor (it is never read back to the host).
+        self._step_tensor = torch.zeros((), dtype=torch.float32, device=device)
 
     def current_lr(self) -> torch.Tensor:
         """Learning rate of each member ``(K,)`` for the next step."""
@@ -56,29 +63,59 @@ class StackedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        beta1, beta2 = group["betas"]
-        lr = self.current_lr()
+        factor = warmup_factor(self.step_count, group["warmup_steps"])
         self.step_count += 1
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        if self.fused:
+            self._fused_step(params, factor)
+        else:
+            self._elementwise_step(params, factor)
+        return loss
+
+    def _fused_step(self, params: list[torch.Tensor], factor: float) -> None:
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        self._step_tensor.fill_(self.step_count)
+        steps = [self._step_tensor] * len(params)
+        for k, (lr, wd) in enumerate(zip(self.lr, self.weight_decay, strict=True)):
+            # torch._fused_adamw_ is the kernel torch.optim.AdamW(fused=True) calls.
+            torch._fused_adamw_(
+                [p[k] for p in params],
+                [p.grad[k] for p in params],
+                [self.state[p]["exp_avg"][k] for p in params],
+                [self.state[p]["exp_avg_sq"][k] for p in params],
+                [],
+                steps,
+                lr=lr * factor,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+
+    def _elementwise_step(self, params: list[torch.Tensor], factor: float) -> None:
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
         t = self.step_count
-        bias_correction1 = 1 - beta1**t
-        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        lr = self.member_lr * factor  # (K,)
         decay = 1 - lr * self.member_wd  # (K,)
-        step_size = lr / bias_correction1  # (K,)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+        step_size = lr / (1 - beta1**t)  # (K,)
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        for p in params:
             shape = (-1,) + (1,) * (p.dim() - 1)
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg, exp_avg_sq = self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]
             p.mul_(decay.view(shape))
             exp_avg.lerp_(p.grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-            p.sub_(step_size.view(shape) * exp_avg / denom)
-        return loss
+            update = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
+            torch.div(exp_avg, update, out=update)
+            p.sub_(update.mul_(step_size.view(shape)))
 
     def state_dict(self) -> dict:
         state = super().state_dict()
