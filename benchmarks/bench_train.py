@@ -6,6 +6,9 @@
 For each configuration it measures, in one process and one after the other:
   plain     a plain PyTorch loop written here: the same architecture as a standard nn.Module,
             torch.optim.AdamW, a fresh batch made with torch ops every step, no metrics;
+  plain-answers  the same loop with the last layer's queries and MLP computed at the answer
+            positions only, as addrepro does (the logits elsewhere are never used): it shows how much
+            of addrepro's speed is that saving rather than less overhead;
   addrepro  the real path (LightningModule + Trainer, per-place train metrics every 10 steps to
             CSV, held-out and shelf metrics every 100 steps — the defaults);
   addrepro-lean  the same with held-out/shelf metrics only at the end (per-place train metrics on);
@@ -45,11 +48,19 @@ class PlainBlock(nn.Module):
         self.fc_in = nn.Linear(d, 4 * d)
         self.fc_out = nn.Linear(4 * d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, last: int | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(z.transpose(1, 2).reshape(b, t, d))
+        if last is None:  # every position, as a plain loop would
+            q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # queries and MLP at the answer positions only (what addrepro's training path does)
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            q = F.linear(x[:, -last:], w_q).view(b, last, self.heads, d // self.heads).transpose(1, 2)
+            k, v = F.linear(x, w_kv).view(b, t, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[t - last :]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x[:, -last:]
+        x = x + self.o(z.transpose(1, 2).reshape(b, -1, d))
         return x + self.fc_out(F.relu(self.fc_in(x)))
 
 
@@ -61,12 +72,14 @@ class PlainModel(nn.Module):
         self.block = PlainBlock(d, heads)
         self.unembed = nn.Linear(d, spec.base, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unembed(self.block(self.embed(tokens) + self.pos[: tokens.shape[1]]))
+    def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        return self.unembed(self.block(self.embed(tokens) + self.pos[: tokens.shape[1]], last))
 
 
-def plain_loop(spec: TaskSpec, width: int, batch: int, steps: int, warmup: int, device: str) -> float:
-    """Steps per second of a plain training loop."""
+def plain_loop(
+    spec: TaskSpec, width: int, batch: int, steps: int, warmup: int, device: str, answers_only: bool = False
+) -> float:
+    """Steps per second of a plain training loop (``answers_only``: last layer at the answer positions)."""
     torch.manual_seed(0)
     model = PlainModel(spec, width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
@@ -78,7 +91,7 @@ def plain_loop(spec: TaskSpec, width: int, batch: int, steps: int, warmup: int, 
             _sync(device)
             start = time.perf_counter()
         inputs, targets = split_tokens(encode(*sample_operands(spec, batch, g, device), spec), spec)
-        logits = model(inputs)[:, -n_answer:]
+        logits = model(inputs, n_answer if answers_only else None)[:, -n_answer:]
         loss = F.cross_entropy(logits.reshape(-1, spec.base), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -176,7 +189,8 @@ def main() -> int:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     spec = TaskSpec(n_digits=5)
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9}")
+    print(f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9} "
+          f"{'vs plain-answers':>17}")
     for device in devices:
         k = args.ensemble or (64 if device == "cuda" else 8)
         for name in args.configs:
@@ -184,13 +198,15 @@ def main() -> int:
             plain = plain_loop(spec, c["width"], c["batch"], args.steps, args.warmup, device)
             single = (c["width"], c["batch"], args.steps, args.warmup, device, 1)
             rows = [("plain", plain, 1)]
+            answers = plain_loop(spec, c["width"], c["batch"], args.steps, args.warmup, device, answers_only=True)
+            rows.append(("plain-answers", answers, 1))
             rows.append(("addrepro", addrepro_run(*single, False), 1))
             rows.append(("addrepro-lean", addrepro_run(*single, True), 1))
             steps = max(args.steps // k * 4, 20)
             rows.append((f"ensemble x{k}", addrepro_run(c["width"], c["batch"], steps, 10, device, k, True), k))
             for path, rate, members in rows:
                 print(f"{machine(device):36} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
-                      f"{rate * members / plain:8.2f}x", flush=True)
+                      f"{rate * members / plain:8.2f}x {rate * members / answers:16.2f}x", flush=True)
     return 0
 
 
