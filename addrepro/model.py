@@ -77,28 +77,26 @@ class Attention(nn.Module):
         last layer in training) the queries, the output projection and all that follows shrink to them.
         """
         k, bsz, t, d = x.shape
-        h, dh = self.W_Q.shape[1], self.W_Q.shape[3]
-        if queries is None or queries >= t:
-            # One matmul for Q, K and V of every head: (K, d_model, 3 * H * d_head).
-            w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 3 * h * dh)
-            qkv = torch.bmm(x.reshape(k, bsz * t, d), w_qkv)  # (K, B*T, 3*H*d_head)
-            q, k_, v = qkv.view(k * bsz, t, 3, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
-            z = F.scaled_dot_product_attention(q, k_, v, is_causal=True, scale=self.scale)  # (K*B, H, T, d_head)
-            t_q = t
-        else:
-            t_q = queries
-            w_kv = torch.cat([self.W_K, self.W_V], dim=1).permute(0, 2, 1, 3).reshape(k, d, 2 * h * dh)
-            kv = torch.bmm(x.reshape(k, bsz * t, d), w_kv)  # (K, B*T, 2*H*d_head)
-            k_, v = kv.view(k * bsz, t, 2, h, dh).permute(2, 0, 3, 1, 4)  # each (K*B, H, T, d_head)
-            w_q = self.W_Q.permute(0, 2, 1, 3).reshape(k, d, h * dh)
-            q = torch.bmm(x[:, :, -t_q:].reshape(k, bsz * t_q, d), w_q)  # (K, B*T', H*d_head)
-            q = q.view(k * bsz, t_q, h, dh).transpose(1, 2)  # (K*B, H, T', d_head)
-            # Query i sits at position t - T' + i: the causal mask is aligned bottom-right.
-            mask = self.mask[t - t_q : t, :t]  # (T', T)
-            z = F.scaled_dot_product_attention(q, k_, v, attn_mask=mask, scale=self.scale)  # (K*B, H, T', d_head)
-        z = z.transpose(1, 2).reshape(k, bsz * t_q, h * dh)
+        t_q = t if queries is None else min(queries, t)
+        k_ = self._heads(x, self.W_K)  # (K*B, H, T, d_head)
+        v = self._heads(x, self.W_V)  # (K*B, H, T, d_head)
+        q = self._heads(x[:, :, t - t_q :], self.W_Q)  # (K*B, H, T', d_head)
+        if t_q == t:
+            z = F.scaled_dot_product_attention(q, k_, v, is_causal=True, scale=self.scale)
+        else:  # query i sits at position t - T' + i: the causal mask is aligned bottom-right
+            z = F.scaled_dot_product_attention(q, k_, v, attn_mask=self.mask[t - t_q : t, :t], scale=self.scale)
+        h, dh = self.W_O.shape[1], self.W_O.shape[2]
+        z = z.transpose(1, 2).reshape(k, bsz * t_q, h * dh)  # (K, B*T', H*d_head)
         out = torch.bmm(z, self.W_O.reshape(k, h * dh, d))  # (K, B*T', d_model)
         return out.view(k, bsz, t_q, d)
+
+    @staticmethod
+    def _heads(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x (K, B, T, d_model)`` through ``w (K, H, d_model, d_head)``: all heads in one matmul."""
+        k, bsz, t, d = x.shape
+        h, dh = w.shape[1], w.shape[3]
+        out = torch.bmm(x.reshape(k, bsz * t, d), w.permute(0, 2, 1, 3).reshape(k, d, h * dh))  # (K, B*T, H*d_head)
+        return out.view(k * bsz, t, h, dh).transpose(1, 2)
 
     def pattern(self, x: torch.Tensor) -> torch.Tensor:
         """Attention pattern ``(K, B, H, T, T)``, for analysis (training never materialises it)."""
@@ -222,7 +220,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Logits ``(K, B, T, d_vocab_out)``; with ``last``, only at the last ``last`` positions."""
         x = self.residual(tokens, last)  # (K, B, T', d_model)
-        return x @ self.unembed.W_U[:, None]  # (K, B, T', d_vocab_out)
+        k, bsz, t, d = x.shape
+        return torch.bmm(x.reshape(k, bsz * t, d), self.unembed.W_U).view(k, bsz, t, -1)  # (K, B, T', d_vocab_out)
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """A single model's TransformerLens-style state dict (no leading K)."""
