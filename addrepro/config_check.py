@@ -108,6 +108,7 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "trainer.max_steps", 1)
     _int(cfg, "trainer.steps_per_call", 1)
     _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
+    _choice(cfg, "trainer.compile", (True, False))
     _int(cfg, "trainer.log_every_n_steps", 1)
     _int(cfg, "trainer.val_every_n_steps", 1)
     _int(cfg, "trainer.ckpt_every_n_steps", 1)

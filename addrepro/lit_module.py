@@ -26,7 +26,7 @@ from addrepro.grad_norms import grad_norm_keys, grad_norms
 from addrepro.model import ModelConfig, Transformer
 from addrepro.naive_sum import naive_sum_metric_dict
 from addrepro.optim import StackedAdamW
-from addrepro.place_metrics import place_metric_dict, place_stats
+from addrepro.place_metrics import compiled_place_stats, place_metric_dict, place_stats
 from addrepro.shelf_detection import Spike, SpikeMonitor
 
 
@@ -64,6 +64,7 @@ class TrainSettings:
     val_every_n_steps: int = 100
     ckpt_steps: tuple[int, ...] = ()
     steps_per_call: int = 1
+    compile: bool = False  # torch.compile the training forward and backward (CUDA graphs on CUDA)
     metrics_every_n_steps: int = 100  # naive-sum, carry-conditioned and confusion metrics
     carry_set_size: int = 128
     chain_set_size: int = 64
@@ -124,6 +125,11 @@ class AdditionModule(pl.LightningModule):
         self.val_tokens = torch.stack(val_sets).to(device)  # (K, V, T)
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         self.carry_sets = CarrySets.build(self.spec, s.carry_set_size, s.chain_set_size).to(device)
+        self.train_stats = (
+            compiled_place_stats(self.model, self.spec)
+            if s.compile
+            else lambda tokens: place_stats(self.model, tokens, self.spec)
+        )
         if self.resume_states:
             self.load_resume_states(self.resume_states)
         elif 0 in self.ckpt_steps:
@@ -177,7 +183,7 @@ class AdditionModule(pl.LightningModule):
         s, step = self.settings, self.opt.step_count
         if step % s.val_every_n_steps == 0 or step % s.metrics_every_n_steps == 0:
             self.validate(step)
-        stats = place_stats(self.model, self.next_batch(), self.spec)
+        stats = self.train_stats(self.next_batch())
         lightning_opt = self.optimizers()
         lightning_opt.zero_grad(set_to_none=True)
         # Summing member losses keeps every member's gradient exactly its own mean loss's gradient.
@@ -338,6 +344,7 @@ def settings_from_config(cfg) -> TrainSettings:  # noqa: ANN001 - a DictConfig
         val_every_n_steps=t.val_every_n_steps,
         ckpt_steps=tuple(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
         steps_per_call=t.steps_per_call,
+        compile=t.compile,
         metrics_every_n_steps=cfg.metrics.every_n_steps,
         carry_set_size=cfg.metrics.carry_set_size,
         chain_set_size=cfg.metrics.chain_set_size,

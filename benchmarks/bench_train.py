@@ -12,6 +12,7 @@ For each configuration it measures, in one process and one after the other:
   addrepro  the real path (LightningModule + Trainer, per-place train metrics every 10 steps to
             CSV, held-out and shelf metrics every 100 steps — the defaults);
   addrepro-lean  the same with held-out/shelf metrics only at the end (per-place train metrics on);
+  lean+compile  addrepro-lean with trainer.compile=true (with --compile; compile time not counted);
   ensemble  K stacked models in one addrepro run (model-steps/s = K x steps/s).
 Ratios are against the plain loop measured in the same run.
 """
@@ -101,7 +102,9 @@ def plain_loop(
 
 
 # -- addrepro's real path -----------------------------------------------------------------------
-def addrepro_run(width: int, batch: int, steps: int, warmup: int, device: str, members: int, lean: bool) -> float:
+def addrepro_run(
+    width: int, batch: int, steps: int, warmup: int, device: str, members: int, lean: bool, compiled: bool = False
+) -> float:
     """Steps per second of ``python -m addrepro.train``'s training path (all members together)."""
     import pytorch_lightning as pl
     from hydra import compose, initialize_config_dir
@@ -126,6 +129,8 @@ def addrepro_run(width: int, batch: int, steps: int, warmup: int, device: str, m
     overrides = [f"model.width={width}", f"data.batch_size={batch}", f"trainer.max_steps={total}",
                  "logger=csv", "trainer.plots=false", "trainer.progress_bar=false",
                  f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
+    if compiled:
+        overrides.append("trainer.compile=true")
     if lean:
         overrides += [f"trainer.val_every_n_steps={total}", f"metrics.every_n_steps={total}"]
     conf = Path(__file__).resolve().parents[1] / "conf"
@@ -184,6 +189,7 @@ def main() -> int:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--ensemble", type=int, default=None, help="members (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--compile", action="store_true", help="also time trainer.compile=true (compiles first)")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -202,6 +208,8 @@ def main() -> int:
             rows.append(("plain-answers", answers, 1))
             rows.append(("addrepro", addrepro_run(*single, False), 1))
             rows.append(("addrepro-lean", addrepro_run(*single, True), 1))
+            if args.compile:
+                rows.append(("lean+compile", addrepro_run(*single, True, True), 1))
             steps = max(args.steps // k * 4, 20)
             rows.append((f"ensemble x{k}", addrepro_run(c["width"], c["batch"], steps, 10, device, k, True), k))
             for path, rate, members in rows:
