@@ -4,7 +4,7 @@
 value per member along the leading K dimension. Each member's slice ``p[k]`` is a contiguous block
 of every stacked parameter, so the step runs torch's fused AdamW kernel (the one behind
 ``AdamW(fused=True)``: decoupled decay, moments and bias-corrected step in one pass over memory)
-once per member, with that member's settings. Member k of an ensemble therefore gets exactly the
+on the slices, once for each distinct (learning rate, weight decay) of the members. Member k of an ensemble therefore gets exactly the
 update a single run would, and a one-member run matches ``torch.optim.AdamW`` (tested). Devices
 without the fused kernel use the same update written as elementwise tensor operations.
 """
@@ -80,16 +80,22 @@ class StackedAdamW(torch.optim.Optimizer):
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         self._step_tensor.fill_(self.step_count)
-        steps = [self._step_tensor] * len(params)
-        for k, (lr, wd) in enumerate(zip(self.lr, self.weight_decay, strict=True)):
+        # Member slices as views, one unbind per tensor (K selects per tensor cost K times more).
+        p_k = [p.unbind(0) for p in params]
+        g_k = [p.grad.unbind(0) for p in params]
+        m_k = [self.state[p]["exp_avg"].unbind(0) for p in params]
+        v_k = [self.state[p]["exp_avg_sq"].unbind(0) for p in params]
+        # One kernel call for all members that share (lr, weight decay): a seed ensemble is one call.
+        for (lr, wd), members in self._members_by_setting().items():
+            views = [(i, k) for k in members for i in range(len(params))]
             # torch._fused_adamw_ is the kernel torch.optim.AdamW(fused=True) calls.
             torch._fused_adamw_(
-                [p[k] for p in params],
-                [p.grad[k] for p in params],
-                [self.state[p]["exp_avg"][k] for p in params],
-                [self.state[p]["exp_avg_sq"][k] for p in params],
+                [p_k[i][k] for i, k in views],
+                [g_k[i][k] for i, k in views],
+                [m_k[i][k] for i, k in views],
+                [v_k[i][k] for i, k in views],
                 [],
-                steps,
+                [self._step_tensor] * len(views),
                 lr=lr * factor,
                 beta1=beta1,
                 beta2=beta2,
@@ -98,6 +104,12 @@ class StackedAdamW(torch.optim.Optimizer):
                 amsgrad=False,
                 maximize=False,
             )
+
+    def _members_by_setting(self) -> dict[tuple[float, float], list[int]]:
+        groups: dict[tuple[float, float], list[int]] = {}
+        for k, setting in enumerate(zip(self.lr, self.weight_decay, strict=True)):
+            groups.setdefault(setting, []).append(k)
+        return groups
 
     def _elementwise_step(self, params: list[torch.Tensor], factor: float) -> None:
         group = self.param_groups[0]

@@ -220,12 +220,14 @@ def test_fused_and_elementwise_steps_agree():
             torch.testing.assert_close(opt_f.state[p][key], opt_e.state[q][key], atol=1e-7, rtol=1e-5)
 
 
-def test_fused_member_update_is_bitwise_the_single_run_update():
+@pytest.mark.parametrize(
+    "lrs,wds", [([1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]), ([1e-2, 1e-2, 3e-3], [0.5, 0.5, 0.5])]
+)  # all settings distinct; two members sharing one kernel call
+def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
     # Same gradients in, same numbers out: member k's slice is updated exactly as a one-member run.
     g = torch.Generator().manual_seed(0)
     stacked = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g))
     singles = [torch.nn.Parameter(stacked[k : k + 1].detach().clone()) for k in range(3)]
-    lrs, wds = [1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]
     opt = StackedAdamW([stacked], lr=lrs, weight_decay=wds, warmup_steps=2)
     opts = [StackedAdamW([s], lr=[lrs[k]], weight_decay=[wds[k]], warmup_steps=2) for k, s in enumerate(singles)]
     for _ in range(6):
