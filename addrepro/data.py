@@ -174,8 +174,11 @@ class InfiniteBatches:
         self.generator.manual_seed(seed)
 
     def next(self) -> torch.Tensor:
-        a, b = sample_operands(self.spec, self.batch_size, self.generator, self.device)
-        return encode(a, b, self.spec)
+        return encode(*self.draw(), self.spec)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch's place-indexed operands ``(B, n)`` each (what ``next`` encodes)."""
+        return sample_operands(self.spec, self.batch_size, self.generator, self.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
@@ -199,6 +202,20 @@ class FiniteBatches(InfiniteBatches):
             0, len(self.train_tokens), (self.batch_size,), generator=self.generator, device=self.device
         )
         return self.train_tokens[idx]
+
+
+def stacked_batch(streams: list[InfiniteBatches]) -> torch.Tensor:
+    """The next batch of every stream, ``(K, B, T)``: exactly ``torch.stack([s.next() for s in streams])``.
+
+    Each stream draws its own random numbers (one kernel each), but the infinite streams' operands
+    are encoded together, so a stack of K models pays for one encoding, not K.
+    """
+    if len(streams) > 1 and all(type(s) is InfiniteBatches for s in streams):
+        spec = streams[0].spec
+        a, b = (torch.stack(x) for x in zip(*(s.draw() for s in streams), strict=True))  # each (K, B, n)
+        k, bsz, n = a.shape
+        return encode(a.view(k * bsz, n), b.view(k * bsz, n), spec).view(k, bsz, -1)
+    return torch.stack([s.next() for s in streams])
 
 
 def distinct_pairs(spec: TaskSpec, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,15 @@ from pytorch_lightning.loggers import Logger
 from addrepro.carry_sets import CarrySets, carry_metric_dict
 from addrepro.checkpoints import checkpoint_steps, save_checkpoint
 from addrepro.confusion import confusion_matrices
-from addrepro.data import FiniteBatches, InfiniteBatches, TaskSpec, encode, sample_operands, split_train_heldout
+from addrepro.data import (
+    FiniteBatches,
+    InfiniteBatches,
+    TaskSpec,
+    encode,
+    sample_operands,
+    split_train_heldout,
+    stacked_batch,
+)
 from addrepro.grad_norms import grad_norm_keys, grad_norms
 from addrepro.model import ModelConfig, Transformer
 from addrepro.naive_sum import naive_sum_metric_dict
@@ -93,7 +101,7 @@ class AdditionModule(pl.LightningModule):
         self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
         self.spike_monitors = [SpikeMonitor(settings.spike_window, settings.spike_factor) for _ in members]
         self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
-        self._snapshot: tuple[int, list[dict]] | None = None  # weights at the previous logging step
+        self._snapshot: tuple[int, dict] | None = None  # stacked weights at the previous logging step
         self._spikes_awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
@@ -177,7 +185,7 @@ class AdditionModule(pl.LightningModule):
             self.train_one_step()
 
     def next_batch(self) -> torch.Tensor:
-        return torch.stack([stream.next() for stream in self.streams])  # (K, B, T)
+        return stacked_batch(self.streams)  # (K, B, T)
 
     def train_one_step(self) -> None:
         s, step = self.settings, self.opt.step_count
@@ -196,7 +204,8 @@ class AdditionModule(pl.LightningModule):
             metrics = place_metric_dict(stats, "train")
             metrics.update({f"train/{k}": v for k, v in grad_norms(self.model, self.grad_keys).items()})
             metrics["train/lr"] = self.opt.current_lr()
-            candidate = [self.model.member_state_dict(k) for k in range(len(self.members))]
+            # One copy per stacked tensor (not per member): members are sliced only if a spike needs them.
+            candidate = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)
@@ -235,10 +244,10 @@ class AdditionModule(pl.LightningModule):
                          "trainer/global_step": step}
                     )
 
-    def check_spikes(self, step: int, weights: list[dict]) -> None:
+    def check_spikes(self, step: int, weights: dict[str, torch.Tensor]) -> None:
         """Keep the weights just before, at and just after a loss spike (logging steps), to study it later."""
         for k, spike_step in self._spikes_awaiting_after:
-            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, weights[k])
+            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, member(weights, k))
         self._spikes_awaiting_after = []
         for k, monitor in enumerate(self.spike_monitors):
             row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
@@ -247,8 +256,8 @@ class AdditionModule(pl.LightningModule):
                 self.spikes.append((k, spike))
                 if self._snapshot is not None:
                     before_step, before = self._snapshot
-                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, before[k])
-                self.save_weights(k, f"spike_{step}_at.ckpt", step, weights[k])
+                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, member(before, k))
+                self.save_weights(k, f"spike_{step}_at.ckpt", step, member(weights, k))
                 self._spikes_awaiting_after.append((k, step))
         self._snapshot = (step, weights)
 
@@ -327,6 +336,11 @@ class AdditionModule(pl.LightningModule):
                     "data": self.streams[k].state_dict(),
                 },
             )
+
+
+def member(stacked: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Member k of stacked weights, as a single model's state dict."""
+    return {name: t[k].clone() for name, t in stacked.items()}  # a clone: a saved view would store all K
 
 
 def settings_from_config(cfg) -> TrainSettings:  # noqa: ANN001 - a DictConfig

@@ -4,9 +4,10 @@
 value per member along the leading K dimension. Each member's slice ``p[k]`` is a contiguous block
 of every stacked parameter, so the step runs torch's fused AdamW kernel (the one behind
 ``AdamW(fused=True)``: decoupled decay, moments and bias-corrected step in one pass over memory)
-on the slices, once for each distinct (learning rate, weight decay) of the members. Member k of an ensemble therefore gets exactly the
-update a single run would, and a one-member run matches ``torch.optim.AdamW`` (tested). Devices
-without the fused kernel use the same update written as elementwise tensor operations.
+on the slices, once for each distinct (learning rate, weight decay) of the members. The kernel
+treats every slice on its own, so member k of an ensemble gets exactly the update a single run
+would, and a one-member run matches ``torch.optim.AdamW`` (tested). Devices without the fused
+kernel use the same update written as elementwise tensor operations.
 """
 
 from __future__ import annotations

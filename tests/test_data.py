@@ -18,6 +18,7 @@ from addrepro.data import (
     sample_operands,
     split_tokens,
     split_train_heldout,
+    stacked_batch,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -279,6 +280,24 @@ def test_infinite_batches_resume_exactly():
     again = InfiniteBatches(spec, 20, seed=0)
     again.load_state_dict(state)
     assert torch.equal(again.next(), expected[0])
+
+
+@pytest.mark.parametrize("kind", ["infinite", "finite"])
+def test_stacked_batch_is_each_stream_next(kind):
+    spec = TaskSpec(n_digits=4, base=7)
+
+    def streams():
+        if kind == "infinite":
+            return [InfiniteBatches(spec, 12, seed) for seed in (3, 4, 3)]
+        return [FiniteBatches(split_train_heldout(spec, 50, 10, seed)[0], 12, seed, spec) for seed in (3, 4)]
+
+    together, apart = streams(), streams()
+    for _ in range(3):
+        stacked = stacked_batch(together)
+        assert stacked.shape == (len(apart), 12, spec.seq_len)
+        assert torch.equal(stacked, torch.stack([s.next() for s in apart]))
+    assert not torch.equal(stacked[0], stacked[1])
+    assert all(x + y == z for k in range(len(apart)) for x, y, z in decode(stacked[k], spec))
 
 
 def chi_square(counts: torch.Tensor) -> float:

@@ -26,10 +26,11 @@ def test_a_loss_spike_keeps_the_weights_before_at_and_after(tmp_path):
         with torch.no_grad():
             module.model.embed.W_E.fill_(step)  # mark the weights with the step they belong to
         module.emit({"train/loss": torch.tensor([loss])}, step)
-        module.check_spikes(step, [module.model.member_state_dict(0)])
+        module.check_spikes(step, {n: t.clone() for n, t in module.model.state_dict().items()})
     saved = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "checkpoints").iterdir()}
     assert sorted(saved) == ["spike_400_after.ckpt", "spike_400_at.ckpt", "spike_400_before.ckpt"]
     for name, step in (("before", 390), ("at", 400), ("after", 410)):
         ckpt = saved[f"spike_400_{name}.ckpt"]
         assert ckpt["step"] == step and ckpt["model"]["embed.W_E"].unique().tolist() == [step]
+        assert ckpt["model"]["embed.W_E"].shape == module.model.embed.W_E.shape[1:]  # one model, no K
     assert [s.step for _, s in module.spikes] == [400]
