@@ -114,7 +114,8 @@ class MLP(nn.Module):
         self.b_in = _stacked(k, cfg.d_mlp, fill=0.0)
         self.W_out = _stacked(k, cfg.d_mlp, cfg.d_model)
         self.b_out = _stacked(k, cfg.d_model, fill=0.0)
-        self.act = F.relu if cfg.act_fn == "relu" else F.gelu
+        # ReLU in place: its backward needs only its output, and the pre-activation is not kept.
+        self.act = F.relu_ if cfg.act_fn == "relu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
         k, bsz, t, d = x.shape

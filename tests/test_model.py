@@ -385,3 +385,18 @@ def test_last_positions_give_the_full_forward_values_with_less_work(overrides):
     assert hook_at.grad.abs().max() > 0
     for name, p in model.named_parameters():
         torch.testing.assert_close(trimmed[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"act_fn": "gelu", "normalization": "LN"}, {"attn_only": True}])
+def test_gradients_match_the_reference_implementation(overrides):
+    # In-place ReLU, the shared embedding lookup and the answer-only last block must not bend gradients.
+    cfg = small_cfg(**overrides)
+    model = Transformer(cfg, seeds=[1, 2])
+    perturb_all(model, seed=0)
+    tokens = random_tokens(4, cfg.n_ctx, seed=1)
+    model(tokens, last=3).sum().backward()
+    for k in range(2):
+        leaves = {n: t[k].detach().double().requires_grad_() for n, t in model.state_dict().items()}
+        reference_logits(leaves, cfg, tokens)[:, -3:].sum().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad[k].double(), leaves[name].grad, atol=2e-5, rtol=1e-4, msg=name)
