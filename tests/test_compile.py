@@ -1,4 +1,10 @@
-"""``trainer.compile=true``: the compiled training path logs what the eager path logs."""
+"""``trainer.compile=true``: the compiled training path logs what the eager path logs.
+
+CI runs it on the CPU; ``ADDREPRO_TEST_DEVICE=cuda`` runs it on a GPU, where the compiled graphs are
+also captured as CUDA graphs (``benchmarks/gpu_check.sh`` does this on a device machine).
+"""
+
+import os
 
 import pytest
 import torch
@@ -8,8 +14,13 @@ from addrepro.report import load_rows
 from addrepro.train import JobPlan, train
 
 
+DEVICE = os.environ.get("ADDREPRO_TEST_DEVICE", "cpu")
+
+
 def run(tmp_path, name: str, *overrides: str) -> list[list[dict]]:
-    cfgs = [config(f"seed={s}", *overrides) for s in (0, 1)]  # a stack of two: the ensemble path
+    accelerator = "gpu" if DEVICE == "cuda" else "cpu"
+    # a stack of two: the ensemble path
+    cfgs = [config(f"seed={s}", f"trainer.accelerator={accelerator}", *overrides) for s in (0, 1)]
     plans = [JobPlan(c, tmp_path / f"{name}{i}", f"m{i}", "g", True) for i, c in enumerate(cfgs)]
     for p in plans:
         p.job_dir.mkdir()
