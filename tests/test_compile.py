@@ -13,7 +13,6 @@ from test_ensemble import config
 from addrepro.report import load_rows
 from addrepro.train import JobPlan, train
 
-
 DEVICE = os.environ.get("ADDREPRO_TEST_DEVICE", "cpu")
 
 
