@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the README's figures from scratch (2-core CPU: about 30 minutes, mostly the three d_model-512 runs):
+# Rebuild the README's figures from scratch (2-core CPU: about 15 minutes, mostly the three d_model-512 runs):
 #   bash docs/make_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
