@@ -206,6 +206,8 @@ class AdditionModule(pl.LightningModule):
             metrics["train/lr"] = self.opt.current_lr()
             # One copy per stacked tensor (not per member): members are sliced only if a spike needs them.
             candidate = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        # With trainer.compile on CUDA the gradients live in the CUDA graph's memory: everything that
+        # reads them (grad norms above, the optimiser here) must do so before the next forward pass.
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)

@@ -203,7 +203,8 @@ class Transformer(nn.Module):
 
         With ``last``, only the last ``last`` positions ``(K, B, last, d_model)``: the final block then
         computes its queries and MLP there alone — the same values, with less work (the answer is a
-        third of the sequence).
+        third of the sequence). Token ids must lie in ``[0, d_vocab)``: they are not range-checked
+        here (the hot path), and an id outside would read another member's embedding.
         """
         if tokens.dim() == 2:
             tokens = tokens.expand(self.n_models, *tokens.shape)

@@ -67,6 +67,8 @@ class StackedAdamW(torch.optim.Optimizer):
         factor = warmup_factor(self.step_count, group["warmup_steps"])
         self.step_count += 1
         params = [p for p in group["params"] if p.grad is not None]
+        if not params:  # nothing to update (the step still counts, as in torch.optim.AdamW)
+            return loss
         for p in params:
             if not self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p)

@@ -199,7 +199,9 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     if path is None:  # resume=auto on a first start
         return plan
     ckpt = load_checkpoint(path)
-    cfg = OmegaConf.create(ckpt["config"])
+    # A key added to addrepro after the checkpoint was written takes this job's value (its default).
+    current = OmegaConf.create(OmegaConf.to_container(plan.cfg, resolve=False))
+    cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
     # This command's overrides win over the stored config; their values are taken from this job's
     # composed config, so group overrides (logger=csv) bring their whole group.
     for override in HydraConfig.get().overrides.task:

@@ -356,11 +356,13 @@ def test_grad_norms_closed_form_and_missing_grads():
 @pytest.mark.parametrize(
     "overrides",
     [{"n_layers": 1}, {"n_layers": 2}, {"n_layers": 3, "normalization": "LN"}, {"attn_only": True},
-     {"normalization": "LN", "attn_only": True, "n_layers": 2}],
+     {"normalization": "LN", "attn_only": True, "n_layers": 2}, {"act_fn": "gelu", "seeds": [5]}],
 )  # fmt: skip
 def test_last_positions_give_the_full_forward_values_with_less_work(overrides):
+    overrides = dict(overrides)
+    seeds = overrides.pop("seeds", [3, 4])  # a single model (K = 1) too
     cfg = small_cfg(**overrides)
-    model = Transformer(cfg, seeds=[3, 4])
+    model = Transformer(cfg, seeds=seeds)
     perturb_all(model, seed=2)
     tokens = random_tokens(6, cfg.n_ctx, seed=5)
     seen = []
@@ -373,7 +375,7 @@ def test_last_positions_give_the_full_forward_values_with_less_work(overrides):
     assert seen == [4]  # the last block's output exists only at the 4 answer positions
     full = model(tokens)
     torch.testing.assert_close(tail, full[:, :, -4:], atol=1e-6, rtol=0)
-    for k in range(2):
+    for k in range(len(seeds)):
         ref = reference_logits(model.member_state_dict(k), cfg, tokens)[:, -4:]
         torch.testing.assert_close(tail[k].double(), ref, atol=2e-5, rtol=1e-5)
     # and the gradients are those of the full forward pass
@@ -385,6 +387,9 @@ def test_last_positions_give_the_full_forward_values_with_less_work(overrides):
     assert hook_at.grad.abs().max() > 0
     for name, p in model.named_parameters():
         torch.testing.assert_close(trimmed[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    # asking for every position (or more) is the full forward pass
+    for last in (cfg.n_ctx, cfg.n_ctx + 3):
+        torch.testing.assert_close(model(tokens, last=last), full, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"act_fn": "gelu", "normalization": "LN"}, {"attn_only": True}])

@@ -106,7 +106,7 @@ def test_k1_matches_torch_adamw(lr, wd, betas, eps):
     )
     train(theirs, ref_opt, data)
     assert max_moved(ours, initial) > 10 * lr  # the parameters did move, by many steps' worth
-    # float32 round-off only (the per-member lr is a float32 tensor): a few ulp of values up to ~2
+    # float32 round-off only (fused kernel against torch's single-tensor loop): a few ulp of values up to ~2
     assert_params_close(ours, theirs, atol=1e-7, rtol=1e-6)
 
 
@@ -185,6 +185,13 @@ def test_lr_zero_member_does_not_move():
                for n, p in stack.named_parameters()) > 1e-2  # fmt: skip
 
 
+def test_a_step_without_gradients_changes_nothing_but_counts():
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    opt = StackedAdamW([p], lr=[0.1, 0.1], weight_decay=[0.5, 0.5])
+    opt.step()
+    assert opt.step_count == 1 and torch.equal(p.detach(), torch.ones(2, 3))
+
+
 def test_decoupled_weight_decay_closed_form():
     # with a zero gradient, AdamW only decays: p_t = p_0 * prod_s (1 - lr_s * wd)
     p = torch.nn.Parameter(torch.tensor([[1.0, -2.0], [3.0, 0.5]]))  # K = 2 members of 2 values
@@ -230,6 +237,7 @@ def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
     singles = [torch.nn.Parameter(stacked[k : k + 1].detach().clone()) for k in range(3)]
     opt = StackedAdamW([stacked], lr=lrs, weight_decay=wds, warmup_steps=2)
     opts = [StackedAdamW([s], lr=[lrs[k]], weight_decay=[wds[k]], warmup_steps=2) for k, s in enumerate(singles)]
+    assert opt.fused and all(o.fused for o in opts)  # the fused kernel is what is tested here
     for _ in range(6):
         grad = torch.randn(3, 5, 7, generator=g)
         stacked.grad = grad

@@ -156,3 +156,17 @@ def test_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path):
     assert [read_run(sweep / j).exit_code for j in ("0", "1", "2")] == [0, 1, 0]
     assert all((sweep / j / "checkpoints" / "last.ckpt").exists() for j in ("0", "2"))
     assert not (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_checkpoint_from_an_older_addrepro_resumes(tmp_path, cli):
+    # Checkpoints store their run's config; keys added to addrepro since then take today's defaults.
+    first = cli("addrepro.train", *RUN, "trainer.max_steps=30", "logger=csv", "hydra.run.dir=old")
+    assert first.returncode == 0, first.stderr[-2000:]
+    path = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["trainer"]["compile"]  # written before trainer.compile existed
+    torch.save(ckpt, path)
+    resumed = cli("addrepro.train", *RUN, "trainer.max_steps=40", "logger=csv", "resume=old",
+                  "hydra.run.dir=again")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "old")["step"] == 40
