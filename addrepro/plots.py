@@ -28,6 +28,24 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` points (odd); near the ends, over the points that exist.
+
+    An arithmetic mean of losses, not a geometric one: the mean loss is what a shelf level means.
+    """
+    values = np.asarray(values, dtype=float)
+    half = window // 2
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(len(values))
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(values))
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
+def smoothing_window(n_points: int) -> int:
+    """An odd window of about 2% of a curve's points (1 for short curves, at most 25)."""
+    return min(2 * (n_points // 100) + 1, 25)
+
+
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write a figure atomically: a kill mid-write never leaves a truncated PNG."""
     from addrepro.checkpoints import atomic_write

@@ -10,7 +10,7 @@ import numpy as np
 
 from addrepro.atlas import atlas_by_place, shelf_atlas
 from addrepro.data import TaskSpec
-from addrepro.plots import place_label, save, series
+from addrepro.plots import place_label, running_mean, save, series, smoothing_window
 from addrepro.shelf_detection import atlas_plateaus, detect_shelves
 
 # Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
@@ -48,10 +48,12 @@ def _atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
         # Skip zero levels (not on a log axis) and near-duplicates, which would stack their labels.
         if value is None or value < floor or any(abs(np.log(value / s)) < 0.03 for s in seen):
             continue
+        # A label within ~6 pt of the previous one (2.30 and 2.11 on a 1e-4..4 axis) moves down a line.
+        shift = -5 if seen and abs(np.log(value / seen[-1])) < 0.4 else 0
         seen.append(value)
         ax.axhline(value, color="0.6", lw=0.8, ls=":", zorder=0)
-        ax.text(1.0, value, f" {name} {value:.3g}", transform=ax.get_yaxis_transform(), fontsize=6,
-                va="center", ha="left", color="0.35")
+        ax.annotate(f" {name} {value:.3g}", (1.0, value), xycoords=ax.get_yaxis_transform(), xytext=(0, shift),
+                    textcoords="offset points", fontsize=6, va="center", ha="left", color="0.35")
 
 
 def plot_place_losses(
@@ -67,7 +69,12 @@ def plot_place_losses(
     # Carry-out first, as the answer is read.
     for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
         steps, loss = series(rows, f"train/loss/place_{j}")
-        ax.plot(steps, loss, lw=1.0, color="C0", label="train")
+        window = smoothing_window(len(loss))
+        if window > 1:  # single batches are noisy: the raw curve faint, its running mean on top
+            ax.plot(steps, loss, lw=0.6, color="C0", alpha=0.3)
+            ax.plot(steps, running_mean(loss, window), lw=1.2, color="C0", label=f"train (mean of {window} logs)")
+        else:
+            ax.plot(steps, loss, lw=1.0, color="C0", label="train")
         vsteps, vloss = series(rows, f"val/loss/place_{j}")
         if len(vsteps):
             ax.plot(vsteps, vloss, lw=1.0, color="C1", marker=".", ms=3, label="val")
