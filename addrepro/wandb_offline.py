@@ -284,7 +284,7 @@ def _lookup(row: dict, key: str) -> Any:
 
 @dataclass
 class OfflineRun:
-    """Contents of one offline W&B run, reconstructed from its ``.wandb`` file.
+    """Contents of one offline W&B run, reconstructed from its ``.wandb`` file(s).
 
     ``config``/``summary`` are nested dicts with wandb's internal ``_wandb`` key
     stripped; later ``config``/``summary`` records override earlier values at the
@@ -304,6 +304,7 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     exit_code: int | None = None
+    parts: list[Path] = field(default_factory=list)  # the .wandb files read, in start order
 
     @property
     def history_keys(self) -> set[str]:
@@ -348,9 +349,10 @@ def _history_row(history: Any) -> dict:
     return row
 
 
-def _resolve_wandb_file(path: Path) -> Path:
+def _resolve_wandb_files(path: Path) -> list[Path]:
+    """The ``.wandb`` file(s) of the run at ``path``: several only for one run resumed in new processes."""
     if path.is_file():
-        return path
+        return [path]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if not path.is_dir():
@@ -358,7 +360,7 @@ def _resolve_wandb_file(path: Path) -> Path:
 
     direct = sorted(p for p in path.glob("*.wandb") if p.is_file())
     if len(direct) == 1:
-        return direct[0]
+        return direct
     if len(direct) > 1:
         raise WandbLogError(
             f"{path}: contains {len(direct)} .wandb files, expected one: " + ", ".join(p.name for p in direct)
@@ -372,31 +374,45 @@ def _resolve_wandb_file(path: Path) -> Path:
         for d in dirnames:
             if d.startswith("offline-run-") and here.name == "wandb":
                 run_dirs.append(here / d)
-    run_dirs.sort()
+    # offline-run-<YYYYMMDD_HHMMSS>-<run id>: name order is start order
+    run_dirs.sort(key=lambda d: (d.name, d.stat().st_mtime))
     if not run_dirs:
         raise WandbLogError(f"{path}: no wandb/offline-run-* folder found (searched recursively)")
-    if len(run_dirs) > 1:
+    if len({d.name.rsplit("-", 1)[-1] for d in run_dirs}) > 1:
         listing = "\n  ".join(str(d) for d in run_dirs)
         raise WandbLogError(
             f"{path}: found {len(run_dirs)} wandb/offline-run-* folders; pass one of them:\n  {listing}"
         )
-    files = sorted(p for p in run_dirs[0].glob("*.wandb") if p.is_file())
-    if len(files) != 1:
-        raise WandbLogError(f"{run_dirs[0]}: expected exactly one .wandb file, found {len(files)}")
-    return files[0]
+    files = []
+    for run_dir in run_dirs:
+        found = sorted(p for p in run_dir.glob("*.wandb") if p.is_file())
+        if len(found) != 1:
+            raise WandbLogError(f"{run_dir}: expected exactly one .wandb file, found {len(found)}")
+        files.append(found[0])
+    return files
 
 
 def read_run(path: str | Path, *, strict: bool = False) -> OfflineRun:
     """Read an offline run.
 
     ``path`` may be a ``.wandb`` file, a run folder containing one ``*.wandb`` file
-    (``offline-run-*/``), or any folder containing exactly one ``wandb/offline-run-*``
-    folder somewhere below it. ``strict`` is passed to :func:`iter_records`; in the
-    default lenient mode a truncated file gives the intact prefix (``exit_code`` is
-    then ``None`` unless the exit record survived).
+    (``offline-run-*/``), or any folder containing ``wandb/offline-run-*`` folders of
+    one run below it: a run resumed in a new process (same id) writes one folder per
+    process, and they are read as one run, in start order — a later part replaces
+    the earlier parts' rows from its first step on (it restarted from a checkpoint),
+    and its config, summary, name and exit code win. ``strict`` is passed to
+    :func:`iter_records`; in the default lenient mode a truncated file gives the
+    intact prefix (``exit_code`` is then ``None`` unless the exit record survived).
     """
-    wandb_file = _resolve_wandb_file(Path(path))
-    run = OfflineRun(path=wandb_file, run_id="", project="", name="", group="", job_type="")
+    parts = [_read_one(f, strict) for f in _resolve_wandb_files(Path(path))]
+    run = parts[0]
+    for later in parts[1:]:
+        run = _continued(run, later)
+    return run
+
+
+def _read_one(wandb_file: Path, strict: bool) -> OfflineRun:
+    run = OfflineRun(path=wandb_file, run_id="", project="", name="", group="", job_type="", parts=[wandb_file])
     for record in iter_records(wandb_file, strict=strict):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -421,6 +437,29 @@ def read_run(path: str | Path, *, strict: bool = False) -> OfflineRun:
         stem = wandb_file.stem
         run.run_id = stem[4:] if stem.startswith("run-") else stem
     return run
+
+
+def _row_step(row: dict) -> float:
+    """The training step of a history row: Lightning's ``trainer/global_step``, else wandb's ``_step``."""
+    return row.get("trainer/global_step", row.get("_step", 0))
+
+
+def _continued(earlier: OfflineRun, later: OfflineRun) -> OfflineRun:
+    """``earlier`` continued by ``later``, a new process of the same run resumed from a checkpoint."""
+    resumed_at = min((_row_step(r) for r in later.history), default=float("inf"))
+    return OfflineRun(
+        path=later.path,
+        run_id=later.run_id or earlier.run_id,
+        project=later.project or earlier.project,
+        name=later.name or earlier.name,
+        group=later.group or earlier.group,
+        job_type=later.job_type or earlier.job_type,
+        config={**earlier.config, **later.config},
+        history=[r for r in earlier.history if _row_step(r) < resumed_at] + later.history,
+        summary={**earlier.summary, **later.summary},
+        exit_code=later.exit_code,
+        parts=earlier.parts + later.parts,
+    )
 
 
 def find_runs(root: str | Path) -> list[Path]:

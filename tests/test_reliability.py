@@ -61,6 +61,11 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     # The same W&B run id continues (offline: one run file per process, synced together).
     ids = {read_run(p).run_id for p in find_runs(tmp_path / "killed")}
     assert len(ids) == 1 and len(find_runs(tmp_path / "killed")) == 2
+    # ... and read back as one run, whose history is the uninterrupted run's
+    killed, full = read_run(tmp_path / "killed"), read_run(tmp_path / "full")
+    assert len(killed.parts) == 2 and killed.exit_code == 0
+    wandb_val = lambda run: [(r["trainer/global_step"], r["val/loss"]) for r in run.history if "val/loss" in r]  # noqa: E731
+    assert wandb_val(killed) == wandb_val(full) == val("full")
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
