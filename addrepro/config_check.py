@@ -64,7 +64,9 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "data.base", 2, 36)
     _choice(cfg, "data.order", ORDERS)
     _choice(cfg, "data.task", TASKS)
-    _int(cfg, "data.batch_size", 1)
+    if cfg.data.batch_size is None and cfg.data.train_size is None:
+        raise ConfigError("data.batch_size", None, "must be an integer >= 1 (null, full batch, needs data.train_size)")
+    _int(cfg, "data.batch_size", 1, null=True)
     _int(cfg, "data.seed")
     _int(cfg, "data.val_size", 1)
     _int(cfg, "data.val_seed")

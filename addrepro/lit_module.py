@@ -61,7 +61,7 @@ class Member:
 @dataclass
 class TrainSettings:
     max_steps: int = 3000
-    batch_size: int = 64
+    batch_size: int | None = 64  # None: full batch (finite data only)
     train_size: int | None = None
     val_size: int = 2048
     val_seed: int = 1000003

@@ -32,6 +32,7 @@ def test_default_config_passes(make_cfg):
         ["data.order=lsb", "data.task=digitwise"],
         ["model.normalization=LN", "model.attn_only=true", "model.act_fn=gelu", "model.init=normal"],
         ["data.train_size=1000", "data.val_size=100"],
+        ["data.train_size=1000", "data.batch_size=null"],  # full batch
         ["data.base=2", "data.n_digits=2", "data.train_size=12", "data.val_size=4"],  # exactly all 16 pairs
         ["optimizer.weight_decay=0", "optimizer.warmup_steps=0", "optimizer.betas=[0,0.999]"],
         ["trainer.max_steps=1", "trainer.ckpt_schedule=log", "trainer.ckpt_log_count=1"],
@@ -54,6 +55,7 @@ BAD = [
     (["data.task=mul"], "data.task", "'mul'", "one of add, digitwise"),
     (["data.order=middle"], "data.order", "'middle'", "one of msb, lsb"),
     (["data.batch_size=0"], "data.batch_size", "0", "integer >= 1"),
+    (["data.batch_size=null"], "data.batch_size", "None", "null, full batch, needs data.train_size"),
     (["data.seed=abc"], "data.seed", "'abc'", "must be an integer"),
     (["seed=1.5"], "seed", "1.5", "must be an integer"),
     (["data.val_size=0"], "data.val_size", "0", "integer >= 1"),
