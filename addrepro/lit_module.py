@@ -249,7 +249,7 @@ class AdditionModule(pl.LightningModule):
     def check_spikes(self, step: int, weights: dict[str, torch.Tensor]) -> None:
         """Keep the weights just before, at and just after a loss spike (logging steps), to study it later."""
         for k, spike_step in self._spikes_awaiting_after:
-            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, member(weights, k))
+            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, member_weights(weights, k))
         self._spikes_awaiting_after = []
         for k, monitor in enumerate(self.spike_monitors):
             row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
@@ -258,8 +258,8 @@ class AdditionModule(pl.LightningModule):
                 self.spikes.append((k, spike))
                 if self._snapshot is not None:
                     before_step, before = self._snapshot
-                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, member(before, k))
-                self.save_weights(k, f"spike_{step}_at.ckpt", step, member(weights, k))
+                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, member_weights(before, k))
+                self.save_weights(k, f"spike_{step}_at.ckpt", step, member_weights(weights, k))
                 self._spikes_awaiting_after.append((k, step))
         self._snapshot = (step, weights)
 
@@ -340,7 +340,7 @@ class AdditionModule(pl.LightningModule):
             )
 
 
-def member(stacked: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+def member_weights(stacked: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Member k of stacked weights, as a single model's state dict."""
     return {name: t[k].clone() for name, t in stacked.items()}  # a clone: a saved view would store all K
 
