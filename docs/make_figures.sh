@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the README's figures from scratch (2-core CPU: about 15 minutes, mostly the three d_model-512 runs):
+# Rebuild the README's figures from scratch (2-core CPU: about 27 minutes, mostly the d_model-512/510 runs):
 #   bash docs/make_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +25,7 @@ for a in ablation logit_attribution attention composition; do
 done
 $py -m addrepro.analyze checkpoint=outputs/docs/small analysis=over_training of=attention
 cp outputs/docs/small/analysis/over_training_attention.png "$out/analysis_over_training_attention.png"
+
+# 3. The Quirke & Barez preset (10k steps, ~12 minutes), for its carry-chain finding.
+$py -m addrepro.train experiment=quirke_5digit trainer.progress_bar=false hydra.run.dir=outputs/docs/quirke
+cp outputs/docs/quirke/place_loss.png "$out/quirke_place_loss.png"
