@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,22 +16,44 @@ STATUS_FILE = "status.json"
 
 
 def write_status(job_dir: Path, status: str, message: str = "", **extra: Any) -> None:
+    """Write ``status.json`` atomically; a running job records its process, so a kill can be told later."""
+    from addrepro.checkpoints import atomic_write
+
     record = {"status": status, "message": message, **extra}
-    (Path(job_dir) / STATUS_FILE).write_text(json.dumps(record, indent=1))
+    if status == "running":
+        record.update(pid=os.getpid(), host=socket.gethostname())
+    atomic_write(Path(job_dir) / STATUS_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def read_statuses(sweep_dir: Path) -> dict[str, dict]:
-    """Status of every job folder of a sweep, keyed by folder name."""
+    """Status of every job folder of a sweep, keyed by folder name.
+
+    A job still marked "running" whose process is gone (same host) is reported as "killed".
+    """
     out = {}
     for job in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
         if job.is_dir() and (job / ".hydra").is_dir():
             status_path = job / STATUS_FILE
-            out[job.name] = (
+            record = (
                 json.loads(status_path.read_text())
                 if status_path.exists()
                 else {"status": "unknown", "message": "no status.json (killed?)"}
             )
+            out[job.name] = _unless_gone(record)
     return out
+
+
+def _unless_gone(record: dict) -> dict:
+    pid, host = record.get("pid"), record.get("host")
+    if record.get("status") != "running" or host != socket.gethostname() or not isinstance(pid, int):
+        return record  # another machine's job (SLURM) cannot be checked from here
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return {**record, "status": "killed", "message": f"process {pid} ended while running (killed?)"}
+    except PermissionError:
+        pass  # it exists, under another user
+    return record
 
 
 class SweepSummary(Callback):

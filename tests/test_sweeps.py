@@ -196,3 +196,23 @@ def test_wandb_sweep_file_expands_to_hydra_commands_and_they_run(tmp_path):
     assert report.main([str(folder)]) == 0
     assert json.loads((folder / "sweep_shelves.json").read_text())["swept_keys"] == ["model.attn_only"]
     assert Path(folder / "sweep_place_loss.png").stat().st_size > 10_000
+
+
+def test_a_job_whose_process_is_gone_reads_as_killed(tmp_path):
+    from addrepro.sweep import read_statuses, write_status
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a real process that has ended: its pid no longer exists (reaped)
+    jobs = {"0": os.getpid(), "1": gone.pid, "2": gone.pid}
+    for name in jobs:
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        write_status(tmp_path / name, "running")
+    for name, pid in jobs.items():  # as if each job had been run by that process
+        status = json.loads((tmp_path / name / "status.json").read_text())
+        status["pid"] = pid
+        if name == "2":
+            status["host"] = "another-machine"  # a SLURM job elsewhere: cannot be checked here
+        (tmp_path / name / "status.json").write_text(json.dumps(status))
+    statuses = read_statuses(tmp_path)
+    assert [statuses[j]["status"] for j in ("0", "1", "2")] == ["running", "killed", "running"]
+    assert f"process {gone.pid} ended" in statuses["1"]["message"]
