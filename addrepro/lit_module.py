@@ -296,8 +296,6 @@ class AdditionModule(pl.LightningModule):
                 logger.log_metrics(row, step=step)
         if "train/loss" in metrics and self._trainer is not None:  # the progress bar
             self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
-            # The bar counts Lightning steps (steps_per_call optimiser steps each); show the real step.
-            self.log("step", float(step), prog_bar=True, logger=False)
 
     def checkpoint_header(self, k: int, step: int) -> dict:
         return {

@@ -59,7 +59,6 @@ def train(plans: list[JobPlan]) -> list[dict]:
     ``addrepro.ensemble.packing_key``). Returns each job's final validation row.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import TQDMProgressBar
 
     from addrepro.lit_module import (
         AdditionModule,
@@ -68,6 +67,7 @@ def train(plans: list[JobPlan]) -> list[dict]:
         settings_from_config,
         task_spec_from_config,
     )
+    from addrepro.progress import StepProgressBar
     from addrepro.tracking import make_loggers, wandb_run_id
 
     _quiet_lightning()
@@ -117,7 +117,7 @@ def train(plans: list[JobPlan]) -> list[dict]:
         limit_val_batches=0,
         default_root_dir=str(plans[0].job_dir),
         # Redrawing the bar every step costs more than a training step of these tiny models.
-        callbacks=[TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // settings.steps_per_call))]
+        callbacks=[StepProgressBar(refresh_rate=max(1, cfg.trainer.log_every_n_steps // settings.steps_per_call))]
         if cfg.trainer.progress_bar
         else [],
     )
