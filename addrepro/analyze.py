@@ -1,6 +1,6 @@
 """``python -m addrepro.analyze checkpoint=<path> analysis=<name>``: interpretability analyses.
 
-Exports the checkpoint to TransformerLens (``addrepro.export``) and runs one of the analyses of
+Exports the checkpoint to TransformerLens (``addrepro.model.export``) and runs one of the analyses of
 ``addrepro.interp`` (ablation, logit_attribution, attention, composition, or over_training of any
 of them over a run's checkpoints), writing ``<job>/analysis/<name>_<ckpt stem>.{png,json}``.
 A missing checkpoint or an unknown analysis is one error line and exit status 2.
@@ -60,9 +60,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
     import torch
 
     torch.set_num_threads(cfg.threads)
-    from addrepro.checkpoints import CheckpointError
     from addrepro.interp import ANALYSES as MODULES
     from addrepro.interp import load_subject, over_training, write_outputs
+    from addrepro.rundir.checkpoints import CheckpointError
 
     subject_options = dict(cfg.data)
     try:

@@ -1,7 +1,7 @@
 """``python -m addrepro.theory data.n_digits=5 data.base=10``: print the shelf atlas, write ``shelves.json``.
 
 The atlas lists, for every answer place, the Bayes-optimal loss of each knowledge level (see
-``addrepro.atlas``); it uses the same ``data`` config group as training.
+``addrepro.shelves.atlas``); it uses the same ``data`` config group as training.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from addrepro.atlas import format_atlas_table, shelf_atlas
-from addrepro.config_check import ConfigError, _choice, _int
-from addrepro.data import ORDERS, TASKS
+from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
+from addrepro.task.spec import ORDERS, TASKS
+from addrepro.training.config import ConfigError, _choice, _int
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="theory")

@@ -19,8 +19,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from addrepro.config_check import ConfigError, validate
-from addrepro.sweep import write_status
+from addrepro.rundir.status import write_status
+from addrepro.training.config import ConfigError, validate
 
 log = logging.getLogger("addrepro")
 
@@ -56,26 +56,26 @@ def train(plans: list[JobPlan]) -> list[dict]:
     """Train the jobs of ``plans`` as one stack of models (one job: a single run).
 
     The jobs must agree on everything but their seeds, learning rate and weight decay (see
-    ``addrepro.ensemble.packing_key``). Returns each job's final validation row.
+    ``addrepro.training.ensemble.packing_key``). Returns each job's final validation row.
     """
     import pytorch_lightning as pl
 
-    from addrepro.lit_module import (
+    from addrepro.rundir.loggers import make_loggers, wandb_run_id
+    from addrepro.training.module import (
         AdditionModule,
         Member,
         model_config_from_config,
         settings_from_config,
         task_spec_from_config,
     )
-    from addrepro.progress import StepProgressBar
-    from addrepro.tracking import make_loggers, wandb_run_id
+    from addrepro.training.progress import StepProgressBar
 
     _quiet_lightning()
     cfg = plans[0].cfg
     spec = task_spec_from_config(cfg)
     model_cfg = model_config_from_config(cfg, spec)
     settings = settings_from_config(cfg)
-    from addrepro.checkpoints import load_checkpoint
+    from addrepro.rundir.checkpoints import load_checkpoint
 
     members, resume_states = [], []
     for plan in plans:
@@ -135,7 +135,8 @@ def finish_job(plan: JobPlan, module, k: int, rows: list[dict]) -> None:  # noqa
     """Files that outlive the run: confusion arrays, spikes, plots; and the same to W&B."""
     import json
 
-    from addrepro.report import draw_job, save_confusion
+    from addrepro.reports.job import draw_job
+    from addrepro.rundir.confusion import save_confusion
 
     save_confusion(plan.job_dir, [(step, c[k]) for step, c in module.confusions])
     window = 5 * plan.cfg.trainer.log_every_n_steps
@@ -179,7 +180,7 @@ def _log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None
 
 def job_plan(cfg: DictConfig) -> JobPlan:
     """The current Hydra job's folder, W&B run name and group; validation happens separately."""
-    from addrepro.tracking import run_name, swept_keys
+    from addrepro.rundir.loggers import run_name, swept_keys
 
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -192,8 +193,8 @@ def job_plan(cfg: DictConfig) -> JobPlan:
 
 def resume_plan(plan: JobPlan) -> JobPlan:
     """Continue the run a checkpoint belongs to: its config (plus this command's overrides), its folder."""
-    from addrepro.checkpoints import check_compatible, find_resume_checkpoint, load_checkpoint
-    from addrepro.lit_module import model_config_from_config, task_spec_from_config
+    from addrepro.rundir.checkpoints import check_compatible, find_resume_checkpoint, load_checkpoint
+    from addrepro.training.module import model_config_from_config, task_spec_from_config
 
     path = find_resume_checkpoint(str(plan.cfg.resume), plan.job_dir)
     if path is None:  # resume=auto on a first start
@@ -230,7 +231,7 @@ def _sweep_overrides(sweep_dir: Path) -> list[str]:
 
 def checked_plan(cfg: DictConfig) -> JobPlan | None:
     """The job's plan, or None after reporting a bad config in one line (exit 2 outside a sweep)."""
-    from addrepro.checkpoints import CheckpointError
+    from addrepro.rundir.checkpoints import CheckpointError
 
     plan = job_plan(cfg)
     try:
@@ -250,8 +251,8 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
 
 def run_plans(plans: list[JobPlan]) -> bool:
     """Train ``plans`` together, record each job's status and close its W&B run; True if all went well."""
-    from addrepro.lit_module import Divergence
-    from addrepro.tracking import finish_wandb_runs
+    from addrepro.rundir.loggers import finish_wandb_runs
+    from addrepro.training.module import Divergence
 
     try:
         finals = train(plans)

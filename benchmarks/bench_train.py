@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from addrepro.data import TaskSpec, encode, sample_operands, split_tokens
+from addrepro.task.encoding import encode, sample_operands, split_tokens
+from addrepro.task.spec import TaskSpec
 
 CONFIGS = {
     "nanda (w128, b64)": dict(width=128, batch=64),

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from addrepro.report import job_config, load_reference, load_rows, spec_of
-from addrepro.shelf_plots import place_atlas
+from addrepro.reports.job import load_reference, place_atlas
+from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.metrics_file import load_rows
 
 
 def window_mean(rows: list[dict], key: str, step: int, window: int = 25) -> float:

@@ -11,10 +11,11 @@ from conftest import cli_env, run_cli
 
 pytest.importorskip("transformer_lens")
 
-from addrepro.data import TaskSpec  # noqa: E402
+from addrepro.model.transformer import ModelConfig, Transformer  # noqa: E402
+
 from addrepro.interp import ablation, attention, composition, logit_attribution, over_training  # noqa: E402
 from addrepro.interp.common import load_subject, write_outputs  # noqa: E402
-from addrepro.model import ModelConfig, Transformer  # noqa: E402
+from addrepro.task.spec import TaskSpec  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,11 +1,11 @@
-"""Tests for addrepro.atlas: hand-derived values and brute-force enumeration over all (a, b)."""
+"""Tests for addrepro.shelves.atlas: hand-derived values and brute-force enumeration over all (a, b)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from addrepro.atlas import (
+from addrepro.shelves.atlas import (
     AtlasEntry,
     _lsb_carry_entropy,
     atlas_by_place,

@@ -1,4 +1,4 @@
-"""Tests for addrepro.carry_sets: carry chains by brute force, conditioned sets checked with Python ints."""
+"""Tests for addrepro.task.sets: carry chains by brute force, conditioned sets checked with Python ints."""
 
 import itertools
 import math
@@ -7,8 +7,10 @@ import random
 import pytest
 import torch
 
-from addrepro.carry_sets import CarrySets, carry_in_set, carry_metric_dict, chain_length, chain_set
-from addrepro.data import TaskSpec, decode, operands_from_ints, operands_from_tokens
+from addrepro.metrics.carry import carry_metric_dict
+from addrepro.task.encoding import decode, operands_from_ints, operands_from_tokens
+from addrepro.task.sets import CarrySets, carry_in_set, chain_length, chain_set
+from addrepro.task.spec import TaskSpec
 
 
 def py_chain_length(x: int, y: int, place: int, base: int) -> int:

@@ -1,23 +1,23 @@
-"""Tests for addrepro.checkpoints: atomic writes, loading errors, compatibility and schedules."""
+"""Tests for addrepro.rundir.checkpoints: atomic writes, loading errors, compatibility and schedules."""
 
 import pickle
 from dataclasses import asdict
 
 import pytest
 import torch
+from addrepro.model.transformer import ModelConfig, Transformer
 
-from addrepro.checkpoints import (
+from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.checkpoints import (
     FORMAT,
     CheckpointError,
-    atomic_write,
     check_compatible,
     checkpoint_steps,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from addrepro.data import TaskSpec
-from addrepro.model import ModelConfig, Transformer
+from addrepro.task.spec import TaskSpec
 
 
 class Boom(Exception):

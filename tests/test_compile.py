@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_ensemble import config
 
-from addrepro.report import load_rows
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.train import JobPlan, train
 
 DEVICE = os.environ.get("ADDREPRO_TEST_DEVICE", "cpu")

@@ -1,4 +1,4 @@
-"""Tests for addrepro.config_check.validate on the real Hydra config composed with overrides."""
+"""Tests for addrepro.training.config.validate on the real Hydra config composed with overrides."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401  (registers the `uid` resolver used by conf/hydra)
-from addrepro.config_check import ConfigError, validate
+from addrepro.training.config import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -1,4 +1,4 @@
-"""Tests for addrepro.confusion with hand-built logits whose probabilities are known."""
+"""Tests for addrepro.metrics.confusion with hand-built logits whose probabilities are known."""
 
 import math
 import random
@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from addrepro.confusion import confusion_matrices
-from addrepro.data import TaskSpec, encode, operands_from_ints, split_tokens
-from addrepro.place_metrics import stats_from_logits
+from addrepro.metrics.confusion import confusion_matrices
+from addrepro.metrics.place import stats_from_logits
+from addrepro.task.encoding import encode, operands_from_ints, split_tokens
+from addrepro.task.spec import TaskSpec
 
 
 def place_of_position(pos: int, spec: TaskSpec) -> int:

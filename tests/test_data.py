@@ -1,25 +1,21 @@
-"""Tests for addrepro.data, checked against Python integer arithmetic and brute-force enumeration."""
+"""Tests for addrepro.task.encoding, checked against Python integer arithmetic and brute-force enumeration."""
 
 import itertools
 
 import pytest
 import torch
 
-from addrepro.data import (
-    FiniteBatches,
-    InfiniteBatches,
-    TaskSpec,
+from addrepro.task.encoding import (
     answer_digits,
     carries_in,
     decode,
-    distinct_pairs,
     encode,
     operands_from_ints,
     sample_operands,
     split_tokens,
-    split_train_heldout,
-    stacked_batch,
 )
+from addrepro.task.spec import TaskSpec
+from addrepro.task.streams import FiniteBatches, InfiniteBatches, distinct_pairs, split_train_heldout, stacked_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,7 +240,7 @@ def test_same_seed_same_batches_different_seed_different():
 
 
 def test_stream_independent_of_global_rng_and_other_generators():
-    from addrepro.model import ModelConfig, Transformer
+    from addrepro.model.transformer import ModelConfig, Transformer
 
     spec = TaskSpec(n_digits=3, base=10)
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import torch
 from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
 
-from addrepro.ensemble import pack, packing_key
 from addrepro.train import JobPlan, train
+from addrepro.training.ensemble import pack, packing_key
 from addrepro.wandb_offline import read_run
 
 SMALL = ["data.n_digits=3", "model.width=32", "trainer.max_steps=40", "logger=csv", "trainer.plots=false",

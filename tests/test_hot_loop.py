@@ -3,7 +3,7 @@
 import torch
 from test_ensemble import config, final_weights
 
-from addrepro.report import load_rows
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.train import JobPlan, train
 
 

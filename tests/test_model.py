@@ -1,12 +1,12 @@
-"""Tests for addrepro.model (stacked transformer) and addrepro.grad_norms."""
+"""Tests for addrepro.model.transformer (stacked transformer) and addrepro.metrics.grad_norms."""
 
 import math
 
 import pytest
 import torch
+from addrepro.model.transformer import ModelConfig, Transformer, parameter_group
 
-from addrepro.grad_norms import grad_norm_keys, grad_norms
-from addrepro.model import ModelConfig, Transformer, parameter_group
+from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Tests for addrepro.naive_sum with hand-built logits and a logit-built model; expectations from Python ints."""
+"""Tests for addrepro.metrics.naive_sum with hand-built logits and a logit-built model; expectations from Python ints."""
 
 import math
 import random
@@ -6,10 +6,12 @@ import random
 import pytest
 import torch
 
-from addrepro.carry_sets import CarrySets, carry_metric_dict
-from addrepro.data import TaskSpec, encode, operands_from_ints, split_tokens
-from addrepro.naive_sum import depth_carry, depth_sum_probs, naive_offset_probs, naive_sum_metric_dict
-from addrepro.place_metrics import place_stats, stats_from_logits
+from addrepro.metrics.carry import carry_metric_dict
+from addrepro.metrics.naive_sum import depth_carry, depth_sum_probs, naive_offset_probs, naive_sum_metric_dict
+from addrepro.metrics.place import place_stats, stats_from_logits
+from addrepro.task.encoding import encode, operands_from_ints, split_tokens
+from addrepro.task.sets import CarrySets
+from addrepro.task.spec import TaskSpec
 
 
 def place_of_position(pos: int, spec: TaskSpec) -> int:

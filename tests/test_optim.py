@@ -1,12 +1,11 @@
-"""Tests for addrepro.optim: StackedAdamW against torch.optim.AdamW, and the warmup schedule."""
+"""Tests for addrepro.model.optim: StackedAdamW against torch.optim.AdamW, and the warmup schedule."""
 
 import copy
 
 import pytest
 import torch
-
-from addrepro.model import ModelConfig, Transformer
-from addrepro.optim import StackedAdamW, warmup_factor
+from addrepro.model.optim import StackedAdamW, warmup_factor
+from addrepro.model.transformer import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

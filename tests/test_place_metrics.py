@@ -1,12 +1,13 @@
-"""Tests for addrepro.place_metrics with hand-built logits whose losses are known in closed form."""
+"""Tests for addrepro.metrics.place with hand-built logits whose losses are known in closed form."""
 
 import math
 
 import pytest
 import torch
 
-from addrepro.data import TaskSpec, encode, operands_from_ints, split_tokens
-from addrepro.place_metrics import place_metric_dict, place_stats, stats_from_logits
+from addrepro.metrics.place import place_metric_dict, place_stats, stats_from_logits
+from addrepro.task.encoding import encode, operands_from_ints, split_tokens
+from addrepro.task.spec import TaskSpec
 
 LOG10 = math.log(10)
 

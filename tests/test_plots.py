@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from addrepro.plots import running_mean, smoothing_window
+from addrepro.reports.plots import running_mean, smoothing_window
 
 
 def test_running_mean_by_hand():

@@ -8,15 +8,15 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
-from addrepro.config_check import validate
-from addrepro.lit_module import (
+from addrepro.reports.job import load_reference
+from addrepro.training.config import validate
+from addrepro.training.module import (
     AdditionModule,
     Member,
     model_config_from_config,
     settings_from_config,
     task_spec_from_config,
 )
-from addrepro.report import load_reference
 
 
 def build(experiment: str):

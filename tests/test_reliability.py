@@ -10,8 +10,8 @@ import time
 import torch
 from conftest import FAST, cli_env
 
-from addrepro.checkpoints import load_checkpoint
-from addrepro.report import load_rows
+from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import find_runs, read_run
 
 RUN = ["data.n_digits=3", "model.width=32", "trainer.max_steps=400", "trainer.ckpt_every_n_steps=100",
@@ -72,7 +72,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     target = tmp_path / "last.ckpt"
     writer = (
         "import sys, torch\n"
-        "from addrepro.checkpoints import save_checkpoint\n"
+        "from addrepro.rundir.checkpoints import save_checkpoint\n"
         "save_checkpoint(sys.argv[1], {'step': 1, 'model': {'w': torch.zeros(10)}})\n"
         "print('saved', flush=True)\n"
         "big = {'w': torch.randn(64_000_000)}\n"

@@ -11,8 +11,10 @@ import pytest
 from conftest import run_cli
 from omegaconf import OmegaConf
 
-from addrepro.data import TaskSpec
-from addrepro.report import REFERENCE_DIR, draw_job, load_rows, main, reference_table
+from addrepro.report import main
+from addrepro.reports.job import REFERENCE_DIR, draw_job, reference_table
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.task.spec import TaskSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("place_loss.png", "naive_sum.png", "carry_conditioned.png", "confusion.png")

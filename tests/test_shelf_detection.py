@@ -1,4 +1,4 @@
-"""Tests for addrepro.shelf_detection on synthetic curves with known answers."""
+"""Tests for addrepro.shelves.detection on synthetic curves with known answers."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from addrepro.shelf_detection import (
-    Shelf,
-    Spike,
-    SpikeMonitor,
-    atlas_plateaus,
-    detect_shelves,
-    detect_spikes,
-)
+from addrepro.shelves.detection import Shelf, atlas_plateaus, detect_shelves
+from addrepro.shelves.spikes import Spike, SpikeMonitor, detect_spikes
 
 LOG10 = math.log(10)
 LOG2 = math.log(2)

@@ -5,7 +5,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
-from addrepro.lit_module import (
+from addrepro.training.module import (
     AdditionModule,
     Member,
     model_config_from_config,

@@ -199,7 +199,7 @@ def test_wandb_sweep_file_expands_to_hydra_commands_and_they_run(tmp_path):
 
 
 def test_a_job_whose_process_is_gone_reads_as_killed(tmp_path):
-    from addrepro.sweep import read_statuses, write_status
+    from addrepro.rundir.status import read_statuses, write_status
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a real process that has ended: its pid no longer exists (reaped)

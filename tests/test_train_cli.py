@@ -7,8 +7,8 @@ import sys
 import torch
 from conftest import FAST, cli_env
 
-from addrepro.checkpoints import load_checkpoint, model_from_checkpoint
-from addrepro.report import load_rows
+from addrepro.rundir.checkpoints import load_checkpoint, model_from_checkpoint
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import read_run
 
 

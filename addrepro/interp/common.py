@@ -2,7 +2,7 @@
 
 Positions: the model reads every token but the last, so the answer digit emitted at emission index
 ``e`` is predicted at input position ``answer_start - 1 + e``. Everything returned here is
-place-indexed (``[..., j]`` is place j: 0 = units, n = carry-out), as in ``addrepro.place_metrics``.
+place-indexed (``[..., j]`` is place j: 0 = units, n = carry-out), as in ``addrepro.metrics.place``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from addrepro.carry_sets import CarrySets
-from addrepro.checkpoints import load_checkpoint
-from addrepro.data import TaskSpec, carries_in, encode, operands_from_tokens, sample_operands, split_train_heldout
-from addrepro.export import to_transformer_lens
+from addrepro.model.export import to_transformer_lens
+from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.task.encoding import carries_in, encode, operands_from_tokens, sample_operands
+from addrepro.task.sets import CarrySets
+from addrepro.task.spec import TaskSpec
+from addrepro.task.streams import split_train_heldout
 
 Hook = tuple[str, Callable]
 

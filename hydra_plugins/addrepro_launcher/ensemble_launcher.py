@@ -30,8 +30,8 @@ class EnsembleLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from addrepro.ensemble import pack, packing_key
         from addrepro.train import checked_plan, run_plans
+        from addrepro.training.ensemble import pack, packing_key
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None

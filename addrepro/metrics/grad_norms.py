@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from addrepro.model import parameter_group
+from addrepro.model.transformer import parameter_group
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from addrepro.data import ORDERS, TASKS
-from addrepro.model import ACTIVATIONS, INITS
+from addrepro.model.transformer import ACTIVATIONS, INITS
+from addrepro.task.spec import ORDERS, TASKS
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from addrepro.data import TaskSpec, split_tokens
+from addrepro.task.encoding import split_tokens
+from addrepro.task.spec import TaskSpec
 
 
 @dataclass

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from addrepro.checkpoints import load_checkpoint, model_from_checkpoint
-from addrepro.data import TaskSpec
-from addrepro.model import ModelConfig, Transformer
+from addrepro.model.transformer import ModelConfig, Transformer
+from addrepro.rundir.checkpoints import load_checkpoint, model_from_checkpoint
+from addrepro.task.spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge

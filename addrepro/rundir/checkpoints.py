@@ -8,15 +8,13 @@ TransformerLens naming, and — for resuming — the optimiser and data-stream s
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from addrepro.data import TaskSpec
-from addrepro.model import ModelConfig, Transformer
+from addrepro.model.transformer import ModelConfig, Transformer
+from addrepro.rundir.atomic import atomic_write
+from addrepro.task.spec import TaskSpec
 
 FORMAT = "addrepro-checkpoint/1"
 
@@ -25,20 +23,6 @@ class CheckpointError(ValueError):
     pass
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:

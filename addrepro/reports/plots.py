@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from addrepro.data import TaskSpec  # noqa: E402
+from addrepro.task.spec import TaskSpec  # noqa: E402
 
 
 def place_label(j: int, spec: TaskSpec) -> str:
@@ -48,7 +48,7 @@ def smoothing_window(n_points: int) -> int:
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write a figure atomically: a kill mid-write never leaves a truncated PNG."""
-    from addrepro.checkpoints import atomic_write
+    from addrepro.rundir.atomic import atomic_write
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)

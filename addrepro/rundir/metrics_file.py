@@ -14,7 +14,7 @@ from pathlib import Path
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-from addrepro.checkpoints import atomic_write
+from addrepro.rundir.atomic import atomic_write
 
 
 class AtomicExperimentWriter(ExperimentWriter):
@@ -64,3 +64,19 @@ class MetricsCSVLogger(CSVLogger):
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
         pass  # the resolved config is in .hydra/config.yaml
+
+
+def load_rows(job_dir: Path) -> list[dict]:
+    """Metric rows of a job (``step`` plus the keys logged at that step) from its CSV file."""
+    path = Path(job_dir) / "csv" / "metrics.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics file {path} (was the run started with logger.csv=false?)")
+    rows = []
+    with path.open() as f:
+        for raw in csv.DictReader(f):
+            row = {k: float(v) for k, v in raw.items() if v not in ("", None)}
+            if "step" in row:
+                row["step"] = int(row["step"])
+                rows.append(row)
+    return rows
+

@@ -18,24 +18,19 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
-from addrepro.carry_sets import CarrySets, carry_metric_dict
-from addrepro.checkpoints import checkpoint_steps, save_checkpoint
-from addrepro.confusion import confusion_matrices
-from addrepro.data import (
-    FiniteBatches,
-    InfiniteBatches,
-    TaskSpec,
-    encode,
-    sample_operands,
-    split_train_heldout,
-    stacked_batch,
-)
-from addrepro.grad_norms import grad_norm_keys, grad_norms
-from addrepro.model import ModelConfig, Transformer
-from addrepro.naive_sum import naive_sum_metric_dict
-from addrepro.optim import StackedAdamW
-from addrepro.place_metrics import compiled_place_stats, place_metric_dict, place_stats
-from addrepro.shelf_detection import Spike, SpikeMonitor
+from addrepro.metrics.carry import carry_metric_dict
+from addrepro.metrics.confusion import confusion_matrices
+from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
+from addrepro.metrics.naive_sum import naive_sum_metric_dict
+from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
+from addrepro.model.optim import StackedAdamW
+from addrepro.model.transformer import ModelConfig, Transformer
+from addrepro.rundir.checkpoints import checkpoint_steps, save_checkpoint
+from addrepro.shelves.spikes import Spike, SpikeMonitor
+from addrepro.task.encoding import encode, sample_operands
+from addrepro.task.sets import CarrySets
+from addrepro.task.spec import TaskSpec
+from addrepro.task.streams import FiniteBatches, InfiniteBatches, split_train_heldout, stacked_batch
 
 
 class Divergence(RuntimeError):
@@ -146,7 +141,8 @@ class AdditionModule(pl.LightningModule):
     @torch.no_grad()
     def load_resume_states(self, states: list[dict]) -> None:
         """Continue exactly where the checkpoints stopped: weights, optimiser moments, data streams, history."""
-        from addrepro.report import load_confusion, load_rows
+        from addrepro.rundir.confusion import load_confusion
+        from addrepro.rundir.metrics_file import load_rows
 
         params = dict(self.model.named_parameters())
         for name, p in params.items():

@@ -44,7 +44,7 @@ def make_loggers(
     """
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        from addrepro.metrics_file import MetricsCSVLogger
+        from addrepro.rundir.metrics_file import MetricsCSVLogger
 
         loggers.append(MetricsCSVLogger(job_dir, keep_before_step=resume_step))
     wb = cfg.logger.wandb

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from addrepro.atlas import atlas_by_place, shelf_atlas
-from addrepro.data import TaskSpec
-from addrepro.plots import place_label, running_mean, save, series, smoothing_window
-from addrepro.shelf_detection import atlas_plateaus, detect_shelves
+from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
+from addrepro.rundir.confusion import load_confusion
+from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
+from addrepro.shelves.detection import atlas_plateaus, detect_shelves
+from addrepro.task.spec import TaskSpec
 
 # Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
 GUIDE_LEVELS = ("uniform", "marginal", "answer_prefix", "naive_sum", "carry_depth_1", "carry_depth_2")
@@ -212,3 +216,48 @@ def draw_all(job_dir: Path, rows: list[dict], spec: TaskSpec, reference: dict | 
     if confusion is not None:
         paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
     return [p for p in paths if p is not None]
+
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+
+
+def load_reference(name: str | None) -> dict | None:
+    """A published per-place loss curve shipped with addrepro (see ``addrepro/reference``)."""
+    if not name:
+        return None
+    return json.loads((REFERENCE_DIR / f"{name}.json").read_text())
+
+
+def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: int = 25) -> str:
+    """Markdown table of the run's per-place train loss (mean over step ± window) against the reference."""
+    places = sorted((int(p) for p in reference["places"]), reverse=True)
+    head = "| step | " + " | ".join(f"place {j} run / ref" for j in places) + " |"
+    lines = [head, "|" + "---|" * (len(places) + 1)]
+    for i, step in enumerate(reference["steps"]):
+        cells = []
+        for j in places:
+            near = [r[f"train/loss/place_{j}"] for r in rows
+                    if f"train/loss/place_{j}" in r and abs(r["step"] - step) <= window]
+            run = sum(near) / len(near) if near else math.nan
+            cells.append(f"{run:.3g} / {reference['places'][str(j)][i]:.3g}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> list[Path]:  # noqa: ANN001
+    """All plots of one job, plus ``reference_comparison.md`` when the run has a reference curve."""
+    from addrepro.reports.job import draw_all
+
+    job_dir = Path(job_dir)
+    cfg = job_config(job_dir)
+    spec = spec_of(cfg)
+    rows = load_rows(job_dir) if rows is None else rows
+    confusion = load_confusion(job_dir) if confusion is None else confusion
+    reference = load_reference(cfg.get("reference"))
+    paths = draw_all(job_dir, rows, spec, reference=reference, confusion=confusion)
+    if reference is not None:
+        table = job_dir / "reference_comparison.md"
+        table.write_text(f"{reference['label']}\n\n{reference_table(rows, reference, spec)}\n")
+        paths.append(table)
+    return paths
+

@@ -23,9 +23,10 @@ import matplotlib.pyplot as plt
 import yaml
 from omegaconf import OmegaConf
 
-from addrepro.data import TaskSpec
-from addrepro.plots import place_label, save, series
-from addrepro.report import job_config, load_rows, spec_of
+from addrepro.reports.plots import place_label, save, series
+from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.task.spec import TaskSpec
 
 PNG = "sweep_place_loss.png"
 TABLE = "sweep_shelves.md"
@@ -123,7 +124,7 @@ def _linestyles(keys: list[str], values: list[dict[str, Any]]) -> list:
 def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: list[TaskSpec],
                             keys: list[str], values: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """One panel per place (carry-out first), one train-loss line per job, atlas guides if the task is shared."""
-    from addrepro.shelf_plots import _atlas_guides, place_atlas
+    from addrepro.reports.job import _atlas_guides, place_atlas
 
     shared = len({(s.n_digits, s.base, s.order, s.task) for s in specs}) == 1
     n = max(s.n_places for s in specs)
@@ -181,7 +182,7 @@ def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: lis
 
 def shelf_records(rows: list[dict], spec: TaskSpec) -> list[dict]:
     """Every shelf of every place: atlas level, level, start and the step the place left it."""
-    from addrepro.shelf_plots import find_shelves
+    from addrepro.reports.job import find_shelves
 
     out = []
     for j, shelves in find_shelves(rows, spec).items():
@@ -215,7 +216,7 @@ def shelf_table(entries: list[dict], keys: list[str], n_places: int) -> str:
 
 def draw_sweep(sweep_dir: Path) -> list[Path]:
     """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder."""
-    from addrepro.sweep import read_statuses
+    from addrepro.rundir.status import read_statuses
 
     sweep_dir = Path(sweep_dir)
     jobs = find_jobs(sweep_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from addrepro.place_metrics import PlaceStats
+from addrepro.metrics.place import PlaceStats
 
 
 def confusion_matrices(stats: PlaceStats) -> torch.Tensor:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from addrepro.data import TaskSpec, operands_from_tokens
-from addrepro.place_metrics import PlaceStats
+from addrepro.metrics.place import PlaceStats
+from addrepro.task.encoding import operands_from_tokens
+from addrepro.task.spec import TaskSpec
 
 
 def naive_offset_probs(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpec) -> torch.Tensor:

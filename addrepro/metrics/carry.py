@@ -1,0 +1,37 @@
+"""Metrics on the carry-conditioned sets: loss, accuracy and naive-sum probabilities at the conditioned place."""
+
+from __future__ import annotations
+
+import torch
+
+from addrepro.metrics.naive_sum import naive_offset_probs
+from addrepro.metrics.place import stats_from_logits
+from addrepro.task.encoding import split_tokens
+from addrepro.task.sets import CarrySets
+from addrepro.task.spec import TaskSpec
+
+
+@torch.no_grad()
+def carry_metric_dict(model: torch.nn.Module, sets: CarrySets, spec: TaskSpec) -> dict[str, torch.Tensor]:
+    """Loss, accuracy, P(naive+0) and P(naive+1) at the conditioned place, per set; values ``(K,)``."""
+    if not sets.slices:
+        return {}
+    inputs, targets = split_tokens(sets.tokens, spec)
+    logits = model(inputs, last=spec.n_places)
+    k = logits.shape[0]
+    stats = stats_from_logits(logits, targets.expand(k, *targets.shape), spec)
+    tokens = sets.tokens.expand(k, *sets.tokens.shape)
+    out = {}
+    for name, (j, lo, hi) in sets.slices.items():
+        loss = stats.token_loss[:, lo:hi, j].mean(1)
+        acc = stats.correct[:, lo:hi, j].float().mean(1)
+        out[f"{name}/loss"], out[f"{name}/acc"] = loss, acc
+        if j < spec.n_digits:
+            sub = type(stats)(stats.log_probs[:, lo:hi], stats.targets[:, lo:hi], stats.token_loss[:, lo:hi])
+            offsets = naive_offset_probs(sub, tokens[:, lo:hi], spec)  # (K, n, base)
+            out[f"{name}/p_plus0"], out[f"{name}/p_plus1"] = offsets[:, j, 0], offsets[:, j, 1]
+        else:
+            probs = stats.log_probs[:, lo:hi, j].exp().mean(1)
+            out[f"{name}/p_plus0"], out[f"{name}/p_plus1"] = probs[:, 0], probs[:, 1]
+    return out
+

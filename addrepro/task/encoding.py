@@ -1,0 +1,118 @@
+"""The addition task: token layout, operand sampling and batches made on the training device.
+
+A sequence is ``a_{n-1} .. a_0 + b_{n-1} .. b_0 = c ..`` with one token per digit and per sign.
+Digits are tokens ``0..base-1``; ``+`` is ``base`` and ``=`` is ``base + 1``. The answer always has
+``n + 1`` digits, the leading one being the carry-out, written most significant first (``msb``) or
+reversed (``lsb``).
+
+Everywhere in addrepro a *place* is the value position of an answer digit: place 0 is the units
+digit and place ``n`` the carry-out digit, whatever order the answer is written in. Digit tensors are
+therefore stored place-indexed (``[..., j]`` is place ``j``) and only converted to emission order when
+tokens are written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from addrepro.task.spec import TaskSpec
+
+
+def sample_operands(
+    spec: TaskSpec, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform operands on [0, base^n), as place-indexed digits, each ``(B, n)``.
+
+    Independent uniform digits are exactly uniform operands with leading zeros kept.
+    """
+    digits = torch.randint(
+        0, spec.base, (batch_size, 2, spec.n_digits), generator=generator, device=device
+    )
+    return digits[:, 0], digits[:, 1]
+
+
+def answer_digits(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Place-indexed answer digits ``(B, n + 1)`` for place-indexed operand digits ``(B, n)``."""
+    pair_sum = a + b  # (B, n)
+    if spec.task == "digitwise":
+        out = torch.remainder(pair_sum, spec.base)
+        return torch.cat([out, torch.zeros_like(out[:, :1])], dim=1)
+    places = []
+    carry = torch.zeros_like(pair_sum[:, 0])
+    # A loop over places (not samples): the carry is a scan and n is small.
+    for j in range(spec.n_digits):
+        total = pair_sum[:, j] + carry
+        places.append(torch.remainder(total, spec.base))
+        carry = torch.div(total, spec.base, rounding_mode="floor")
+    places.append(carry)
+    return torch.stack(places, dim=1)
+
+
+def carries_in(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Carry into every place ``(B, n + 1)``; place 0 never receives one. Zero for ``digitwise``."""
+    carry = torch.zeros_like(a[:, 0])
+    out = [carry]
+    for j in range(spec.n_digits):
+        if spec.task == "add":
+            carry = torch.div(a[:, j] + b[:, j] + carry, spec.base, rounding_mode="floor")
+        out.append(carry)
+    return torch.stack(out, dim=1)
+
+
+def encode(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Full token sequences ``(B, 3n + 3)`` for place-indexed operand digits."""
+    answer = answer_digits(a, b, spec)
+    bsz = a.shape[0]
+    plus = torch.full((bsz, 1), spec.plus_token, dtype=a.dtype, device=a.device)
+    equals = torch.full((bsz, 1), spec.equals_token, dtype=a.dtype, device=a.device)
+    emitted = answer[:, list(spec.answer_places)]
+    return torch.cat([a.flip(1), plus, b.flip(1), equals, emitted], dim=1)
+
+
+def split_tokens(tokens: torch.Tensor, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs (every token but the last) and answer targets in emission order ``(..., n + 1)``."""
+    return tokens[..., :-1], tokens[..., spec.answer_start :]
+
+
+def decode(tokens: torch.Tensor, spec: TaskSpec) -> list[tuple[int, int, int]]:
+    """Integers ``(a, b, c)`` of each sequence, read back from the tokens (for tests and debugging)."""
+    n, base = spec.n_digits, spec.base
+    out = []
+    for row in tokens.tolist():
+        a = _digits_to_int(row[:n], base)
+        b = _digits_to_int(row[n + 1 : 2 * n + 1], base)
+        emitted = row[spec.answer_start :]
+        c_msb = emitted if spec.order == "msb" else emitted[::-1]
+        out.append((a, b, _digits_to_int(c_msb, base)))
+    return out
+
+
+def _digits_to_int(digits: list[int], base: int) -> int:
+    value = 0
+    for d in digits:
+        if not 0 <= d < base:
+            raise ValueError(f"token {d} is not a digit of base {base}")
+        value = value * base + d
+    return value
+
+
+def operands_from_ints(values: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Place-indexed digits ``(B, n)`` of integers ``(B,)``."""
+    powers = spec.base ** torch.arange(spec.n_digits, device=values.device, dtype=torch.int64)
+    return torch.remainder(torch.div(values[:, None], powers, rounding_mode="floor"), spec.base)
+
+
+
+
+
+
+
+
+
+
+
+
+def operands_from_tokens(tokens: torch.Tensor, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place-indexed operand digits ``(..., n)`` read from token sequences ``(..., T)``."""
+    n = spec.n_digits
+    return tokens[..., :n].flip(-1), tokens[..., n + 1 : 2 * n + 1].flip(-1)

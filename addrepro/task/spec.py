@@ -1,0 +1,67 @@
+"""The task's specification: digits, base, answer order and the token layout it implies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+ORDERS = ("msb", "lsb")
+
+
+TASKS = ("add", "digitwise")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    n_digits: int = 5
+    base: int = 10
+    order: str = "msb"
+    task: str = "add"
+
+    @property
+    def n_places(self) -> int:
+        return self.n_digits + 1
+
+    @property
+    def d_vocab(self) -> int:
+        return self.base + 2
+
+    @property
+    def plus_token(self) -> int:
+        return self.base
+
+    @property
+    def equals_token(self) -> int:
+        return self.base + 1
+
+    @property
+    def seq_len(self) -> int:
+        return 3 * self.n_digits + 3
+
+    @property
+    def answer_start(self) -> int:
+        """Index of the first answer token in the full sequence."""
+        return 2 * self.n_digits + 2
+
+    @cached_property
+    def answer_places(self) -> tuple[int, ...]:
+        """Place of each answer token, in emission order."""
+        n = self.n_digits
+        return tuple(range(n, -1, -1)) if self.order == "msb" else tuple(range(n + 1))
+
+    @cached_property
+    def emission_index(self) -> tuple[int, ...]:
+        """For each place j, the position (0..n) at which it is emitted."""
+        index = [0] * self.n_places
+        for pos, place in enumerate(self.answer_places):
+            index[place] = pos
+        return tuple(index)
+
+    def token_labels(self) -> list[str]:
+        """Human-readable label of every sequence position, e.g. ``a4 .. + b0 = c5 ..``."""
+        n = self.n_digits
+        labels = [f"a{j}" for j in range(n - 1, -1, -1)] + ["+"]
+        labels += [f"b{j}" for j in range(n - 1, -1, -1)] + ["="]
+        labels += [f"c{j}" for j in self.answer_places]
+        return labels
+
