@@ -1,13 +1,37 @@
-"""Validate a composed run config before anything is built, with one clear line per mistake."""
+"""The run config: one schema per config group, with its defaults and what each key allows.
+
+Every group of ``python -m addrepro.train`` (``data``, ``model``, ``optimizer``, ``trainer``,
+``logger``, ``metrics``) is a dataclass below; its fields are the group's keys, their defaults and
+their checks. The dataclasses are registered in Hydra's ConfigStore as each group's default option
+(``data: addition``, ``model: transformer`` …), so ``conf/`` holds only alternatives
+(``logger=csv``) and presets (``experiment=…``), and no default is written twice.
+
+The nodes are stored untyped: a wrong type on the command line (``optimizer.lr=abc``) then reaches
+``validate``, which names the key, the value and what is allowed in one line, instead of stopping in
+Hydra's multi-line merge error. ``typed(cfg)`` turns a validated config into these dataclasses.
+
+Config keys are the names a researcher sweeps (``model.width``, ``model.depth``); the model code uses
+TransformerLens names. The one mapping between them is ``architecture``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from addrepro.model.transformer import ACTIVATIONS, INITS
-from addrepro.task.spec import ORDERS, TASKS
+from addrepro.model.transformer import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
+from addrepro.task.spec import ORDERS, TASKS, TaskSpec
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+WANDB_MODES = ("offline", "online", "disabled")
+CKPT_SCHEDULES = ("linear", "log")
 
 
 class ConfigError(ValueError):
@@ -18,13 +42,24 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
 
 
-def _int(cfg: DictConfig, key: str, lo: int | None = None, hi: int | None = None, null: bool = False) -> None:
-    value = _select(cfg, key)
-    if value is None and null:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
-    if not ok:
+# -- checks: each raises ConfigError(key, value, allowed) --------------------------------------
+Check = Callable[[str, Any], None]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def integer(lo: int | None = None, hi: int | None = None, null: bool = False) -> Check:
+    def check(key: str, value: Any) -> None:
+        if value is None and null:
+            return
+        if _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi):
+            return
         if lo is not None and hi is not None:
             allowed = f"must be an integer in {lo}..{hi}"
         elif lo is not None:
@@ -33,88 +68,273 @@ def _int(cfg: DictConfig, key: str, lo: int | None = None, hi: int | None = None
             allowed = "must be an integer"
         raise ConfigError(key, value, allowed + (" or null" if null else ""))
 
-
-def _number(cfg: DictConfig, key: str, lo: float, strict: bool = False) -> None:
-    value = _select(cfg, key)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value > lo if strict else value >= lo)
-    if not ok:
-        raise ConfigError(key, value, f"must be a number {'>' if strict else '>='} {lo}")
+    return check
 
 
-def _choice(cfg: DictConfig, key: str, choices: tuple) -> None:
-    value = _select(cfg, key)
-    # Compare types too: 1 == True and 0 == False would otherwise pass for a boolean switch.
-    if not any(value == c and type(value) is type(c) for c in choices):
-        shown = ", ".join("null" if c is None else str(c) for c in choices)
-        raise ConfigError(key, value, f"must be one of {shown}")
+def number(lo: float, strict: bool = False) -> Check:
+    def check(key: str, value: Any) -> None:
+        if not (_is_number(value) and (value > lo if strict else value >= lo)):
+            raise ConfigError(key, value, f"must be a number {'>' if strict else '>='} {lo}")
+
+    return check
 
 
-def _select(cfg: DictConfig, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
+def choice(choices: tuple) -> Check:
+    def check(key: str, value: Any) -> None:
+        # Compare types too: 1 == True and 0 == False would otherwise pass for a boolean switch.
+        if not any(value == c and type(value) is type(c) for c in choices):
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(key, value, f"must be one of {shown}")
+
+    return check
+
+
+BOOLEAN = choice((True, False))
+
+
+def text(null: bool = False) -> Check:
+    def check(key: str, value: Any) -> None:
+        if not (isinstance(value, str) or (null and value is None)):
+            raise ConfigError(key, value, "must be a string" + (" or null" if null else ""))
+
+    return check
+
+
+def betas(key: str, value: Any) -> None:
+    values = list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else None
+    if values is None or len(values) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in values):
+        shown = values if values is not None else value
+        raise ConfigError(key, shown, "must be two numbers in [0, 1)")
+
+
+def strings(key: str, value: Any) -> None:
+    values = list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else None
+    if values is None or not all(isinstance(v, str) for v in values):
+        raise ConfigError(key, value, "must be a list of strings")
+
+
+def option(default: Any, check: Check, factory: bool = False) -> Any:
+    """A config key: its default and the check of its value."""
+    if factory:
+        return field(default_factory=lambda: list(default), metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+# -- the schema ------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """``data``: the task and the data stream."""
+
+    n_digits: int = option(5, integer(1))  # operand digits n; the answer has n + 1 digits
+    base: int = option(10, integer(2, 36))
+    order: str = option("msb", choice(ORDERS))  # msb: carry-out digit first; lsb: units digit first
+    task: str = option("add", choice(TASKS))  # add: with carries; digitwise: (a_j + b_j) mod base
+    batch_size: int | None = option(64, integer(1, null=True))  # finite data: null (or >= train_size) = full batch
+    seed: Any = option("${seed}", integer())  # data stream seed; set apart from `seed` to vary data and init apart
+    train_size: int | None = option(None, integer(1, null=True))  # null: infinite data; N: a fixed set of N pairs
+    val_size: int = option(2048, integer(1))  # held-out pairs (disjoint from a finite training set)
+    val_seed: int = option(1000003, integer())  # seed of the validation set for infinite data
+
+
+@dataclass
+class ModelSchema:
+    """``model``: the transformer (see ``architecture`` for the TransformerLens names)."""
+
+    width: int = option(128, integer(1))  # d_model
+    depth: int = option(1, integer(1))  # n_layers
+    n_heads: int = option(4, integer(1))
+    d_head: int | None = option(None, integer(1, null=True))  # null: width // n_heads
+    d_mlp: int | None = option(None, integer(1, null=True))  # null: 4 * width
+    act_fn: str = option("relu", choice(ACTIVATIONS))
+    normalization: str | None = option(None, choice(NORMALIZATIONS))  # null | LN
+    attn_only: bool = option(False, BOOLEAN)  # true: no MLP
+    init: str = option("nanda", choice(INITS))  # nanda: W/sqrt(fan) as Nanda's code; normal: N(0, init_std)
+    init_std: float = option(0.02, number(0.0, strict=True))
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer``: AdamW with a linear warmup."""
+
+    lr: float = option(1.0e-3, number(0.0, strict=True))
+    weight_decay: float = option(0.1, number(0.0))
+    betas: list = option([0.9, 0.98], betas, factory=True)
+    eps: float = option(1.0e-8, number(0.0, strict=True))
+    warmup_steps: int = option(10, integer(0))  # linear warmup from 0 (step 0 has lr 0)
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer``: the training loop, evaluation cadence and checkpoints."""
+
+    max_steps: int = option(3000, integer(1))
+    # Optimiser steps per Lightning step: amortises the framework's per-step overhead.
+    steps_per_call: int = option(10, integer(1))
+    accelerator: str = option("auto", choice(ACCELERATORS))
+    # torch.compile forward+backward (on CUDA replayed as CUDA graphs); no gain measured on CPU.
+    compile: bool = option(False, BOOLEAN)
+    log_every_n_steps: int = option(10, integer(1))  # train metrics every N optimiser steps
+    val_every_n_steps: int = option(100, integer(1))  # held-out metrics every N steps (and at the end)
+    ckpt_every_n_steps: int = option(1000, integer(1))  # periodic checkpoints; last.ckpt is always written
+    ckpt_schedule: str = option("linear", choice(CKPT_SCHEDULES))  # log: dense early, sparse late
+    ckpt_log_count: int = option(20, integer(1))  # number of log-spaced checkpoints
+    progress_bar: bool = option(True, BOOLEAN)
+    plots: bool = option(True, BOOLEAN)  # PNG plots in the job folder at the end
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = option(True, BOOLEAN)
+    mode: str = option("offline", choice(WANDB_MODES))  # offline needs no account or network
+    project: str = option("addrepro", text())
+    entity: str | None = option(None, text(null=True))
+    group: str | None = option(None, text(null=True))  # null: the sweep folder's name (shared by a multirun)
+    name: str | None = option(None, text(null=True))  # null: made from the job's overrides
+    tags: list = option([], strings, factory=True)
+    init_timeout: float = option(30, number(0.0, strict=True))  # seconds before online falls back to offline
+
+
+@dataclass
+class LoggerConfig:
+    """``logger``: W&B (offline by default) and the CSV file ``<job>/csv/metrics.csv``."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: bool = option(True, BOOLEAN)
+
+
+@dataclass
+class MetricsConfig:
+    """``metrics``: shelf-science metrics, computed on the device every ``every_n_steps`` and at the end."""
+
+    every_n_steps: int = option(100, integer(1))
+    carry_set_size: int = option(128, integer(1))  # sequences per carry-in-0 / carry-in-1 set, per place
+    chain_set_size: int = option(64, integer(1))  # sequences per (place, carry-chain length) set
+    spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x median of the last window logs
+    spike_factor: float = option(3.0, number(1.0, strict=True))
+
+
+@dataclass
+class RunConfig:
+    """The keys of ``train.yaml`` itself."""
+
+    seed: int = option(0, integer())  # initialisation seed of the model
+    resume: str | None = option(None, text(null=True))  # a job folder, a checkpoint, or auto
+    reference: str | None = option(None, text(null=True))  # a published curve in addrepro/reports/reference
+
+
+GROUPS: dict[str, tuple[str, type]] = {
+    "data": ("addition", DataConfig),
+    "model": ("transformer", ModelSchema),
+    "optimizer": ("adamw", OptimizerConfig),
+    "trainer": ("default", TrainerConfig),
+    "logger": ("wandb", LoggerConfig),
+    "metrics": ("default", MetricsConfig),
+}
+
+
+@dataclass
+class TrainConfig:
+    """A validated run config as typed objects."""
+
+    run: RunConfig
+    data: DataConfig
+    model: ModelSchema
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    metrics: MetricsConfig
+
+
+def register() -> None:
+    """Put the schema's defaults in Hydra's ConfigStore (as plain, untyped nodes; see the module doc)."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=dataclasses.asdict(RunConfig()))
+    for group, (name, schema) in GROUPS.items():
+        cs.store(group=group, name=name, node=dataclasses.asdict(schema()))
+
+
+register()
+
+# One random id per process: a run folder never collides with one started in the same second,
+# and every job of one multirun (one process) resolves the same sweep folder (``${uid:}`` in conf/hydra).
+PROCESS_ID = secrets.token_hex(3)
+if not OmegaConf.has_resolver("uid"):
+    OmegaConf.register_new_resolver("uid", lambda: PROCESS_ID)
+
+
+def config_dir() -> Path:
+    """The ``conf/`` folder: inside the installed package (wheel), or at the top of a source checkout."""
+    package = Path(__file__).resolve().parents[1]
+    inside = package / "conf"
+    return inside if inside.is_dir() else package.parent / "conf"
+
+
+# -- validation ------------------------------------------------------------------------------
+def check_fields(schema: type, node: Any, prefix: str) -> None:
+    """Run every field's check on ``node`` (a mapping); nested dataclasses are checked recursively."""
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = node[f.name]
+        if "check" in f.metadata:
+            f.metadata["check"](key, value)
+        else:  # a nested group (logger.wandb)
+            check_fields(f.default_factory, value, key)
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first invalid value of a training config."""
-    _int(cfg, "seed")
-    _int(cfg, "data.n_digits", 1)
-    _int(cfg, "data.base", 2, 36)
-    _choice(cfg, "data.order", ORDERS)
-    _choice(cfg, "data.task", TASKS)
-    if cfg.data.batch_size is None and cfg.data.train_size is None:
+    check_fields(RunConfig, cfg, "")
+    for group, (_, schema) in GROUPS.items():
+        check_fields(schema, cfg[group], group)
+    d, m = cfg.data, cfg.model
+    if d.batch_size is None and d.train_size is None:
         raise ConfigError("data.batch_size", None, "must be an integer >= 1 (null, full batch, needs data.train_size)")
-    _int(cfg, "data.batch_size", 1, null=True)
-    _int(cfg, "data.seed")
-    _int(cfg, "data.val_size", 1)
-    _int(cfg, "data.val_seed")
-    _int(cfg, "data.train_size", 1, null=True)
-    if cfg.data.train_size is not None:
-        n_pairs = cfg.data.base ** (2 * cfg.data.n_digits)
-        need = cfg.data.train_size + cfg.data.val_size
+    if d.train_size is not None:
+        n_pairs = d.base ** (2 * d.n_digits)
+        need = d.train_size + d.val_size
         if need > n_pairs:
             raise ConfigError(
-                "data.train_size",
-                cfg.data.train_size,
-                f"train_size + val_size ({need}) must not exceed the {n_pairs} distinct pairs",
+                "data.train_size", d.train_size, f"train_size + val_size ({need}) must not exceed the {n_pairs} distinct pairs"
             )
         if n_pairs > 2**62:
-            raise ConfigError("data.train_size", cfg.data.train_size, "finite data needs base^(2n) <= 2^62")
-
-    m = cfg.model
-    _int(cfg, "model.width", 1)
-    _int(cfg, "model.depth", 1)
-    _int(cfg, "model.n_heads", 1)
-    _int(cfg, "model.d_head", 1, null=True)
-    _int(cfg, "model.d_mlp", 1, null=True)
+            raise ConfigError("data.train_size", d.train_size, "finite data needs base^(2n) <= 2^62")
     if m.d_head is None and m.width % m.n_heads != 0:
-        raise ConfigError(
-            "model.width", m.width, f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)"
-        )
-    _choice(cfg, "model.act_fn", ACTIVATIONS)
-    _choice(cfg, "model.normalization", (None, "LN"))
-    _choice(cfg, "model.attn_only", (True, False))
-    _choice(cfg, "model.init", INITS)
-    _number(cfg, "model.init_std", 0.0, strict=True)
+        raise ConfigError("model.width", m.width, f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)")
+    if m.attn_only and m.d_mlp is not None:
+        raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
 
-    _number(cfg, "optimizer.lr", 0.0, strict=True)
-    _number(cfg, "optimizer.weight_decay", 0.0)
-    betas = cfg.optimizer.betas
-    if len(betas) != 2 or not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
-        raise ConfigError("optimizer.betas", list(betas), "must be two numbers in [0, 1)")
-    _number(cfg, "optimizer.eps", 0.0, strict=True)
-    _int(cfg, "optimizer.warmup_steps", 0)
 
-    _int(cfg, "trainer.max_steps", 1)
-    _int(cfg, "trainer.steps_per_call", 1)
-    _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
-    _choice(cfg, "trainer.compile", (True, False))
-    _int(cfg, "trainer.log_every_n_steps", 1)
-    _int(cfg, "trainer.val_every_n_steps", 1)
-    _int(cfg, "trainer.ckpt_every_n_steps", 1)
-    _choice(cfg, "trainer.ckpt_schedule", ("linear", "log"))
-    _int(cfg, "trainer.ckpt_log_count", 1)
-    _int(cfg, "metrics.every_n_steps", 1)
-    _choice(cfg, "logger.wandb.mode", ("offline", "online", "disabled"))
+def typed(cfg: DictConfig) -> TrainConfig:
+    """A validated config as the schema's dataclasses (interpolations resolved)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    groups = {g: schema(**plain[g]) for g, (_, schema) in GROUPS.items()}
+    groups["logger"] = LoggerConfig(wandb=WandbConfig(**plain["logger"]["wandb"]), csv=plain["logger"]["csv"])
+    run = RunConfig(**{f.name: plain[f.name] for f in dataclasses.fields(RunConfig)})
+    return TrainConfig(run=run, **groups)
+
+
+def task_spec(data: DataConfig | DictConfig) -> TaskSpec:
+    return TaskSpec(n_digits=data.n_digits, base=data.base, order=data.order, task=data.task)
+
+
+def architecture(model: ModelSchema | DictConfig, spec: TaskSpec) -> ModelConfig:
+    """The model's architecture from the ``model`` group: the one place config names meet model names.
+
+    ``width`` → ``d_model``, ``depth`` → ``n_layers``; ``d_head`` and ``d_mlp`` default to
+    ``width // n_heads`` and ``4 * width``; vocabulary and context come from the task.
+    """
+    return ModelConfig(
+        d_vocab=spec.d_vocab,
+        d_vocab_out=spec.base,
+        n_ctx=spec.seq_len - 1,
+        d_model=model.width,
+        n_layers=model.depth,
+        n_heads=model.n_heads,
+        d_head=model.d_head or model.width // model.n_heads,
+        d_mlp=model.d_mlp or 4 * model.width,
+        act_fn=model.act_fn,
+        normalization=model.normalization,
+        attn_only=model.attn_only,
+        init=model.init,
+        init_std=model.init_std,
+    )

@@ -1,10 +1,18 @@
-"""The LightningModule: K stacked models trained on addition, with per-place metrics.
+"""The LightningModule: K stacked models trained on addition, computing and emitting per-place metrics.
 
-Each Lightning "batch" is a tick that runs ``steps_per_call`` optimiser steps; batches are drawn on
-the device inside the step, so there is no DataLoader. Metrics stay on the device as ``(K,)``
-tensors and are copied to the host once per logging step, so steps that do not log never
-synchronise with the device. Steps are counted in optimiser steps: the metrics at step t describe
-the model after t updates.
+Why it is shaped this way:
+
+* Each Lightning "batch" is a tick that runs ``trainer.steps_per_call`` optimiser steps; batches are
+  drawn on the device inside the step, so there is no DataLoader. These models are so small that
+  Lightning's per-step overhead would cost more than a step.
+* The K models of a stack (an ensemble of jobs that differ only in seeds, learning rate and weight
+  decay) are one model with a leading K dimension; each member keeps its own loggers and folder.
+* Metrics stay on the device as ``(K,)`` tensors and are copied to the host once per logging step.
+* Steps are counted in optimiser steps: the metrics at step t describe the model after t updates.
+
+The module writes no files. What it computes reaches the outside through the members' loggers and
+through the hooks of ``addrepro.training.callbacks`` (checkpoints, spike snapshots, confusion arrays,
+plots), which it calls at the exact optimiser step they concern.
 """
 
 from __future__ import annotations
@@ -12,8 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
@@ -25,16 +33,16 @@ from addrepro.metrics.naive_sum import naive_sum_metric_dict
 from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import ModelConfig, Transformer
-from addrepro.rundir.checkpoints import checkpoint_steps, save_checkpoint
 from addrepro.shelves.spikes import Spike, SpikeMonitor
-from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
+from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, split_train_heldout, stacked_batch
+from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 
 
 class Divergence(RuntimeError):
-    """A non-finite loss or gradient norm; the message names the step and the quantity."""
+    """A non-finite loss, gradient norm or weight; the message names the step and the quantity."""
 
 
 @dataclass
@@ -54,25 +62,13 @@ class Member:
 
 
 @dataclass
-class TrainSettings:
-    max_steps: int = 3000
-    batch_size: int | None = 64  # None: full batch (finite data only)
-    train_size: int | None = None
-    val_size: int = 2048
-    val_seed: int = 1000003
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    log_every_n_steps: int = 10
-    val_every_n_steps: int = 100
-    ckpt_steps: tuple[int, ...] = ()
-    steps_per_call: int = 1
-    compile: bool = False  # torch.compile the training forward and backward (CUDA graphs on CUDA)
-    metrics_every_n_steps: int = 100  # naive-sum, carry-conditioned and confusion metrics
-    carry_set_size: int = 128
-    chain_set_size: int = 64
-    spike_window: int = 50
-    spike_factor: float = 3.0
+class Settings:
+    """The config groups the training loop reads (the schema's dataclasses, see ``training.config``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 class AdditionModule(pl.LightningModule):
@@ -81,9 +77,13 @@ class AdditionModule(pl.LightningModule):
         spec: TaskSpec,
         model_cfg: ModelConfig,
         members: list[Member],
-        settings: TrainSettings,
+        settings: Settings,
         resume_states: list[dict | None] | None = None,
+        history: list[list[dict]] | None = None,
+        confusions: list[tuple[int, Any]] | None = None,
     ):
+        """``history`` (per member) and ``confusions`` (member 0's ``(step, array)``): what a resumed
+        run had logged before its checkpoint's step, so the spike detector and files continue."""
         super().__init__()
         self.automatic_optimization = False
         self.spec, self.model_cfg, self.members, self.settings = spec, model_cfg, members, settings
@@ -91,59 +91,69 @@ class AdditionModule(pl.LightningModule):
         self.grad_keys = grad_norm_keys(self.model)
         self.streams: list[InfiniteBatches] = []
         self.val_tokens: torch.Tensor | None = None
-        self.ckpt_steps = set(settings.ckpt_steps)
         self.history: list[dict] = []  # host copies of logged rows, for plots at the end
         self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
-        self.spike_monitors = [SpikeMonitor(settings.spike_window, settings.spike_factor) for _ in members]
+        m = settings.metrics
+        self.spike_monitors = [SpikeMonitor(m.spike_window, m.spike_factor) for _ in members]
         self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
-        self._snapshot: tuple[int, dict] | None = None  # stacked weights at the previous logging step
-        self._spikes_awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
+        self.finished = False
+        self.restore_history(history or [[] for _ in members], confusions or [])
 
     # -- setup -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        s = self.settings
+        o = self.settings.optimizer
         return StackedAdamW(
             self.model.parameters(),
             lr=[m.lr for m in self.members],
             weight_decay=[m.weight_decay for m in self.members],
-            betas=s.betas,
-            eps=s.eps,
-            warmup_steps=s.warmup_steps,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            warmup_steps=o.warmup_steps,
         )
 
     def on_fit_start(self) -> None:
-        s, device = self.settings, self.device
+        d, device = self.settings.data, self.device
         self.streams, val_sets = [], []
         for m in self.members:
-            if s.train_size is None:
-                self.streams.append(InfiniteBatches(self.spec, s.batch_size, m.data_seed, device))
-                g = torch.Generator().manual_seed(s.val_seed)
-                val_sets.append(encode(*sample_operands(self.spec, s.val_size, g), self.spec))
+            if d.train_size is None:
+                self.streams.append(InfiniteBatches(self.spec, d.batch_size, m.data_seed, device))
+                g = torch.Generator().manual_seed(d.val_seed)
+                val_sets.append(encode(*sample_operands(self.spec, d.val_size, g), self.spec))
             else:
-                train, heldout = split_train_heldout(self.spec, s.train_size, s.val_size, m.data_seed)
-                self.streams.append(FiniteBatches(train.to(device), s.batch_size, m.data_seed, self.spec))
+                train, heldout = split_train_heldout(self.spec, d.train_size, d.val_size, m.data_seed)
+                self.streams.append(FiniteBatches(train.to(device), d.batch_size, m.data_seed, self.spec))
                 val_sets.append(heldout)
         self.val_tokens = torch.stack(val_sets).to(device)  # (K, V, T)
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
-        self.carry_sets = CarrySets.build(self.spec, s.carry_set_size, s.chain_set_size).to(device)
+        mc = self.settings.metrics
+        self.carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size).to(device)
         self.train_stats = (
             compiled_place_stats(self.model, self.spec)
-            if s.compile
+            if self.settings.trainer.compile
             else lambda tokens: place_stats(self.model, tokens, self.spec)
         )
         if self.resume_states:
             self.load_resume_states(self.resume_states)
-        elif 0 in self.ckpt_steps:
-            self.save_checkpoints("step_0.ckpt", 0)
+
+    def restore_history(self, history: list[list[dict]], confusions: list[tuple[int, Any]]) -> None:
+        """Rows and confusion matrices logged before the resume step; the spike detector continues."""
+        for k, rows in enumerate(history):
+            rows = [r for r in rows if r["step"] < self.start_step]
+            self.history += [{"member": k, **r} for r in rows]
+            for r in rows:
+                if "train/loss" in r:
+                    self.spike_monitors[k].update(r["step"], r["train/loss"])
+        self.confusions = [
+            (int(step), torch.stack([torch.as_tensor(c)] * len(self.members)))
+            for step, c in confusions
+            if step < self.start_step
+        ]
 
     @torch.no_grad()
     def load_resume_states(self, states: list[dict]) -> None:
-        """Continue exactly where the checkpoints stopped: weights, optimiser moments, data streams, history."""
-        from addrepro.rundir.confusion import load_confusion
-        from addrepro.rundir.metrics_file import load_rows
-
+        """Continue exactly where the checkpoints stopped: weights, optimiser moments and data streams."""
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             p.copy_(torch.stack([st["model"][name] for st in states]).to(p.device))
@@ -155,20 +165,6 @@ class AdditionModule(pl.LightningModule):
         self.opt.step_count = states[0]["optimizer"]["step_count"]
         for stream, st in zip(self.streams, states, strict=True):
             stream.load_state_dict(st["data"])
-        start = self.start_step
-        for k, m in enumerate(self.members):
-            rows = [r for r in load_rows(m.job_dir) if r["step"] < start]
-            self.history += [{"member": k, **r} for r in rows]
-            for r in rows:  # the spike detector continues with the same window
-                if "train/loss" in r:
-                    self.spike_monitors[k].update(r["step"], r["train/loss"])
-            confusion = load_confusion(m.job_dir)
-            if confusion is not None and k == 0:
-                self.confusions = [
-                    (int(step), torch.stack([torch.from_numpy(c)] * len(self.members)))
-                    for step, c in zip(*confusion, strict=True)
-                    if step < start
-                ]
 
     @property
     def opt(self) -> StackedAdamW:
@@ -176,16 +172,17 @@ class AdditionModule(pl.LightningModule):
 
     # -- the hot loop ------------------------------------------------------------------------
     def training_step(self, batch: int, batch_idx: int) -> None:
-        remaining = self.settings.max_steps - self.opt.step_count
-        for _ in range(min(self.settings.steps_per_call, remaining)):
+        t = self.settings.trainer
+        remaining = t.max_steps - self.opt.step_count
+        for _ in range(min(t.steps_per_call, remaining)):
             self.train_one_step()
 
     def next_batch(self) -> torch.Tensor:
         return stacked_batch(self.streams)  # (K, B, T)
 
     def train_one_step(self) -> None:
-        s, step = self.settings, self.opt.step_count
-        if step % s.val_every_n_steps == 0 or step % s.metrics_every_n_steps == 0:
+        t, step = self.settings.trainer, self.opt.step_count
+        if step % t.val_every_n_steps == 0 or step % self.settings.metrics.every_n_steps == 0:
             self.validate(step)
         stats = self.train_stats(self.next_batch())
         lightning_opt = self.optimizers()
@@ -195,80 +192,69 @@ class AdditionModule(pl.LightningModule):
         # Remember, on the device, the first step whose loss was not finite (reported at the next log).
         bad = ~stats.loss.detach().isfinite()
         self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
-        logging = step % s.log_every_n_steps == 0
+        logging = step % t.log_every_n_steps == 0
         if logging:
             metrics = place_metric_dict(stats, "train")
             metrics.update({f"train/{k}": v for k, v in grad_norms(self.model, self.grad_keys).items()})
             metrics["train/lr"] = self.opt.current_lr()
-            # One copy per stacked tensor (not per member): members are sliced only if a spike needs them.
-            candidate = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+            # One copy per stacked tensor (not per member), for the spike snapshots of callbacks.
+            weights = self.stacked_weights() if self.wants("on_train_log_step") else None
         # With trainer.compile on CUDA the gradients live in the CUDA graph's memory: everything that
         # reads them (grad norms above, the optimiser here) must do so before the next forward pass.
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)
-            self.check_spikes(step, candidate)
-        if step + 1 in self.ckpt_steps:
-            self.save_checkpoints(f"step_{step + 1}.ckpt", step + 1)
+            new_spikes = self.check_spikes(step)
+            self.call_hooks("on_train_log_step", step, weights, new_spikes)
+        self.call_hooks("on_optimizer_step_end", step + 1)
 
     @torch.no_grad()
     def validate(self, step: int, final: bool = False) -> None:
-        s = self.settings
+        t, mc = self.settings.trainer, self.settings.metrics
         stats = place_stats(self.model, self.val_tokens, self.spec)
-        if step % s.val_every_n_steps == 0 or final:
+        if step % t.val_every_n_steps == 0 or final:
             self.emit(place_metric_dict(stats, "val"), step)
-            self.flush_metrics()
-        if step % s.metrics_every_n_steps == 0 or final:
+            self.call_hooks("on_validation_rows", step)
+        if step % mc.every_n_steps == 0 or final:
             metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
             metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec))
             self.emit(metrics, step)
             confusion = confusion_matrices(stats).cpu()
             self.confusions.append((step, confusion))
-            self.log_confusion_images(step, confusion)
+            self.call_hooks("on_confusion", step, confusion)
 
-    def log_confusion_images(self, step: int, confusion: torch.Tensor) -> None:
-        """Confusion matrices as one W&B image per member (places side by side, carry-out first)."""
-        from pytorch_lightning.loggers import WandbLogger
-
-        for k, m in enumerate(self.members):
-            for logger in m.loggers:
-                if isinstance(logger, WandbLogger):
-                    import wandb
-
-                    image = confusion_image(confusion[k])
-                    logger.experiment.log(
-                        {"val/confusion": wandb.Image(image, caption=f"step {step}: rows true digit, cols predicted; "
-                                                      "places carry-out .. units"),
-                         "trainer/global_step": step}
-                    )
-
-    def check_spikes(self, step: int, weights: dict[str, torch.Tensor]) -> None:
-        """Keep the weights just before, at and just after a loss spike (logging steps), to study it later."""
-        for k, spike_step in self._spikes_awaiting_after:
-            self.save_weights(k, f"spike_{spike_step}_after.ckpt", step, member_weights(weights, k))
-        self._spikes_awaiting_after = []
+    def check_spikes(self, step: int) -> list[tuple[int, Spike]]:
+        """Feed each member's train loss at a logging step to its spike detector; the new spikes."""
+        found = []
         for k, monitor in enumerate(self.spike_monitors):
             row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
             spike = monitor.update(step, row["train/loss"])
             if spike is not None:
-                self.spikes.append((k, spike))
-                if self._snapshot is not None:
-                    before_step, before = self._snapshot
-                    self.save_weights(k, f"spike_{step}_before.ckpt", before_step, member_weights(before, k))
-                self.save_weights(k, f"spike_{step}_at.ckpt", step, member_weights(weights, k))
-                self._spikes_awaiting_after.append((k, step))
-        self._snapshot = (step, weights)
+                found.append((k, spike))
+        self.spikes += found
+        return found
 
-    def on_train_end(self) -> None:
-        self.validate(self.opt.step_count, final=True)
-        self.save_checkpoints("last.ckpt", self.opt.step_count)
-        self.flush_metrics()
+    def on_train_epoch_end(self) -> None:
+        self.finish()
 
-    def flush_metrics(self) -> None:
-        """Write the metrics file now, so a killed run keeps its metrics up to the last evaluation."""
-        for m in self.members:
-            for logger in m.loggers:
-                logger.save()
+    def finish(self) -> None:
+        """The final evaluation, once (callbacks' end-of-run files come after it)."""
+        if not self.finished:
+            self.validate(self.opt.step_count, final=True)
+            self.finished = True
+
+    # -- hooks to the callbacks that write files -----------------------------------------------
+    def wants(self, hook: str) -> bool:
+        return self._trainer is not None and any(hasattr(cb, hook) for cb in self.trainer.callbacks)
+
+    def call_hooks(self, hook: str, *args: Any) -> None:
+        """Call ``hook(trainer, module, *args)`` on every callback that has it (as Lightning does for its own)."""
+        if self._trainer is None:
+            return
+        for cb in self.trainer.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self.trainer, self, *args)
 
     # -- leaving the device ------------------------------------------------------------------
     def emit(self, metrics: dict[str, torch.Tensor], step: int) -> None:
@@ -293,6 +279,10 @@ class AdditionModule(pl.LightningModule):
         if "train/loss" in metrics and self._trainer is not None:  # the progress bar
             self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
 
+    def stacked_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of every stacked tensor ``(K, ...)`` (members are sliced only when one is saved)."""
+        return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+
     def checkpoint_header(self, k: int, step: int) -> dict:
         return {
             "task": asdict(self.spec),
@@ -304,96 +294,36 @@ class AdditionModule(pl.LightningModule):
             "wandb_group": self.members[k].wandb_group,
         }
 
-    def save_weights(self, k: int, filename: str, step: int, weights: dict) -> None:
-        """A weights-only checkpoint (enough for analysis, not for resuming)."""
-        payload = {**self.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
-        save_checkpoint(self.members[k].job_dir / "checkpoints" / filename, payload)
+    def resumable_states(self, step: int) -> list[dict]:
+        """Everything member k needs to continue exactly: weights, optimiser moments, data stream.
 
-    def save_checkpoints(self, filename: str, step: int) -> None:
-        # A diverged model must never replace the last good checkpoint (one sync, at save steps only).
+        Raises ``Divergence`` when a weight is not finite: a diverged model never replaces the last
+        good checkpoint (one host sync, at checkpoint steps only).
+        """
         finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
         if not bool(finite):
             bad = next(n for n, p in self.model.named_parameters() if not p.detach().isfinite().all())
-            raise Divergence(f"step {step}: non-finite weights in {bad}; not saving {filename}")
+            raise Divergence(f"step {step}: non-finite weights in {bad}; the last good checkpoint is kept")
         opt_state = self.opt.state
         params = dict(self.model.named_parameters())
-        for k, m in enumerate(self.members):
+        states = []
+        for k in range(len(self.members)):
             moments = {
                 name: {key: opt_state[p][key][k].detach().cpu().clone() for key in ("exp_avg", "exp_avg_sq")}
                 for name, p in params.items()
                 if p in opt_state
             }
-            save_checkpoint(
-                m.job_dir / "checkpoints" / filename,
+            states.append(
                 {
                     **self.checkpoint_header(k, step),
                     "model": {n: t.cpu() for n, t in self.model.member_state_dict(k).items()},
                     "optimizer": {"step_count": self.opt.step_count, "moments": moments},
                     "data": self.streams[k].state_dict(),
-                },
+                }
             )
+        return states
 
 
 def member_weights(stacked: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     """Member k of stacked weights, as a single model's state dict."""
     return {name: t[k].clone() for name, t in stacked.items()}  # a clone: a saved view would store all K
-
-
-def settings_from_config(cfg) -> TrainSettings:  # noqa: ANN001 - a DictConfig
-    t = cfg.trainer
-    return TrainSettings(
-        max_steps=t.max_steps,
-        batch_size=cfg.data.batch_size,
-        train_size=cfg.data.train_size,
-        val_size=cfg.data.val_size,
-        val_seed=cfg.data.val_seed,
-        betas=tuple(cfg.optimizer.betas),
-        eps=cfg.optimizer.eps,
-        warmup_steps=cfg.optimizer.warmup_steps,
-        log_every_n_steps=t.log_every_n_steps,
-        val_every_n_steps=t.val_every_n_steps,
-        ckpt_steps=tuple(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
-        steps_per_call=t.steps_per_call,
-        compile=t.compile,
-        metrics_every_n_steps=cfg.metrics.every_n_steps,
-        carry_set_size=cfg.metrics.carry_set_size,
-        chain_set_size=cfg.metrics.chain_set_size,
-        spike_window=cfg.metrics.spike_window,
-        spike_factor=cfg.metrics.spike_factor,
-    )
-
-
-def task_spec_from_config(cfg) -> TaskSpec:  # noqa: ANN001
-    d = cfg.data
-    return TaskSpec(n_digits=d.n_digits, base=d.base, order=d.order, task=d.task)
-
-
-def model_config_from_config(cfg, spec: TaskSpec) -> ModelConfig:  # noqa: ANN001
-    m = cfg.model
-    return ModelConfig(
-        d_vocab=spec.d_vocab,
-        d_vocab_out=spec.base,
-        n_ctx=spec.seq_len - 1,
-        d_model=m.width,
-        n_layers=m.depth,
-        n_heads=m.n_heads,
-        d_head=m.d_head or m.width // m.n_heads,
-        d_mlp=m.d_mlp or 4 * m.width,
-        act_fn=m.act_fn,
-        normalization=m.normalization,
-        attn_only=m.attn_only,
-        init=m.init,
-        init_std=m.init_std,
-    )
-
-
-def confusion_image(confusion: torch.Tensor, scale: int = 8) -> np.ndarray:
-    """Greyscale tiles of ``(n+1, base, base)`` probabilities, carry-out first; NaN rows drawn mid-grey."""
-    import numpy as np
-
-    tiles = []
-    for j in range(confusion.shape[0] - 1, -1, -1):
-        tile = confusion[j].nan_to_num(0.5).clamp(0, 1).numpy()
-        tile = np.kron(1.0 - tile, np.ones((scale, scale)))  # dark = high probability
-        tiles += [tile, np.ones((tile.shape[0], scale))]
-    return (np.concatenate(tiles[:-1], axis=1) * 255).astype(np.uint8)

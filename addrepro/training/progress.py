@@ -18,7 +18,7 @@ class StepProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         bar, module = self.train_progress_bar, trainer.lightning_module
         step = module.opt.step_count
-        bar.reset(total=module.settings.max_steps)
+        bar.reset(total=module.settings.trainer.max_steps)
         bar.set_description("step")
         # A resumed run starts at its checkpoint's step, and its speed is measured from there.
         bar.initial = bar.n = bar.last_print_n = step

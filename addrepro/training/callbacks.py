@@ -1,0 +1,172 @@
+"""The callbacks that write a run's files; the LightningModule only computes and emits.
+
+Besides Lightning's hooks they answer the module's own, called at the optimiser step they concern
+(several optimiser steps run inside one Lightning step):
+
+* ``on_optimizer_step_end(trainer, module, step)`` — after the update that made ``step``;
+* ``on_train_log_step(trainer, module, step, weights, new_spikes)`` — at a logging step, with the
+  stacked weights from before its update;
+* ``on_validation_rows(trainer, module, step)`` — after the held-out rows of ``step`` were emitted;
+* ``on_confusion(trainer, module, step, confusion)`` — confusion matrices ``(K, n+1, base, base)``.
+
+Lightning calls a callback's ``on_train_end`` before the module's; the module's final evaluation
+runs in ``on_train_epoch_end``, so the end-of-run files see it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+
+from addrepro.rundir.checkpoints import save_checkpoint
+from addrepro.rundir.confusion import save_confusion
+from addrepro.training.module import AdditionModule, member_weights
+
+
+def flush_loggers(module: AdditionModule) -> None:
+    """Write every member's metrics file now (rows logged so far)."""
+    for m in module.members:
+        for logger in m.loggers:
+            logger.save()
+
+
+class Checkpoints(pl.Callback):
+    """Resumable checkpoints at the scheduled steps and ``last.ckpt`` at the end, one file per member.
+
+    The metrics file is written first, so a checkpoint never covers rows that are not on disk.
+    """
+
+    def __init__(self, steps: list[int]):
+        self.steps = set(steps)
+
+    def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        if not module.resume_states and 0 in self.steps:
+            self.save(module, "step_0.ckpt", 0)
+
+    def on_optimizer_step_end(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
+        if step in self.steps:
+            self.save(module, f"step_{step}.ckpt", step)
+
+    def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
+        flush_loggers(module)  # a killed run keeps its metrics up to the last evaluation
+
+    def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        module.finish()
+        self.save(module, "last.ckpt", module.opt.step_count)
+
+    @staticmethod
+    def save(module: AdditionModule, filename: str, step: int) -> None:
+        states = module.resumable_states(step)
+        flush_loggers(module)
+        for member, state in zip(module.members, states, strict=True):
+            save_checkpoint(member.job_dir / "checkpoints" / filename, state)
+
+
+class SpikeSnapshots(pl.Callback):
+    """The weights just before, at and just after a loss spike (at logging steps), to study it later.
+
+    Each is a weights-only checkpoint ``spike_<step>_{before,at,after}.ckpt`` of the spiking member.
+    """
+
+    def __init__(self) -> None:
+        self.previous: tuple[int, dict] | None = None  # stacked weights at the previous logging step
+        self.awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
+
+    def on_train_log_step(
+        self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list
+    ) -> None:
+        for k, spike_step in self.awaiting_after:
+            self.save(module, k, f"spike_{spike_step}_after.ckpt", step, member_weights(weights, k))
+        self.awaiting_after = []
+        for k, spike in new_spikes:
+            if self.previous is not None:
+                before_step, before = self.previous
+                self.save(module, k, f"spike_{spike.step}_before.ckpt", before_step, member_weights(before, k))
+            self.save(module, k, f"spike_{spike.step}_at.ckpt", step, member_weights(weights, k))
+            self.awaiting_after.append((k, spike.step))
+        self.previous = (step, weights)
+
+    @staticmethod
+    def save(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
+        payload = {**module.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
+        save_checkpoint(module.members[k].job_dir / "checkpoints" / filename, payload)
+
+
+class ConfusionImages(pl.Callback):
+    """Confusion matrices as one W&B image per member (places side by side, carry-out first)."""
+
+    def on_confusion(self, trainer: pl.Trainer, module: AdditionModule, step: int, confusion: torch.Tensor) -> None:
+        for k, m in enumerate(module.members):
+            for logger in m.loggers:
+                if isinstance(logger, WandbLogger):
+                    import wandb  # noqa: PLC0415 - only W&B runs pay for this import
+
+                    caption = f"step {step}: rows true digit, cols predicted; places carry-out .. units"
+                    image = wandb.Image(confusion_image(confusion[k]), caption=caption)
+                    logger.experiment.log({"val/confusion": image, "trainer/global_step": step})
+
+
+class EndOfRunFiles(pl.Callback):
+    """Files that outlive the run, per member: ``confusion.npz``, ``spikes.json``, plots; and W&B copies.
+
+    ``draw(job_dir, rows) -> paths`` draws the plots (the reports layer passes it in).
+    """
+
+    def __init__(self, job_dirs: list[Path], draw: Callable[[Path, list[dict]], list[Path]] | None = None,
+                 spike_window: int = 50):
+        self.job_dirs, self.draw, self.spike_window = job_dirs, draw, spike_window
+
+    def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        module.finish()
+        for k, job_dir in enumerate(self.job_dirs):
+            rows = [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k]
+            save_confusion(job_dir, [(step, c[k]) for step, c in module.confusions])
+            spikes = [
+                {
+                    **s.as_dict(),
+                    # The gradient norms around the spike, to tell an optimiser blow-up from a data fluke.
+                    "grad_norms": [
+                        {key: v for key, v in r.items() if key == "step" or key.startswith("train/grad_norm/")}
+                        for r in rows
+                        if "train/grad_norm/global" in r and abs(r["step"] - s.step) <= self.spike_window
+                    ],
+                }
+                for member, s in module.spikes
+                if member == k
+            ]
+            (job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
+            paths = self.draw(job_dir, rows) if self.draw is not None else []
+            log_files_to_wandb(module.members[k].loggers, paths, job_dir)
+
+
+def log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None:
+    """The plots as W&B images and the detected shelves as a W&B table."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb  # noqa: PLC0415 - only W&B runs pay for this import
+
+        payload = {f"plots/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
+        shelves_path = job_dir / "shelves_detected.json"
+        if shelves_path.exists():
+            shelves = json.loads(shelves_path.read_text())
+            columns = ["place", "start_step", "end_step", "level", "atlas_level", "atlas_loss"]
+            payload["shelves"] = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in shelves])
+        if payload:
+            logger.experiment.log(payload)
+
+
+def confusion_image(confusion: torch.Tensor, scale: int = 8) -> np.ndarray:
+    """Greyscale tiles of ``(n+1, base, base)`` probabilities, carry-out first; NaN rows drawn mid-grey."""
+    tiles = []
+    for j in range(confusion.shape[0] - 1, -1, -1):
+        tile = confusion[j].nan_to_num(0.5).clamp(0, 1).numpy()
+        tile = np.kron(1.0 - tile, np.ones((scale, scale)))  # dark = high probability
+        tiles += [tile, np.ones((tile.shape[0], scale))]
+    return (np.concatenate(tiles[:-1], axis=1) * 255).astype(np.uint8)

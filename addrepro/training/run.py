@@ -1,0 +1,241 @@
+"""Turn Hydra jobs into trained models: plan each job (folder, W&B identity, resume), train a stack, record status.
+
+A *plan* is one job of a run or sweep. ``train`` trains plans that agree on everything but their
+seeds, learning rate and weight decay as one stack of models (see ``training.ensemble``); a single
+run is a stack of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from addrepro.rundir.checkpoints import (
+    CheckpointError,
+    check_compatible,
+    checkpoint_steps,
+    find_resume_checkpoint,
+    load_checkpoint,
+)
+from addrepro.rundir.confusion import load_confusion
+from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, run_name, swept_keys, wandb_run_id
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.status import write_status
+from addrepro.training.callbacks import Checkpoints, ConfusionImages, EndOfRunFiles, SpikeSnapshots
+from addrepro.training.config import ConfigError, architecture, task_spec, typed, validate
+from addrepro.training.module import AdditionModule, Divergence, Member, Settings
+from addrepro.training.progress import StepProgressBar
+
+log = logging.getLogger("addrepro")
+
+Draw = Callable[[Path, list[dict]], list[Path]]
+
+
+def quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`training_step` returns `None`.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
+@dataclass
+class JobPlan:
+    """One job of a run or sweep, ready to train: its config, folder and W&B identity."""
+
+    cfg: DictConfig
+    job_dir: Path
+    name: str
+    group: str
+    multirun: bool
+    resume_from: Path | None = None
+
+
+def settings(cfg: DictConfig) -> Settings:
+    t = typed(cfg)
+    return Settings(data=t.data, optimizer=t.optimizer, trainer=t.trainer, metrics=t.metrics)
+
+
+def earlier_history(plan: JobPlan) -> list[dict]:
+    """The rows a resumed job logged before (none if it kept no metrics file)."""
+    try:
+        return load_rows(plan.job_dir)
+    except FileNotFoundError:
+        return []
+
+
+def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
+    """Train the jobs of ``plans`` as one stack of models (one job: a single run).
+
+    The jobs must agree on everything but their seeds, learning rate and weight decay (see
+    ``addrepro.training.ensemble.packing_key``). ``draw(job_dir, rows)`` draws a job's plots at the
+    end. Returns each job's final validation row.
+    """
+    quiet_lightning()
+    cfg = plans[0].cfg
+    spec = task_spec(cfg.data)
+    s = settings(cfg)
+    members, resume_states, history = [], [], []
+    for plan in plans:
+        state = load_checkpoint(plan.resume_from) if plan.resume_from else None
+        resume_states.append(state)
+        history.append(earlier_history(plan) if state else [])
+        loggers = make_loggers(
+            plan.cfg,
+            plan.job_dir,
+            name=plan.name,
+            group=plan.group,
+            run_id=state.get("wandb_run_id") if state else None,
+            resume_step=state["step"] if state else None,
+        )
+        members.append(
+            Member(
+                seed=plan.cfg.seed,
+                data_seed=plan.cfg.data.seed,
+                lr=plan.cfg.optimizer.lr,
+                weight_decay=plan.cfg.optimizer.weight_decay,
+                job_dir=plan.job_dir,
+                config=OmegaConf.to_container(plan.cfg, resolve=True),
+                loggers=loggers,
+                wandb_run_id=wandb_run_id(loggers),
+                wandb_name=plan.name,
+                wandb_group=plan.group,
+            )
+        )
+    confusion = load_confusion(plans[0].job_dir) if resume_states[0] else None
+    confusions = list(zip(*confusion, strict=True)) if confusion is not None else []
+    module = AdditionModule(
+        spec, architecture(cfg.model, spec), members, s, resume_states=resume_states, history=history,
+        confusions=confusions,
+    )
+    t = s.trainer
+    callbacks: list[pl.Callback] = [
+        Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
+        SpikeSnapshots(),
+        ConfusionImages(),
+        EndOfRunFiles([p.job_dir for p in plans], draw if t.plots else None, spike_window=5 * t.log_every_n_steps),
+    ]
+    if t.progress_bar:
+        # Redrawing the bar every step costs more than a training step of these tiny models.
+        callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // t.steps_per_call)))
+    trainer = pl.Trainer(
+        max_steps=t.max_steps,
+        max_epochs=1,
+        accelerator=t.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=t.progress_bar,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(plans[0].job_dir),
+        callbacks=callbacks,
+    )
+    ticks = range(math.ceil(max(t.max_steps - module.start_step, 0) / t.steps_per_call))
+    trainer.fit(module, train_dataloaders=ticks)
+    finals = []
+    for k in range(len(plans)):
+        rows = [r for r in module.history if r["member"] == k]
+        finals.append(next((r for r in reversed(rows) if "val/loss" in r), {}))
+    return finals
+
+
+def job_plan(cfg: DictConfig) -> JobPlan:
+    """The current Hydra job's folder, W&B run name and group; validation happens separately."""
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    group_dir = Path(hc.sweep.dir) if multirun else job_dir
+    group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
+    swept = swept_keys(sweep_overrides(group_dir)) if multirun else None
+    return JobPlan(cfg, job_dir, run_name(list(hc.overrides.task), swept), group, multirun)
+
+
+def resume_plan(plan: JobPlan) -> JobPlan:
+    """Continue the run a checkpoint belongs to: its config (plus this command's overrides), its folder."""
+    path = find_resume_checkpoint(str(plan.cfg.resume), plan.job_dir)
+    if path is None:  # resume=auto on a first start
+        return plan
+    ckpt = load_checkpoint(path)
+    # A key added to addrepro after the checkpoint was written takes this job's value (its default).
+    current = OmegaConf.create(OmegaConf.to_container(plan.cfg, resolve=False))
+    cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
+    # This command's overrides win over the stored config; their values are taken from this job's
+    # composed config, so group overrides (logger=csv) bring their whole group.
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~").replace("/", ".")
+        value = OmegaConf.select(plan.cfg, key, default=None)
+        if key in ("resume", "experiment") or key.startswith("hydra") or value is None:
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        OmegaConf.update(cfg, key, value, merge=False)
+    cfg.resume = str(path)
+    validate(cfg)
+    spec = task_spec(cfg.data)
+    check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
+    name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
+    log.info("resuming %s from step %d", path, ckpt["step"])
+    return JobPlan(cfg, path.parent.parent, name, group, plan.multirun, resume_from=path)
+
+
+def sweep_overrides(sweep_dir: Path) -> list[str]:
+    """The multirun's own command-line overrides, as Hydra saved them (jobs run by submitit see no argv)."""
+    saved = sweep_dir / "multirun.yaml"
+    if saved.exists():
+        return list(OmegaConf.load(saved).hydra.overrides.task)
+    return sys.argv[1:]
+
+
+def checked_plan(cfg: DictConfig) -> JobPlan | None:
+    """The job's plan, or None after reporting a bad config in one line (exit 2 outside a sweep)."""
+    plan = job_plan(cfg)
+    try:
+        validate(cfg)
+        if cfg.resume:
+            plan = resume_plan(plan)
+    except (ConfigError, CheckpointError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "checkpoint"
+        write_status(plan.job_dir, "failed", f"{kind}: {e}")
+        print(f"addrepro: {kind} error: {e}", file=sys.stderr)
+        if plan.multirun:
+            return None
+        sys.exit(2)
+    write_status(plan.job_dir, "running")
+    return plan
+
+
+def run_plans(plans: list[JobPlan], draw: Draw | None = None) -> bool:
+    """Train ``plans`` together, record each job's status and close its W&B run; True if all went well."""
+    try:
+        finals = train(plans, draw)
+    except Exception as e:
+        finish_wandb_runs(exit_code=1)
+        for plan in plans:
+            write_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
+        if isinstance(e, Divergence):  # an expected way for a run to end: one line, no traceback
+            print(f"addrepro: diverged: {e}", file=sys.stderr)
+            if not plans[0].multirun:
+                sys.exit(1)
+            return False
+        print(f"addrepro: job failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if not plans[0].multirun:
+            raise
+        log.exception("job failed")
+        return False
+    finish_wandb_runs(exit_code=0)
+    for plan, final in zip(plans, finals, strict=True):
+        write_status(plan.job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
+        log.info("done: %s (val loss %.4f)", plan.job_dir, final.get("val/loss", float("nan")))
+    return True
