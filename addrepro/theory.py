@@ -15,17 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
-from addrepro.task.spec import ORDERS, TASKS
-from addrepro.training.config import ConfigError, _choice, _int
+from addrepro.training.config import ConfigError, DataConfig, check_fields, config_dir
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="theory")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="theory")
 def main(cfg: DictConfig) -> None:
     try:
-        _int(cfg, "data.n_digits", 1)
-        _int(cfg, "data.base", 2, 36)
-        _choice(cfg, "data.order", ORDERS)
-        _choice(cfg, "data.task", TASKS)
+        check_fields(DataConfig, cfg.data, "data")
     except ConfigError as e:
         print(f"addrepro: config error: {e}", file=sys.stderr)
         sys.exit(2)

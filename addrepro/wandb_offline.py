@@ -199,8 +199,9 @@ def iter_records(path: str | Path, *, strict: bool = False) -> Iterator[wandb_in
     with a :class:`WandbLogWarning` and a truncated tail ends the iteration after the
     last intact record. With ``strict=True`` these raise :class:`WandbLogError`.
     """
-    from google.protobuf.message import DecodeError
-    from wandb.proto import wandb_internal_pb2
+    # wandb's protobuf modules load only when a .wandb file is actually read.
+    from google.protobuf.message import DecodeError  # noqa: PLC0415
+    from wandb.proto import wandb_internal_pb2  # noqa: PLC0415
 
     path = Path(path)
     for offset, payload in _iter_payloads(path, strict):

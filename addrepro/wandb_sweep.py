@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
@@ -86,8 +87,6 @@ def _choices(name: str, spec: dict) -> list[Any] | None:
     if dist == "int_uniform":
         return list(range(int(spec["min"]), int(spec["max"]) + 1))
     if dist == "q_uniform":
-        import numpy as np
-
         return np.arange(spec["min"], spec["max"], spec.get("q", 1.0)).tolist()
     raise ValueError(f"parameter {name}: grid search needs `values`, `value`, int_uniform or q_uniform, got {spec}")
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
+
+from addrepro.rundir.metrics_file import MetricsCSVLogger
 
 
 def swept_keys(argv: list[str]) -> set[str]:
     """Keys that a multirun command line sweeps over (``model.width=32,64``, ``seed=range(3)`` …)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     args = [a for a in argv if "=" in a and not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(args)
@@ -44,13 +46,10 @@ def make_loggers(
     """
     loggers: list[Logger] = []
     if cfg.logger.csv:
-        from addrepro.rundir.metrics_file import MetricsCSVLogger
-
         loggers.append(MetricsCSVLogger(job_dir, keep_before_step=resume_step))
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
     if wb.enabled and mode != "disabled":
-
         init = dict(
             dir=str(job_dir),
             project=wb.project,
@@ -71,9 +70,7 @@ def make_loggers(
 
 def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wandb Run
     """Start a W&B run; an online run that cannot reach its server falls back to offline, never waits."""
-    import sys
-
-    import wandb
+    import wandb  # noqa: PLC0415 - a second of start-up that CSV-only runs skip
 
     def start(mode: str):  # noqa: ANN202
         settings = wandb.Settings(silent=True, init_timeout=timeout, console="off")
@@ -85,8 +82,9 @@ def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wand
         return start("online")
     except Exception as e:  # no network, no API key, server down: keep the run, log offline
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"addrepro: W&B online unavailable ({type(e).__name__}: {reason}); logging offline instead",
-              file=sys.stderr)
+        print(
+            f"addrepro: W&B online unavailable ({type(e).__name__}: {reason}); logging offline instead", file=sys.stderr
+        )
         return start("offline")
 
 

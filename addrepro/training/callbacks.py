@@ -118,8 +118,9 @@ class EndOfRunFiles(pl.Callback):
     ``draw(job_dir, rows) -> paths`` draws the plots (the reports layer passes it in).
     """
 
-    def __init__(self, job_dirs: list[Path], draw: Callable[[Path, list[dict]], list[Path]] | None = None,
-                 spike_window: int = 50):
+    def __init__(
+        self, job_dirs: list[Path], draw: Callable[[Path, list[dict]], list[Path]] | None = None, spike_window: int = 50
+    ):
         self.job_dirs, self.draw, self.spike_window = job_dirs, draw, spike_window
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:

@@ -294,12 +294,16 @@ def validate(cfg: DictConfig) -> None:
         need = d.train_size + d.val_size
         if need > n_pairs:
             raise ConfigError(
-                "data.train_size", d.train_size, f"train_size + val_size ({need}) must not exceed the {n_pairs} distinct pairs"
+                "data.train_size",
+                d.train_size,
+                f"train_size + val_size ({need}) must not exceed the {n_pairs} distinct pairs",
             )
         if n_pairs > 2**62:
             raise ConfigError("data.train_size", d.train_size, "finite data needs base^(2n) <= 2^62")
     if m.d_head is None and m.width % m.n_heads != 0:
-        raise ConfigError("model.width", m.width, f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)")
+        raise ConfigError(
+            "model.width", m.width, f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)"
+        )
     if m.attn_only and m.d_mlp is not None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
 

@@ -34,9 +34,9 @@ from addrepro.metrics.place import compiled_place_stats, place_metric_dict, plac
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import ModelConfig, Transformer
 from addrepro.shelves.spikes import Spike, SpikeMonitor
+from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
-from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, split_train_heldout, stacked_batch
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 

@@ -116,7 +116,12 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     confusion = load_confusion(plans[0].job_dir) if resume_states[0] else None
     confusions = list(zip(*confusion, strict=True)) if confusion is not None else []
     module = AdditionModule(
-        spec, architecture(cfg.model, spec), members, s, resume_states=resume_states, history=history,
+        spec,
+        architecture(cfg.model, spec),
+        members,
+        s,
+        resume_states=resume_states,
+        history=history,
         confusions=confusions,
     )
     t = s.trainer

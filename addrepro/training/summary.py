@@ -28,4 +28,3 @@ class SweepSummary(Callback):
             print(f"addrepro: job {job} {status['status']}: {status['message']}", file=sys.stderr)
         if failed:
             sys.exit(1)
-

@@ -30,8 +30,9 @@ class EnsembleLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from addrepro.train import checked_plan, run_plans
-        from addrepro.training.ensemble import pack, packing_key
+        # Hydra imports every plugin at start-up, whatever the launcher: training loads only when used.
+        from addrepro.train import checked_plan, run_plans  # noqa: PLC0415
+        from addrepro.training.ensemble import pack, packing_key  # noqa: PLC0415
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
