@@ -111,7 +111,7 @@ def addrepro_run(
     from hydra import compose, initialize_config_dir
 
     import addrepro.train  # noqa: F401 - registers the ${uid:} resolver
-    from addrepro.train import JobPlan, _quiet_lightning
+    from addrepro.training.run import JobPlan, quiet_lightning
 
     class Clock(pl.Callback):
         def __init__(self) -> None:
@@ -138,7 +138,7 @@ def addrepro_run(
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfgs = [compose(config_name="train", overrides=[*overrides, f"seed={k}"]) for k in range(members)]
     clock = Clock()
-    _quiet_lightning()
+    quiet_lightning()
     with tempfile.TemporaryDirectory() as tmp:
         plans = [JobPlan(c, Path(tmp) / str(k), str(k), "bench", True) for k, c in enumerate(cfgs)]
         for p in plans:

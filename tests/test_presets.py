@@ -10,22 +10,18 @@ from hydra import compose, initialize_config_dir
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
 from addrepro.reports.job import load_reference
 from addrepro.training.config import validate
-from addrepro.training.module import (
-    AdditionModule,
-    Member,
-    model_config_from_config,
-    settings_from_config,
-    task_spec_from_config,
-)
+from addrepro.training.config import architecture, task_spec
+from addrepro.training.module import AdditionModule, Member
+from addrepro.training.run import settings
 
 
 def build(experiment: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
     validate(cfg)
-    spec = task_spec_from_config(cfg)
+    spec = task_spec(cfg.data)
     member = Member(seed=0, data_seed=0, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, job_dir=REPO)
-    module = AdditionModule(spec, model_config_from_config(cfg, spec), [member], settings_from_config(cfg))
+    module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
     return cfg, spec, module
 
 
