@@ -1,0 +1,1 @@
+"""addrepro: train small transformers on n-digit addition and study their per-place loss shelves."""

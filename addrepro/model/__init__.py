@@ -1,0 +1,1 @@
+"""The model: the stacked-weight transformer, its optimiser and its export to TransformerLens."""

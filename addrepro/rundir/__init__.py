@@ -1,0 +1,1 @@
+"""The run-folder format: atomic writes, metrics file, status, confusion arrays, checkpoints, loggers."""

@@ -1,0 +1,1 @@
+"""The shelf science: the atlas of exact shelf levels, shelf detection in curves, loss spikes."""

@@ -1,0 +1,1 @@
+"""Training: the config schema, the LightningModule, its callbacks, ensemble packing and job planning."""

@@ -148,8 +148,10 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         default_root_dir=str(plans[0].job_dir),
         callbacks=callbacks,
     )
-    ticks = range(math.ceil(max(t.max_steps - module.start_step, 0) / t.steps_per_call))
-    trainer.fit(module, train_dataloaders=ticks)
+    if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
+        log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
+        return [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
+    trainer.fit(module, train_dataloaders=range(math.ceil((t.max_steps - module.start_step) / t.steps_per_call)))
     finals = []
     for k in range(len(plans)):
         rows = [r for r in module.history if r["member"] == k]
