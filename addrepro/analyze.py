@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from addrepro.interp import ANALYSES as MODULES
+from addrepro.interp import load_subject, over_training, write_outputs
+from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir
+from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
+from addrepro.training.config import config_dir
 
 SINGLE = ("ablation", "logit_attribution", "attention", "composition")
 ANALYSES = (*SINGLE, "over_training")
@@ -24,23 +31,23 @@ class AnalyzeError(ValueError):
 
 
 def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Path]:
-    """``(checkpoint file or job folder, job folder)``; raises AnalyzeError with one line."""
+    """``(checkpoint file or job folder, job folder)``; raises AnalyzeError with one line.
+
+    A job folder stands for its ``checkpoints/last.ckpt``, except for ``over_training``, which reads
+    all of the folder's checkpoints.
+    """
     if not checkpoint:
         raise AnalyzeError("checkpoint=<path> is required (a .ckpt file or a job folder)")
     path = Path(checkpoint)
-    if not path.exists():
-        raise AnalyzeError(f"checkpoint={path} does not exist")
-    if path.is_dir():
-        if not (path / "checkpoints").is_dir():
+    if analysis == "over_training" and path.is_dir():
+        if not checkpoint_dir(path).is_dir():
             raise AnalyzeError(f"checkpoint={path}: no checkpoints/ folder in it")
-        job = path
-        if analysis != "over_training":
-            path = path / "checkpoints" / "last.ckpt"
-            if not path.exists():
-                raise AnalyzeError(f"checkpoint: no checkpoints/last.ckpt in folder {job}")
-    else:
-        job = path.parent.parent
-    return path, job
+        return path, path
+    try:
+        path = checkpoint_file(path)
+    except CheckpointError as e:
+        raise AnalyzeError(str(e)) from None
+    return path, path.parent.parent
 
 
 def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
@@ -57,13 +64,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
 
-    import torch
-
     torch.set_num_threads(cfg.threads)
-    from addrepro.interp import ANALYSES as MODULES
-    from addrepro.interp import load_subject, over_training, write_outputs
-    from addrepro.rundir.checkpoints import CheckpointError
-
     subject_options = dict(cfg.data)
     try:
         if cfg.analysis == "over_training":
@@ -86,10 +87,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) -> None:
     """Resume the run's W&B run (its id is in the checkpoint) and log the PNG and the summary scalars."""
-    import torch
-    import wandb
-
-    from addrepro.interp import ANALYSES as MODULES
+    import wandb  # noqa: PLC0415 - a second of start-up that runs without analysis.wandb skip
 
     ckpts = sorted((job / "checkpoints").glob("*.ckpt"))
     ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
@@ -110,7 +108,7 @@ def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) ->
     run.finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="analyze")
 def main(cfg: DictConfig) -> None:
     try:
         paths = analyze(cfg)

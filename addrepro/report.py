@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from addrepro.reports.job import draw_job
+from addrepro.reports.sweep import draw_sweep, is_sweep_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +19,6 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m addrepro.report <job folder | sweep folder>", file=sys.stderr)
         return 2
     try:
-        from addrepro.reports.sweep import draw_sweep, is_sweep_dir
-
         folder = Path(argv[0])
         paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
     except FileNotFoundError as e:

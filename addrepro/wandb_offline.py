@@ -93,9 +93,7 @@ def _read_file_header(data: bytes, path: Path) -> None:
             f"expected {FILE_HEADER.pack(HEADER_IDENT, HEADER_MAGIC, HEADER_VERSION).hex()})"
         )
     if version != HEADER_VERSION:
-        raise WandbLogError(
-            f"{path}: unsupported .wandb format version {version} (expected {HEADER_VERSION})"
-        )
+        raise WandbLogError(f"{path}: unsupported .wandb format version {version} (expected {HEADER_VERSION})")
 
 
 def _iter_chunks(data: bytes, path: Path, strict: bool = False) -> Iterator[tuple[int, int, bytes]]:
@@ -141,8 +139,7 @@ def _iter_chunks(data: bytes, path: Path, strict: bool = False) -> Iterator[tupl
         payload = data[start:end]
         if zlib.crc32(payload, _TYPE_CRC[ctype]) != crc:
             _problem(
-                f"{path}: CRC mismatch in {_TYPE_NAMES[ctype]} chunk at offset {pos}; "
-                f"skipping to offset {next_block}",
+                f"{path}: CRC mismatch in {_TYPE_NAMES[ctype]} chunk at offset {pos}; skipping to offset {next_block}",
                 strict,
             )
             pos = next_block
@@ -179,8 +176,7 @@ def _iter_payloads(path: Path, strict: bool = False) -> Iterator[tuple[int, byte
                 if resyncing:
                     continue
                 _problem(
-                    f"{path}: orphan {_TYPE_NAMES[ctype]} chunk at offset {offset} "
-                    "(no FIRST chunk before it); skipped",
+                    f"{path}: orphan {_TYPE_NAMES[ctype]} chunk at offset {offset} (no FIRST chunk before it); skipped",
                     strict,
                 )
                 continue
@@ -469,9 +465,6 @@ def find_runs(root: str | Path) -> list[Path]:
     if root.is_file():
         return [root] if root.suffix == ".wandb" else []
     found = [
-        Path(dirpath) / name
-        for dirpath, _, filenames in os.walk(root)
-        for name in filenames
-        if name.endswith(".wandb")
+        Path(dirpath) / name for dirpath, _, filenames in os.walk(root) for name in filenames if name.endswith(".wandb")
     ]
     return sorted(found)

@@ -181,8 +181,13 @@ def expand_commands(sweep_yaml_path: str | Path) -> list[list[str]]:
     return [expand_command(sweep, args, _json_file("local", f"run{i}")) for i, args in enumerate(grid_runs(sweep))]
 
 
-def run_commands(sweep_yaml_path: str | Path, n: int, cwd: str | Path | None = None, timeout: float | None = None,
-                 extra: list[str] | None = None) -> list[int]:
+def run_commands(
+    sweep_yaml_path: str | Path,
+    n: int,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    extra: list[str] | None = None,
+) -> list[int]:
     """Run the first ``n`` commands one after another, as an agent would; returns their exit codes.
 
     Like the agent, every job gets a fresh ``WANDB_RUN_ID`` (and no sweep id: without the W&B server the
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="a W&B grid sweep file, e.g. sweeps/wandb/width.yaml")
     parser.add_argument("--run", type=int, default=0, metavar="N", help="also run the first N commands here")
     argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser.epilog = "Words after `--` are appended to every command that --run runs (e.g. trainer.max_steps=100)."
     ns = parser.parse_args(argv)

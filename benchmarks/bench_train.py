@@ -127,9 +127,15 @@ def addrepro_run(
             self.end, self.end_step = time.perf_counter(), trainer.global_step
 
     total = warmup + steps
-    overrides = [f"model.width={width}", f"data.batch_size={batch}", f"trainer.max_steps={total}",
-                 "logger=csv", "trainer.plots=false", "trainer.progress_bar=false",
-                 f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
+    overrides = [
+        f"model.width={width}",
+        f"data.batch_size={batch}",
+        f"trainer.max_steps={total}",
+        "logger=csv",
+        "trainer.plots=false",
+        "trainer.progress_bar=false",
+        f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+    ]
     if compiled:
         overrides.append("trainer.compile=true")
     if lean:
@@ -196,8 +202,10 @@ def main() -> int:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     spec = TaskSpec(n_digits=5)
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9} "
-          f"{'vs plain-answers':>17}")
+    print(
+        f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9} "
+        f"{'vs plain-answers':>17}"
+    )
     for device in devices:
         k = args.ensemble or (64 if device == "cuda" else 8)
         for name in args.configs:
@@ -214,8 +222,11 @@ def main() -> int:
             steps = max(args.steps // k * 4, 20)
             rows.append((f"ensemble x{k}", addrepro_run(c["width"], c["batch"], steps, 10, device, k, True), k))
             for path, rate, members in rows:
-                print(f"{machine(device):36} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
-                      f"{rate * members / plain:8.2f}x {rate * members / answers:16.2f}x", flush=True)
+                print(
+                    f"{machine(device):36} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
+                    f"{rate * members / plain:8.2f}x {rate * members / answers:16.2f}x",
+                    flush=True,
+                )
     return 0
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from addrepro.reports.job import load_reference, place_atlas
-from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import load_rows
+from addrepro.task.spec import TaskSpec
 
 
 def window_mean(rows: list[dict], key: str, step: int, window: int = 25) -> float:
@@ -36,7 +37,7 @@ def descent_step(rows: list[dict], key: str, level: float, smooth: int = 5) -> i
 def main(folders: list[str]) -> None:
     jobs = [Path(f) for f in folders]
     cfg = job_config(jobs[0])
-    spec, reference = spec_of(cfg), load_reference(cfg.get("reference"))
+    spec, reference = TaskSpec.from_config(cfg.data), load_reference(cfg.get("reference"))
     runs = [load_rows(j) for j in jobs]
     places = list(range(spec.n_digits, -1, -1))
     print("| step | " + " | ".join(f"place {j}: runs / published" for j in places) + " |")

@@ -9,14 +9,8 @@ Each analysis module has ``run(subject, **options) -> dict`` (plain values, tens
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, composition, logit_attribution, over_training
+from addrepro.interp import over_training
 from addrepro.interp.common import Subject, load_subject, write_outputs
-
-ANALYSES = {
-    "ablation": ablation,
-    "logit_attribution": logit_attribution,
-    "attention": attention,
-    "composition": composition,
-}
+from addrepro.interp.registry import ANALYSES
 
 __all__ = ["ANALYSES", "Subject", "load_subject", "over_training", "write_outputs"]

@@ -14,15 +14,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+
 from addrepro.model.export import to_transformer_lens
-from addrepro.rundir.checkpoints import load_checkpoint
-from addrepro.task.encoding import carries_in, encode, operands_from_tokens, sample_operands
+from addrepro.model.transformer import layer_norm
+from addrepro.rundir.checkpoints import load_checkpoint, resolve_checkpoint
+from addrepro.task.encoding import carries_in, operands_from_tokens
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
-from addrepro.task.streams import split_train_heldout
+from addrepro.task.streams import validation_tokens
 
 Hook = tuple[str, Callable]
 
@@ -70,27 +75,27 @@ def load_subject(
     ``val_size``: None uses the run's own validation set (same seed and size as in training);
     a number keeps only its first ``val_size`` sequences.
     """
-    path = Path(source) if isinstance(source, (str, Path)) else None
-    ckpt = load_checkpoint(source) if path is not None else source
-    if path is not None and path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+    path = resolve_checkpoint(source) if isinstance(source, (str, Path)) else None
+    ckpt = load_checkpoint(path) if path is not None else source
     bridge = to_transformer_lens(ckpt)
     spec = bridge.addrepro_spec
-    val = validation_tokens(ckpt, spec)
+    val = run_validation_tokens(ckpt, spec)
     if val_size is not None:
         val = val[:val_size]
     return Subject(bridge, spec, ckpt, path, val, CarrySets.build(spec, carry_size, chain_size))
 
 
-def validation_tokens(ckpt: dict, spec: TaskSpec) -> torch.Tensor:
+def run_validation_tokens(ckpt: dict, spec: TaskSpec) -> torch.Tensor:
     """The held-out set the run validated on, rebuilt from the run config stored in the checkpoint."""
-    data = ckpt.get("config", {}).get("data", {})
-    val_size = data.get("val_size", 2048)
-    if data.get("train_size") is None:
-        g = torch.Generator().manual_seed(data.get("val_seed", 1000003))
-        return encode(*sample_operands(spec, val_size, g), spec)
-    seed = data.get("seed", ckpt.get("config", {}).get("seed", 0))
-    return split_train_heldout(spec, data["train_size"], val_size, seed)[1]
+    config = ckpt.get("config", {})
+    data = config.get("data", {})
+    return validation_tokens(
+        spec,
+        val_size=data.get("val_size", 2048),
+        val_seed=data.get("val_seed", 1000003),
+        train_size=data.get("train_size"),
+        data_seed=data.get("seed", config.get("seed", 0)),
+    )
 
 
 def answer_positions(spec: TaskSpec) -> list[int]:
@@ -136,9 +141,7 @@ def unembed(bridge: Any, resid: torch.Tensor) -> torch.Tensor:
     """Logits of final-residual vectors ``(..., d_model)``: the final LayerNorm (if any), then W_U, b_U."""
     state = bridge.state_dict()
     if bridge.cfg.normalization_type is not None:
-        x = resid - resid.mean(-1, keepdim=True)
-        x = x / (x.pow(2).mean(-1, keepdim=True) + bridge.cfg.eps).sqrt()
-        resid = x * state["ln_final.weight"] + state["ln_final.bias"]
+        resid = layer_norm(resid, state["ln_final.weight"], state["ln_final.bias"], bridge.cfg.eps)
     return resid @ bridge.W_U + bridge.b_U
 
 
@@ -209,8 +212,6 @@ def subject_info(subject: Subject) -> dict:
 
 def write_outputs(result: dict, figure: Any, stem: Path) -> list[Path]:
     """Write ``<stem>.json`` and (when a figure is given) ``<stem>.png``; returns the paths."""
-    import matplotlib.pyplot as plt
-
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path = stem.with_suffix(".json")
@@ -225,10 +226,5 @@ def write_outputs(result: dict, figure: Any, stem: Path) -> list[Path]:
 
 
 def new_figure(n_rows: int, n_cols: int, width: float = 4.0, height: float = 3.0) -> tuple[Any, np.ndarray]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(width * n_cols, height * n_rows), squeeze=False)
     return fig, axes

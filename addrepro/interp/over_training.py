@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from addrepro.interp.common import Subject, load_subject, new_figure
+from addrepro.interp.registry import ANALYSES
+from addrepro.rundir.checkpoints import LAST, checkpoint_dir
 
 
 def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every checkpoint of a job folder, by step, one per step."""
-    job_dir = Path(job_dir)
     by_step: dict[int, Path] = {}
-    for path in sorted((job_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.name == "last.ckpt"):
+    for path in sorted(checkpoint_dir(job_dir).glob("*.ckpt"), key=lambda p: p.name == LAST):
         step = int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
         by_step.setdefault(step, path)
     return sorted(by_step.items())
@@ -28,8 +29,6 @@ def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
 
 def run(job_dir: str | Path, of: str, subject_options: dict | None = None, **options: Any) -> dict:
     """Run analysis ``of`` on every checkpoint; ``series[name]`` lists its value at each step."""
-    from addrepro.interp import ANALYSES
-
     module = ANALYSES[of]
     steps, series = [], {}
     checkpoints = run_checkpoints(job_dir)

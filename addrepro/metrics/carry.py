@@ -34,4 +34,3 @@ def carry_metric_dict(model: torch.nn.Module, sets: CarrySets, spec: TaskSpec) -
             probs = stats.log_probs[:, lo:hi, j].exp().mean(1)
             out[f"{name}/p_plus0"], out[f"{name}/p_plus1"] = probs[:, 0], probs[:, 1]
     return out
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from addrepro.metrics.place import PlaceStats
-from addrepro.task.encoding import operands_from_tokens
+from addrepro.task.encoding import carry_scan, operands_from_tokens
 from addrepro.task.spec import TaskSpec
 
 
@@ -26,10 +26,8 @@ def naive_offset_probs(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpec) 
 
 def depth_carry(a: torch.Tensor, b: torch.Tensor, place: int, depth: int, base: int) -> torch.Tensor:
     """Carry into ``place`` computed from the ``depth`` pairs below it only, starting from carry 0."""
-    carry = torch.zeros_like(a[..., 0])
-    for i in range(place - depth, place):
-        carry = torch.div(a[..., i] + b[..., i] + carry, base, rounding_mode="floor")
-    return carry
+    lo = place - depth
+    return carry_scan(a[..., lo:place] + b[..., lo:place], base)[..., -1]  # (...,)
 
 
 def depth_sum_probs(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpec) -> dict[tuple[int, int], torch.Tensor]:

@@ -28,13 +28,11 @@ The remaining difference is float rounding order (≈1e-6 on logits of O(10)).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from addrepro.model.transformer import ModelConfig, Transformer
-from addrepro.rundir.checkpoints import load_checkpoint, model_from_checkpoint
+from addrepro.model.transformer import LN_EPS, ModelConfig, Transformer, model_from_checkpoint
 from addrepro.task.spec import TaskSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,13 +40,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MISSING_MESSAGE = 'TransformerLens is not installed: pip install -e ".[interp]"'
 
-Source = dict | str | Path | Transformer | tuple[Transformer, int]
+Source = dict | Transformer | tuple[Transformer, int]
 
 
 def _import_tl() -> Any:
+    # TransformerLens is an optional extra (and pulls transformers): imported only when exporting.
     try:
-        import transformer_lens
-        from transformer_lens.model_bridge.sources import native  # noqa: F401 - attaches boot_native
+        import transformer_lens  # noqa: PLC0415
+        from transformer_lens.model_bridge.sources import native  # noqa: F401, PLC0415 - attaches boot_native
     except ImportError as e:
         raise ImportError(MISSING_MESSAGE) from e
     return transformer_lens
@@ -68,7 +67,7 @@ def bridge_config(cfg: ModelConfig) -> Any:
         d_vocab_out=cfg.d_vocab_out,
         act_fn=cfg.act_fn,
         normalization_type=cfg.normalization,  # None or "LN"
-        eps=1e-5,
+        eps=LN_EPS,
         attn_only=cfg.attn_only,
         positional_embedding_type="standard",
         seed=0,  # the random init is overwritten; seeding only keeps the caller's RNG untouched
@@ -78,7 +77,7 @@ def bridge_config(cfg: ModelConfig) -> Any:
 
 def bridge_state_dict(member_state: dict[str, torch.Tensor], cfg: ModelConfig, tl_cfg: Any) -> dict:
     """Our member state dict in the bridge's keys and shapes, with zeros for the biases we lack."""
-    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint
+    from transformer_lens.utilities.tl_checkpoint_conversion import convert_tl_checkpoint  # noqa: PLC0415 - optional extra
 
     converted = convert_tl_checkpoint({k: v.float() for k, v in member_state.items()}, tl_cfg)
     qkv = cfg.n_heads * cfg.d_head
@@ -96,16 +95,15 @@ def _resolve(source: Source, member: int) -> tuple[Transformer, int, TaskSpec | 
         return model, member, None
     if isinstance(source, Transformer):
         return source, member, None
-    ckpt = load_checkpoint(source) if isinstance(source, (str, Path)) else source
-    model, spec = model_from_checkpoint(ckpt)
+    model, spec = model_from_checkpoint(source)
     return model, 0, spec
 
 
 def to_transformer_lens(source: Source, member: int = 0, verify: bool = True) -> TransformerBridge:
     """A ``TransformerBridge`` computing exactly the logits of one model.
 
-    ``source``: a checkpoint dict, a checkpoint path (or job folder), a ``Transformer`` (member
-    ``member``) or a ``(Transformer, member)`` pair. The bridge is in eval mode, float32, on the CPU;
+    ``source``: a loaded checkpoint (``addrepro.rundir.checkpoints.load_checkpoint``), a ``Transformer``
+    (member ``member``) or a ``(Transformer, member)`` pair. The bridge is in eval mode, float32, on the CPU;
     when the source is a checkpoint its ``TaskSpec`` is attached as ``bridge.addrepro_spec``.
     With ``verify``, the logits of both models are compared on random tokens and a mismatch raises.
     """

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from addrepro.task.spec import TaskSpec
+
 ACTIVATIONS = ("relu", "gelu")
 NORMALIZATIONS = (None, "LN")
 INITS = ("nanda", "normal")
@@ -48,6 +50,16 @@ def _stacked(k: int, *shape: int, fill: float | None = None) -> nn.Parameter:
     return nn.Parameter(t)
 
 
+LN_EPS = 1e-5
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
+    """``(x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b`` over the last dimension (TransformerLens' LN)."""
+    x = x - x.mean(-1, keepdim=True)
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return x / scale * w + b
+
+
 class LayerNorm(nn.Module):
     def __init__(self, k: int, d_model: int):
         super().__init__()
@@ -55,9 +67,7 @@ class LayerNorm(nn.Module):
         self.b = _stacked(k, d_model, fill=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (K, B, T, d_model)
-        x = x - x.mean(-1, keepdim=True)
-        scale = (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
-        return x / scale * self.w[:, None, None] + self.b[:, None, None]
+        return layer_norm(x, self.w[:, None, None], self.b[:, None, None])
 
 
 class Attention(nn.Module):
@@ -248,3 +258,11 @@ def parameter_group(name: str) -> str:
     if ".mlp." in name:
         return "mlp"
     return "ln"
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[Transformer, TaskSpec]:
+    """Rebuild the single model of a loaded checkpoint (K = 1): its ``task``, ``model_config`` and ``model``."""
+    spec = TaskSpec(**ckpt["task"])
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = Transformer.from_member_state_dicts(cfg, [ckpt["model"]])
+    return model, spec

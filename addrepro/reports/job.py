@@ -11,7 +11,7 @@ import numpy as np
 
 from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
 from addrepro.rundir.confusion import load_confusion
-from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
 from addrepro.shelves.detection import atlas_plateaus, detect_shelves
@@ -38,14 +38,15 @@ def find_shelves(rows: list[dict], spec: TaskSpec, prefix: str = "train") -> dic
         # Several levels can be 0 (naive_sum of the units digit): a loss near 0 is called "exact".
         levels = {name: v for name, v in atlas[j].items() if v > 0 or name == "exact"}
         flat = [
-            s for s in detect_shelves(steps, loss, levels)
+            s
+            for s in detect_shelves(steps, loss, levels)
             if not any(s.start_step <= r.end_step and r.start_step <= s.end_step for r in rests)
         ]
         out[j] = sorted(rests + flat, key=lambda s: s.start_step)
     return out
 
 
-def _atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
+def atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
     seen: list[float] = []
     for name in GUIDE_LEVELS:
         value = levels.get(name)
@@ -56,8 +57,17 @@ def _atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
         shift = -5 if seen and abs(np.log(value / seen[-1])) < 0.4 else 0
         seen.append(value)
         ax.axhline(value, color="0.6", lw=0.8, ls=":", zorder=0)
-        ax.annotate(f" {name} {value:.3g}", (1.0, value), xycoords=ax.get_yaxis_transform(), xytext=(0, shift),
-                    textcoords="offset points", fontsize=6, va="center", ha="left", color="0.35")
+        ax.annotate(
+            f" {name} {value:.3g}",
+            (1.0, value),
+            xycoords=ax.get_yaxis_transform(),
+            xytext=(0, shift),
+            textcoords="offset points",
+            fontsize=6,
+            va="center",
+            ha="left",
+            color="0.35",
+        )
 
 
 def plot_place_losses(
@@ -88,11 +98,17 @@ def plot_place_losses(
         for shelf in shelves[j]:
             ax.hlines(shelf.level, shelf.start_step, shelf.end_step, color="C3", lw=3, alpha=0.5)
             tag = shelf.atlas_level or f"{shelf.level:.3g}"
-            ax.annotate(tag, ((shelf.start_step + shelf.end_step) / 2, shelf.level), fontsize=6,
-                        color="C3", ha="center", va="bottom")
+            ax.annotate(
+                tag,
+                ((shelf.start_step + shelf.end_step) / 2, shelf.level),
+                fontsize=6,
+                color="C3",
+                ha="center",
+                va="bottom",
+            )
         ax.set_yscale("log")
         ax.set_ylim(1e-4, 4.0)
-        _atlas_guides(ax, atlas[j], 1e-4)
+        atlas_guides(ax, atlas[j], 1e-4)
         ax.set_title(place_label(j, spec), fontsize=9)
         ax.grid(alpha=0.2)
     for ax in axes.flat[n:]:
@@ -116,7 +132,7 @@ def _place_grid(spec: TaskSpec, places: list[int], height: float = 2.8):
     cols = min(3, len(places))
     nrows = int(np.ceil(len(places) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, height * nrows), squeeze=False, sharex=True)
-    for ax in axes.flat[len(places):]:
+    for ax in axes.flat[len(places) :]:
         ax.axis("off")
     return fig, list(zip(axes.flat, places, strict=False))
 
@@ -158,8 +174,9 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path
         for c, color in ((0, "C0"), (1, "C3")):
             row[0].plot(*series(rows, f"carry/place_{j}/cin_{c}/loss"), color=color, label=f"carry in {c}")
             row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus0"), color=color, label=f"P(+0 | cin {c})")
-            row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=color, ls="--",
-                        label=f"P(+1 | cin {c})")
+            row[1].plot(
+                *series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=color, ls="--", label=f"P(+1 | cin {c})"
+            )
         for length in range(0, spec.n_digits):
             steps, loss = series(rows, f"chain/place_{j}/len_{length}/loss")
             if len(steps):
@@ -180,15 +197,15 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path
     return save(fig, path)
 
 
-def plot_confusion_evolution(steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path,
-                             max_columns: int = 6) -> Path | None:
+def plot_confusion_evolution(
+    steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path, max_columns: int = 6
+) -> Path | None:
     """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true)."""
     if len(steps) == 0:
         return None
     pick = np.unique(np.linspace(0, len(steps) - 1, min(max_columns, len(steps))).round().astype(int))
     places = list(range(spec.n_places - 1, -1, -1))
-    fig, axes = plt.subplots(len(places), len(pick), figsize=(1.6 * len(pick) + 1, 1.6 * len(places)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(places), len(pick), figsize=(1.6 * len(pick) + 1, 1.6 * len(places)), squeeze=False)
     for r, j in enumerate(places):
         for c, i in enumerate(pick):
             ax = axes[r][c]
@@ -204,8 +221,13 @@ def plot_confusion_evolution(steps: np.ndarray, confusion: np.ndarray, spec: Tas
     return save(fig, path)
 
 
-def draw_all(job_dir: Path, rows: list[dict], spec: TaskSpec, reference: dict | None = None,
-             confusion: tuple[np.ndarray, np.ndarray] | None = None) -> list[Path]:
+def draw_all(
+    job_dir: Path,
+    rows: list[dict],
+    spec: TaskSpec,
+    reference: dict | None = None,
+    confusion: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[Path]:
     job_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference),
@@ -236,8 +258,11 @@ def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: i
     for i, step in enumerate(reference["steps"]):
         cells = []
         for j in places:
-            near = [r[f"train/loss/place_{j}"] for r in rows
-                    if f"train/loss/place_{j}" in r and abs(r["step"] - step) <= window]
+            near = [
+                r[f"train/loss/place_{j}"]
+                for r in rows
+                if f"train/loss/place_{j}" in r and abs(r["step"] - step) <= window
+            ]
             run = sum(near) / len(near) if near else math.nan
             cells.append(f"{run:.3g} / {reference['places'][str(j)][i]:.3g}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
@@ -246,11 +271,9 @@ def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: i
 
 def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> list[Path]:  # noqa: ANN001
     """All plots of one job, plus ``reference_comparison.md`` when the run has a reference curve."""
-    from addrepro.reports.job import draw_all
-
     job_dir = Path(job_dir)
     cfg = job_config(job_dir)
-    spec = spec_of(cfg)
+    spec = TaskSpec.from_config(cfg.data)
     rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion
     reference = load_reference(cfg.get("reference"))
@@ -260,4 +283,3 @@ def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> l
         table.write_text(f"{reference['label']}\n\n{reference_table(rows, reference, spec)}\n")
         paths.append(table)
     return paths
-

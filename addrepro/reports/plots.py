@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from addrepro.rundir.atomic import atomic_write  # noqa: E402
+
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,8 +50,6 @@ def smoothing_window(n_points: int) -> int:
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write a figure atomically: a kill mid-write never leaves a truncated PNG."""
-    from addrepro.rundir.atomic import atomic_write
-
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path

@@ -23,9 +23,11 @@ import matplotlib.pyplot as plt
 import yaml
 from omegaconf import OmegaConf
 
+from addrepro.reports.job import atlas_guides, find_shelves, place_atlas
 from addrepro.reports.plots import place_label, save, series
-from addrepro.rundir.job import job_config, spec_of
+from addrepro.rundir.job import job_config, job_dirs
 from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.status import read_statuses
 from addrepro.task.spec import TaskSpec
 
 PNG = "sweep_place_loss.png"
@@ -34,19 +36,10 @@ TABLE_JSON = "sweep_shelves.json"
 LINESTYLES = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1, 1, 1))]
 
 
-def find_jobs(sweep_dir: Path) -> list[Path]:
-    """Job folders (with ``.hydra/``) directly inside ``sweep_dir``: numbered ones in order, then the rest."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        return []
-    jobs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
-    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
-
-
 def is_sweep_dir(path: Path) -> bool:
     """A folder of job folders, not a job folder itself."""
     path = Path(path)
-    return not (path / ".hydra" / "config.yaml").exists() and bool(find_jobs(path))
+    return not (path / ".hydra" / "config.yaml").exists() and bool(job_dirs(path))
 
 
 def _overrides(job: Path) -> dict[str, str]:
@@ -105,8 +98,7 @@ def _colours(keys: list[str], values: list[dict[str, Any]]):
     vals = [v.get(key) for v in values]
     if all(_is_number(x) for x in vals) and len(set(vals)) > 1:
         lo, hi = min(vals), max(vals)
-        norm = (matplotlib.colors.LogNorm(lo, hi) if lo > 0 and hi / lo >= 4
-                else matplotlib.colors.Normalize(lo, hi))
+        norm = matplotlib.colors.LogNorm(lo, hi) if lo > 0 and hi / lo >= 4 else matplotlib.colors.Normalize(lo, hi)
         cmap = plt.cm.viridis
         mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
         return [cmap(0.9 * norm(x)) for x in vals], (key, mappable)
@@ -121,11 +113,16 @@ def _linestyles(keys: list[str], values: list[dict[str, Any]]) -> list:
     return [LINESTYLES[distinct.index(str(v.get(keys[1]))) % len(LINESTYLES)] for v in values]
 
 
-def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: list[TaskSpec],
-                            keys: list[str], values: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def plot_sweep_place_losses(
+    jobs: list[Path],
+    rows: list[list[dict]],
+    specs: list[TaskSpec],
+    keys: list[str],
+    values: list[dict[str, Any]],
+    path: Path,
+    title: str = "",
+) -> Path:
     """One panel per place (carry-out first), one train-loss line per job, atlas guides if the task is shared."""
-    from addrepro.reports.job import _atlas_guides, place_atlas
-
     shared = len({(s.n_digits, s.base, s.order, s.task) for s in specs}) == 1
     n = max(s.n_places for s in specs)
     atlas = place_atlas(specs[0]) if shared else None
@@ -133,8 +130,9 @@ def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: lis
     styles = _linestyles(keys, values)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.4 * cols + 1.2, 3.2 * nrows + 0.8), squeeze=False, sharex=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(5.4 * cols + 1.2, 3.2 * nrows + 0.8), squeeze=False, sharex=True, layout="constrained"
+    )
     fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
     lo = 4.0
     for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
@@ -150,7 +148,7 @@ def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: lis
         floor = max(1e-4, lo / 2)
         ax.set_ylim(floor, 4.0)
         if atlas is not None:
-            _atlas_guides(ax, atlas[j], floor)
+            atlas_guides(ax, atlas[j], floor)
         ax.set_title(place_label(j, specs[0]) if shared else f"place {j}", fontsize=9)
         ax.grid(alpha=0.2)
         ax.tick_params(labelbottom=True)  # also above an empty cell of the grid
@@ -175,15 +173,12 @@ def plot_sweep_place_losses(jobs: list[Path], rows: list[list[dict]], specs: lis
     else:
         head = "jobs differ in task (digits/base/order): atlas guides skipped"
     by = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "job"
-    fig.suptitle(title or f"per-place train loss, {len(jobs)} jobs by {by} — {head}",
-                 fontsize=10)
+    fig.suptitle(title or f"per-place train loss, {len(jobs)} jobs by {by} — {head}", fontsize=10)
     return save(fig, path)
 
 
 def shelf_records(rows: list[dict], spec: TaskSpec) -> list[dict]:
     """Every shelf of every place: atlas level, level, start and the step the place left it."""
-    from addrepro.reports.job import find_shelves
-
     out = []
     for j, shelves in find_shelves(rows, spec).items():
         steps, _ = series(rows, f"train/loss/place_{j}")
@@ -216,10 +211,8 @@ def shelf_table(entries: list[dict], keys: list[str], n_places: int) -> str:
 
 def draw_sweep(sweep_dir: Path) -> list[Path]:
     """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder."""
-    from addrepro.rundir.status import read_statuses
-
     sweep_dir = Path(sweep_dir)
-    jobs = find_jobs(sweep_dir)
+    jobs = job_dirs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir} holds no job folders (subfolders with .hydra/)")
     configs = [job_config(job) for job in jobs]
@@ -229,16 +222,24 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     for job, cfg, vals in zip(jobs, configs, values, strict=True):
         status = statuses.get(job.name, {}).get("status", "unknown")
         try:
-            spec = spec_of(cfg)
+            spec = TaskSpec.from_config(cfg.data)
             rows = [r for r in load_rows(job) if r.get("member", 0) == 0]
         except (FileNotFoundError, TypeError, ValueError):
             rows, spec = [], None
         has_curve = spec is not None and any("train/loss/place_0" in r for r in rows)
         shelves = shelf_records(rows, spec) if has_curve else None
-        entries.append({"job": job.name, "folder": str(job), "swept": vals, "status": status,
-                        "spec": None if spec is None else {"n_digits": spec.n_digits, "base": spec.base,
-                                                           "order": spec.order, "task": spec.task},
-                        "shelves": shelves})
+        entries.append(
+            {
+                "job": job.name,
+                "folder": str(job),
+                "swept": vals,
+                "status": status,
+                "spec": None
+                if spec is None
+                else {"n_digits": spec.n_digits, "base": spec.base, "order": spec.order, "task": spec.task},
+                "shelves": shelves,
+            }
+        )
         if has_curve:
             plotted.append((job, rows, spec, vals))
     paths = []
@@ -247,12 +248,14 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
         paths.append(plot_sweep_place_losses(p_jobs, p_rows, p_specs, keys, p_vals, sweep_dir / PNG))
     n_places = max((e["spec"]["n_digits"] + 1 for e in entries if e["spec"]), default=1)
     table = shelf_table(entries, keys, n_places)
-    legend = ("Shelves of each place's train loss, per job: `level→step` is the nearest atlas level (or the loss "
-              "when none is near) and the last step on the shelf; `(still)`: on it at the end of training.")
+    legend = (
+        "Shelves of each place's train loss, per job: `level→step` is the nearest atlas level (or the loss "
+        "when none is near) and the last step on the shelf; `(still)`: on it at the end of training."
+    )
     md = sweep_dir / TABLE
-    md.write_text(f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n"
-                  f"{legend}\n\n{table}\n")
+    md.write_text(
+        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n"
+    )
     js = sweep_dir / TABLE_JSON
     js.write_text(json.dumps({"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}, indent=1, default=str))
     return [*paths, md, js]
-

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from addrepro.model.transformer import ModelConfig, Transformer
+from addrepro.model.transformer import ModelConfig, Transformer, model_from_checkpoint  # noqa: F401 - part of the checkpoint API
 from addrepro.rundir.atomic import atomic_write
-from addrepro.task.spec import TaskSpec
 
 FORMAT = "addrepro-checkpoint/1"
 
@@ -23,6 +22,7 @@ class CheckpointError(ValueError):
     pass
 
 
+LAST = "last.ckpt"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -31,15 +31,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load and sanity-check a checkpoint; every failure names the file and what is wrong."""
-    path = Path(path)
-    if path.is_dir():
-        candidate = path / "checkpoints" / "last.ckpt"
-        if not candidate.exists():
-            raise CheckpointError(f"checkpoint: no checkpoints/last.ckpt in folder {path}")
-        path = candidate
-    if not path.exists():
-        raise CheckpointError(f"checkpoint={path} does not exist")
+    """Load and sanity-check a checkpoint (a file, or a job folder's ``checkpoints/last.ckpt``);
+    every failure names the file and what is wrong."""
+    path = resolve_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign files raise many different errors
@@ -47,14 +41,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint={path} is not an addrepro checkpoint (format {FORMAT} expected)")
     return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> tuple[Transformer, TaskSpec]:
-    """Rebuild the single model stored in a checkpoint (K = 1)."""
-    spec = TaskSpec(**ckpt["task"])
-    cfg = ModelConfig(**ckpt["model_config"])
-    model = Transformer.from_member_state_dicts(cfg, [ckpt["model"]])
-    return model, spec
 
 
 def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Path = "") -> None:
@@ -79,13 +65,40 @@ def checkpoint_steps(max_steps: int, schedule: str, every: int, log_count: int) 
     return sorted({0, *steps} & set(range(max_steps + 1)))
 
 
-def resumable_checkpoint(folder: Path) -> Path | None:
+def checkpoint_dir(job_dir: str | Path) -> Path:
+    """Where a job folder keeps its checkpoints."""
+    return Path(job_dir) / "checkpoints"
+
+
+def resumable_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint of a job folder to continue from: ``last.ckpt``, else the latest ``step_N.ckpt``."""
-    ckpt_dir = Path(folder) / "checkpoints"
-    if (ckpt_dir / "last.ckpt").exists():
-        return ckpt_dir / "last.ckpt"
+    ckpt_dir = checkpoint_dir(folder)
+    if (ckpt_dir / LAST).exists():
+        return ckpt_dir / LAST
     steps = sorted(ckpt_dir.glob("step_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
     return steps[-1] if steps else None
+
+
+def resolve_checkpoint(value: str | Path, key: str = "checkpoint", resumable: bool = False) -> Path:
+    """The checkpoint file that the setting ``key=value`` names: the file itself, or a job folder's
+    ``checkpoints/last.ckpt`` (with ``resumable``, else its latest ``checkpoints/step_N.ckpt``).
+
+    Raises ``CheckpointError`` with one line naming ``key=value`` when there is no such file.
+    """
+    path = Path(value)
+    if not path.exists():
+        raise CheckpointError(f"{key}={path} does not exist")
+    if not path.is_dir():
+        return path
+    if resumable:
+        found = resumable_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} or checkpoints/step_N.ckpt in this folder")
+        return found
+    found = checkpoint_dir(path) / LAST
+    if not found.exists():
+        raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} in this folder")
+    return found
 
 
 def find_resume_checkpoint(resume: str, job_dir: Path) -> Path | None:
@@ -96,12 +109,4 @@ def find_resume_checkpoint(resume: str, job_dir: Path) -> Path | None:
     """
     if resume == "auto":
         return resumable_checkpoint(job_dir)
-    path = Path(resume)
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise CheckpointError(f"resume={resume} does not exist")
-    found = resumable_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"resume={resume}: no last.ckpt or step_N.ckpt in {path / 'checkpoints'}")
-    return found
+    return resolve_checkpoint(resume, "resume", resumable=True)

@@ -27,4 +27,3 @@ def load_confusion(job_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     data = np.load(path)
     return data["steps"], data["confusion"]
-

@@ -1,4 +1,4 @@
-"""A job folder's saved config and the task it trained on."""
+"""Job folders: a sweep's job folders and a job folder's saved config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from addrepro.task.spec import TaskSpec
+
+def is_job_dir(path: Path) -> bool:
+    """A job folder: one Hydra wrote its ``.hydra/`` configs into."""
+    return Path(path).is_dir() and (Path(path) / ".hydra").is_dir()
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job folders directly inside ``sweep_dir``: numbered ones (a multirun's ``0, 1, ...``) in
+    numeric order, then the others (a W&B sweep's run ids) by name; ``[]`` when it is no folder."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return []
+    jobs = [p for p in sweep_dir.iterdir() if is_job_dir(p)]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
 
 
 def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
@@ -14,9 +27,3 @@ def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
     if not path.exists():
         raise FileNotFoundError(f"{job_dir} is not a job folder: no .hydra/config.yaml")
     return OmegaConf.load(path)
-
-
-def spec_of(cfg) -> TaskSpec:  # noqa: ANN001
-    d = cfg.data
-    return TaskSpec(n_digits=d.n_digits, base=d.base, order=d.order, task=d.task)
-

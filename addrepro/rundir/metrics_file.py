@@ -79,4 +79,3 @@ def load_rows(job_dir: Path) -> list[dict]:
                 row["step"] = int(row["step"])
                 rows.append(row)
     return rows
-

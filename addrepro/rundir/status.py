@@ -8,13 +8,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.job import job_dirs
+
 STATUS_FILE = "status.json"
 
 
 def write_status(job_dir: Path, status: str, message: str = "", **extra: Any) -> None:
     """Write ``status.json`` atomically; a running job records its process, so a kill can be told later."""
-    from addrepro.rundir.atomic import atomic_write
-
     record = {"status": status, "message": message, **extra}
     if status == "running":
         record.update(pid=os.getpid(), host=socket.gethostname())
@@ -27,15 +28,14 @@ def read_statuses(sweep_dir: Path) -> dict[str, dict]:
     A job still marked "running" whose process is gone (same host) is reported as "killed".
     """
     out = {}
-    for job in sorted(Path(sweep_dir).iterdir(), key=lambda p: (len(p.name), p.name)):
-        if job.is_dir() and (job / ".hydra").is_dir():
-            status_path = job / STATUS_FILE
-            record = (
-                json.loads(status_path.read_text())
-                if status_path.exists()
-                else {"status": "unknown", "message": "no status.json (killed?)"}
-            )
-            out[job.name] = _unless_gone(record)
+    for job in job_dirs(sweep_dir):
+        status_path = job / STATUS_FILE
+        record = (
+            json.loads(status_path.read_text())
+            if status_path.exists()
+            else {"status": "unknown", "message": "no status.json (killed?)"}
+        )
+        out[job.name] = _unless_gone(record)
     return out
 
 
@@ -50,5 +50,3 @@ def _unless_gone(record: dict) -> dict:
     except PermissionError:
         pass  # it exists, under another user
     return record
-
-

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from addrepro.task.spec import ORDERS, TASKS
+
 LEVEL_ORDER_HEAD = ("uniform", "marginal", "answer_prefix", "naive_sum")
-ORDERS = ("msb", "lsb")
-TASKS = ("add", "digitwise")
 
 # log of Glaisher-Kinkelin constant A; appears in sum_k k log k (the log hyperfactorial)
 _LOG_GLAISHER = 0.24875447703378426254
@@ -73,6 +73,7 @@ class AtlasEntry:
 # -----------------------------------------------------------------------------
 # small closed forms
 
+
 def binary_entropy(p: float) -> float:
     """H_b(p) in nats; 0 at p in {0, 1}."""
     if p <= 0.0 or p >= 1.0:
@@ -96,6 +97,7 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
 
 # -----------------------------------------------------------------------------
 # lsb answer_prefix at the carry-out: H(c_n | S mod N) = (1/N) sum_{k<N} H_b(k/N)
+
 
 def _lsb_carry_entropy(n_values: int, closed_form: bool | None = None) -> float:
     """(1/N) sum_{k=0}^{N-1} H_b(k/N), N = n_values.
@@ -121,6 +123,7 @@ def _lsb_carry_entropy(n_values: int, closed_form: bool | None = None) -> float:
 
 # -----------------------------------------------------------------------------
 # msb answer_prefix: H(floor(S/M) mod B | floor(S/(M B))) with S = a + b triangular
+
 
 def _block_weight(q: np.ndarray, D: float, M: float) -> np.ndarray:
     """P(floor(S/M) = q) * D^2 for M = B^j, D = B^(n-j) (so N = D M).
@@ -185,6 +188,7 @@ def _msb_prefix_entropy(
 
 # -----------------------------------------------------------------------------
 # the atlas
+
 
 def shelf_atlas(
     n_digits: int,
@@ -291,6 +295,7 @@ def format_atlas_table(entries: list[AtlasEntry], digits: int = 4) -> str:
     places = sorted({e.place for e in entries})
     n = places[-1]
     levels = sorted({e.level for e in entries}, key=level_sort_key)
+
     def num(x: float) -> str:
         # tiny deep-carry losses would all print as 0.0000; switch to scientific for them
         return f"{x:.{digits}f}" if x == 0 or x >= 10.0**-digits else f"{x:.1e}"
@@ -299,8 +304,10 @@ def format_atlas_table(entries: list[AtlasEntry], digits: int = 4) -> str:
     header = ["level"] + ["carry" if p == n else str(p) for p in places]
     rows = [[lv] + [cell.get((lv, p), "-") for p in places] for lv in levels]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    fmt = lambda r: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+        for i, (c, w) in enumerate(zip(r, widths, strict=True))
+    )
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
 

@@ -169,9 +169,7 @@ def _is_flat(y: np.ndarray, max_slope: float) -> bool:
     return abs(drift) <= max_slope + _SLACK * stderr
 
 
-def _match_atlas(
-    level: float, atlas: dict[str, float] | None, rel_tol: float
-) -> tuple[str | None, float | None]:
+def _match_atlas(level: float, atlas: dict[str, float] | None, rel_tol: float) -> tuple[str | None, float | None]:
     """Nearest atlas level in log space, if within rel_tol (in log units)."""
     if not atlas:
         return None, None
@@ -355,15 +353,3 @@ def atlas_plateaus(
 # ----------------------------------------------------------------------------
 # Spikes
 # ----------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-

@@ -129,4 +129,3 @@ class SpikeMonitor:
                 self._in_spike = False
         self._history.append(loss)
         return new_spike
-

@@ -25,38 +25,39 @@ def sample_operands(
 
     Independent uniform digits are exactly uniform operands with leading zeros kept.
     """
-    digits = torch.randint(
-        0, spec.base, (batch_size, 2, spec.n_digits), generator=generator, device=device
-    )
+    digits = torch.randint(0, spec.base, (batch_size, 2, spec.n_digits), generator=generator, device=device)
     return digits[:, 0], digits[:, 1]
 
 
-def answer_digits(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """Place-indexed answer digits ``(B, n + 1)`` for place-indexed operand digits ``(B, n)``."""
-    pair_sum = a + b  # (B, n)
-    if spec.task == "digitwise":
-        out = torch.remainder(pair_sum, spec.base)
-        return torch.cat([out, torch.zeros_like(out[:, :1])], dim=1)
-    places = []
-    carry = torch.zeros_like(pair_sum[:, 0])
+def carry_scan(pair_sums: torch.Tensor, base: int) -> torch.Tensor:
+    """Carries of a column addition of place-indexed digit-pair sums ``(..., m)``, from carry 0.
+
+    Returns ``(..., m + 1)``: ``[..., i]`` is the carry into pair ``i`` (0 for ``i = 0``) and
+    ``[..., m]`` the carry out of the top pair. The one carry scan of addrepro.
+    """
+    carry = pair_sums.new_zeros(pair_sums.shape[:-1])
+    out = [carry]
     # A loop over places (not samples): the carry is a scan and n is small.
-    for j in range(spec.n_digits):
-        total = pair_sum[:, j] + carry
-        places.append(torch.remainder(total, spec.base))
-        carry = torch.div(total, spec.base, rounding_mode="floor")
-    places.append(carry)
-    return torch.stack(places, dim=1)
+    for i in range(pair_sums.shape[-1]):
+        carry = torch.div(pair_sums[..., i] + carry, base, rounding_mode="floor")
+        out.append(carry)
+    return torch.stack(out, dim=-1)
 
 
 def carries_in(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    """Carry into every place ``(B, n + 1)``; place 0 never receives one. Zero for ``digitwise``."""
-    carry = torch.zeros_like(a[:, 0])
-    out = [carry]
-    for j in range(spec.n_digits):
-        if spec.task == "add":
-            carry = torch.div(a[:, j] + b[:, j] + carry, spec.base, rounding_mode="floor")
-        out.append(carry)
-    return torch.stack(out, dim=1)
+    """Carry into every place ``(..., n + 1)`` of operand digits ``(..., n)``; place 0 never receives
+    one and place ``n`` receives the carry-out. Zero for ``digitwise``."""
+    if spec.task == "digitwise":
+        return a.new_zeros((*a.shape[:-1], spec.n_places))
+    return carry_scan(a + b, spec.base)
+
+
+def answer_digits(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Place-indexed answer digits ``(..., n + 1)`` for place-indexed operand digits ``(..., n)``:
+    ``(a_j + b_j + carry_j) mod base`` below place n, and the carry-out at place n."""
+    carries = carries_in(a, b, spec)  # (..., n + 1)
+    digits = torch.remainder(a + b + carries[..., :-1], spec.base)  # (..., n)
+    return torch.cat([digits, carries[..., -1:]], dim=-1)
 
 
 def encode(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
@@ -100,16 +101,6 @@ def operands_from_ints(values: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     """Place-indexed digits ``(B, n)`` of integers ``(B,)``."""
     powers = spec.base ** torch.arange(spec.n_digits, device=values.device, dtype=torch.int64)
     return torch.remainder(torch.div(values[:, None], powers, rounding_mode="floor"), spec.base)
-
-
-
-
-
-
-
-
-
-
 
 
 def operands_from_tokens(tokens: torch.Tensor, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -82,5 +82,3 @@ class CarrySets:
 
     def to(self, device: torch.device | str) -> CarrySets:
         return CarrySets(self.tokens.to(device), self.slices)
-
-

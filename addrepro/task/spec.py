@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, fields
+from functools import cached_property, partial
+from typing import Any
 
 ORDERS = ("msb", "lsb")
 
@@ -17,6 +18,14 @@ class TaskSpec:
     base: int = 10
     order: str = "msb"
     task: str = "add"
+
+    @classmethod
+    def from_config(cls, data: Any) -> TaskSpec:
+        """The task of a run config's ``data`` section, read by attribute (a DictConfig, the schema's
+        dataclass) or, for a plain dict (a checkpoint's stored config), by key: ``n_digits``, ``base``,
+        ``order`` and ``task``; other keys are ignored."""
+        get = data.__getitem__ if isinstance(data, dict) else partial(getattr, data)
+        return cls(**{f.name: get(f.name) for f in fields(cls)})
 
     @property
     def n_places(self) -> int:
@@ -64,4 +73,3 @@ class TaskSpec:
         labels += [f"b{j}" for j in range(n - 1, -1, -1)] + ["="]
         labels += [f"c{j}" for j in self.answer_places]
         return labels
-

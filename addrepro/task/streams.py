@@ -45,9 +45,7 @@ class FiniteBatches(InfiniteBatches):
     def next(self) -> torch.Tensor:
         if self.full_batch:
             return self.train_tokens
-        idx = torch.randint(
-            0, len(self.train_tokens), (self.batch_size,), generator=self.generator, device=self.device
-        )
+        idx = torch.randint(0, len(self.train_tokens), (self.batch_size,), generator=self.generator, device=self.device)
         return self.train_tokens[idx]
 
 
@@ -99,3 +97,26 @@ def split_train_heldout(
     tokens = encode(a, b, spec)
     return tokens[:train_size], tokens[train_size:]
 
+
+def validation_tokens(
+    spec: TaskSpec,
+    val_size: int,
+    val_seed: int,
+    train_size: int | None = None,
+    data_seed: int = 0,
+    *,
+    with_train: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
+    """A run's validation set ``(val_size, T)``, as training builds it from the ``data`` config.
+
+    Infinite data (``train_size`` None): ``val_size`` uniform pairs drawn from ``val_seed``, the same
+    for every member. Finite data: the held-out part of ``split_train_heldout(spec, train_size,
+    val_size, data_seed)``. ``with_train``: ``(train, val)`` instead, train being the fixed training
+    set (None for infinite data).
+    """
+    if train_size is None:
+        train = None
+        val = encode(*sample_operands(spec, val_size, torch.Generator().manual_seed(val_seed)), spec)
+    else:
+        train, val = split_train_heldout(spec, train_size, val_size, data_seed)
+    return (train, val) if with_train else val

@@ -318,7 +318,7 @@ def typed(cfg: DictConfig) -> TrainConfig:
 
 
 def task_spec(data: DataConfig | DictConfig) -> TaskSpec:
-    return TaskSpec(n_digits=data.n_digits, base=data.base, order=data.order, task=data.task)
+    return TaskSpec.from_config(data)
 
 
 def architecture(model: ModelSchema | DictConfig, spec: TaskSpec) -> ModelConfig:

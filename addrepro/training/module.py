@@ -34,10 +34,9 @@ from addrepro.metrics.place import compiled_place_stats, place_metric_dict, plac
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import ModelConfig, Transformer
 from addrepro.shelves.spikes import Spike, SpikeMonitor
-from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
-from addrepro.task.streams import FiniteBatches, InfiniteBatches, split_train_heldout, stacked_batch
+from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 
 
@@ -117,14 +116,14 @@ class AdditionModule(pl.LightningModule):
         d, device = self.settings.data, self.device
         self.streams, val_sets = [], []
         for m in self.members:
-            if d.train_size is None:
+            train, val = validation_tokens(
+                self.spec, d.val_size, d.val_seed, d.train_size, m.data_seed, with_train=True
+            )
+            if train is None:
                 self.streams.append(InfiniteBatches(self.spec, d.batch_size, m.data_seed, device))
-                g = torch.Generator().manual_seed(d.val_seed)
-                val_sets.append(encode(*sample_operands(self.spec, d.val_size, g), self.spec))
             else:
-                train, heldout = split_train_heldout(self.spec, d.train_size, d.val_size, m.data_seed)
                 self.streams.append(FiniteBatches(train.to(device), d.batch_size, m.data_seed, self.spec))
-                val_sets.append(heldout)
+            val_sets.append(val)
         self.val_tokens = torch.stack(val_sets).to(device)  # (K, V, T)
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         mc = self.settings.metrics

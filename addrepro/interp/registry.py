@@ -1,0 +1,12 @@
+"""The analyses that run on one checkpoint, by name (``analysis=<name>``; ``over_training`` follows them)."""
+
+from __future__ import annotations
+
+from addrepro.interp import ablation, attention, composition, logit_attribution
+
+ANALYSES = {
+    "ablation": ablation,
+    "logit_attribution": logit_attribution,
+    "attention": attention,
+    "composition": composition,
+}
