@@ -304,10 +304,10 @@ def format_atlas_table(entries: list[AtlasEntry], digits: int = 4) -> str:
     header = ["level"] + ["carry" if p == n else str(p) for p in places]
     rows = [[lv] + [cell.get((lv, p), "-") for p in places] for lv in levels]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(
-        c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-        for i, (c, w) in enumerate(zip(r, widths, strict=True))
-    )
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
     lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
 
