@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+import addrepro.train  # noqa: F401 - registers the config schema and the ${uid:} resolver
 from addrepro import report
 from addrepro.wandb_offline import read_run
 from addrepro.wandb_sweep import command_args, expand_commands, grid_runs, load_sweep
