@@ -5,8 +5,8 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from addrepro.model.transformer import ModelConfig, Transformer
 
+from addrepro.model.transformer import ModelConfig, Transformer
 from addrepro.rundir.atomic import atomic_write
 from addrepro.rundir.checkpoints import (
     FORMAT,

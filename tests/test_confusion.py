@@ -33,11 +33,13 @@ def test_tiny_closed_form():
     tokens = encode(torch.tensor([[1], [2], [0]]), torch.tensor([[1], [2], [2]]), spec)
     _, targets = split_tokens(tokens, spec)
     assert targets.tolist() == [[0, 2], [1, 1], [0, 2]]  # emission order: carry-out first
-    probs = [[  # [example][place][digit]
-        [[0.1, 0.2, 0.7], [0.5, 0.5, 1e-12]],
-        [[0.2, 0.6, 0.2], [0.1, 0.8, 0.1]],
-        [[0.3, 0.4, 0.3], [0.9, 0.05, 0.05]],
-    ]]
+    probs = [
+        [  # [example][place][digit]
+            [[0.1, 0.2, 0.7], [0.5, 0.5, 1e-12]],
+            [[0.2, 0.6, 0.2], [0.1, 0.8, 0.1]],
+            [[0.3, 0.4, 0.3], [0.9, 0.05, 0.05]],
+        ]
+    ]
     stats = stats_from_logits(emission_logits(probs, spec), targets[None], spec)
     conf = confusion_matrices(stats)
     assert conf.shape == (1, 2, 3, 3)

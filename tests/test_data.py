@@ -254,8 +254,9 @@ def test_stream_independent_of_global_rng_and_other_generators():
     for i in range(3):
         torch.rand(100)  # global RNG consumption
         other.next()
-        Transformer(ModelConfig(d_vocab=12, d_vocab_out=10, n_ctx=11, d_model=8, n_heads=2, d_head=4,
-                                d_mlp=8), seeds=[i])  # model init with its own seed
+        Transformer(
+            ModelConfig(d_vocab=12, d_vocab_out=10, n_ctx=11, d_model=8, n_heads=2, d_head=4, d_mlp=8), seeds=[i]
+        )  # model init with its own seed
         got.append(stream.next())
     for r, g in zip(reference, got, strict=True):
         assert torch.equal(r, g)

@@ -10,9 +10,20 @@ from addrepro.train import JobPlan, train
 from addrepro.training.ensemble import pack, packing_key
 from addrepro.wandb_offline import read_run
 
-SMALL = ["data.n_digits=3", "model.width=32", "trainer.max_steps=40", "logger=csv", "trainer.plots=false",
-         "trainer.log_every_n_steps=5", "trainer.val_every_n_steps=20", "metrics.every_n_steps=20",
-         "metrics.carry_set_size=8", "metrics.chain_set_size=4", "data.val_size=64", "trainer.progress_bar=false"]
+SMALL = [
+    "data.n_digits=3",
+    "model.width=32",
+    "trainer.max_steps=40",
+    "logger=csv",
+    "trainer.plots=false",
+    "trainer.log_every_n_steps=5",
+    "trainer.val_every_n_steps=20",
+    "metrics.every_n_steps=20",
+    "metrics.carry_set_size=8",
+    "metrics.chain_set_size=4",
+    "data.val_size=64",
+    "trainer.progress_bar=false",
+]
 
 
 def config(*overrides):
@@ -25,9 +36,11 @@ def final_weights(job_dir):
 
 
 def test_members_equal_single_runs_bitwise(tmp_path, one_thread):
-    settings = [("seed=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.1"),
-                ("seed=1", "optimizer.lr=3e-3", "optimizer.weight_decay=0.0"),
-                ("seed=2", "optimizer.lr=1e-3", "optimizer.weight_decay=1.0")]
+    settings = [
+        ("seed=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.1"),
+        ("seed=1", "optimizer.lr=3e-3", "optimizer.weight_decay=0.0"),
+        ("seed=2", "optimizer.lr=1e-3", "optimizer.weight_decay=1.0"),
+    ]
     cfgs = [config(*s) for s in settings]
     assert len({packing_key(c) for c in cfgs}) == 1
     plans = [JobPlan(c, tmp_path / f"member{i}", f"m{i}", "g", True) for i, c in enumerate(cfgs)]
@@ -51,8 +64,13 @@ def test_members_equal_single_runs_bitwise(tmp_path, one_thread):
 
 
 def test_packing_groups_only_shape_compatible_jobs():
-    cfgs = [config("seed=0"), config("seed=1", "optimizer.lr=3e-3"), config("model.width=64"),
-            config("seed=5", "data.seed=9", "optimizer.weight_decay=0.5"), config("data.base=2")]
+    cfgs = [
+        config("seed=0"),
+        config("seed=1", "optimizer.lr=3e-3"),
+        config("model.width=64"),
+        config("seed=5", "data.seed=9", "optimizer.weight_decay=0.5"),
+        config("data.base=2"),
+    ]
     keys = [packing_key(c) for c in cfgs]
     groups = pack(list(range(5)), keys, max_members=64)
     assert groups == [[0, 1, 3], [2], [4]]
@@ -61,8 +79,18 @@ def test_packing_groups_only_shape_compatible_jobs():
 
 def test_ensemble_launcher_gives_each_member_its_own_run(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("addrepro.train", "-m", "seed=0,1,2", "hydra/launcher=ensemble", "data.n_digits=2",
-               "model.width=32", "trainer.max_steps=20", "trainer.plots=false", f"hydra.sweep.dir={sweep}", *FAST)
+    proc = cli(
+        "addrepro.train",
+        "-m",
+        "seed=0,1,2",
+        "hydra/launcher=ensemble",
+        "data.n_digits=2",
+        "model.width=32",
+        "trainer.max_steps=20",
+        "trainer.plots=false",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training 3 job(s) as one stack" in proc.stdout + proc.stderr
     runs = [read_run(sweep / str(j)) for j in range(3)]
@@ -78,4 +106,3 @@ def test_ensemble_launcher_gives_each_member_its_own_run(cli, tmp_path):
         ckpt = torch.load(sweep / str(j) / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["config"]["seed"] == j and ckpt["model"]["embed.W_E"].dim() == 2  # a single model
         assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "ok"
-

@@ -10,7 +10,6 @@ pytest.importorskip("transformer_lens")
 
 from addrepro.model.export import MISSING_MESSAGE, export_diff, to_transformer_lens  # noqa: E402
 from addrepro.model.transformer import ModelConfig, Transformer  # noqa: E402
-
 from addrepro.task.spec import TaskSpec  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

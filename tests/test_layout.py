@@ -19,7 +19,11 @@ from addrepro.training.config import GROUPS, ModelSchema, RunConfig, architectur
 from addrepro.training.module import AdditionModule, Member
 from addrepro.training.run import quiet_lightning, settings
 
-LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+LINT = [
+    sys.executable,
+    "-c",
+    "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+]
 
 
 def lint(root) -> subprocess.CompletedProcess:
@@ -65,9 +69,18 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=["data.n_digits=2", "model.width=16", "trainer.max_steps=30", "trainer.ckpt_every_n_steps=10",
-                       "trainer.log_every_n_steps=5", "trainer.val_every_n_steps=10", "metrics.every_n_steps=10",
-                       "metrics.carry_set_size=4", "metrics.chain_set_size=2", "data.val_size=32"],
+            overrides=[
+                "data.n_digits=2",
+                "model.width=16",
+                "trainer.max_steps=30",
+                "trainer.ckpt_every_n_steps=10",
+                "trainer.log_every_n_steps=5",
+                "trainer.val_every_n_steps=10",
+                "metrics.every_n_steps=10",
+                "metrics.carry_set_size=4",
+                "metrics.chain_set_size=2",
+                "data.val_size=32",
+            ],
         )
     spec = task_spec(cfg.data)
     job = tmp_path / "job"
@@ -75,9 +88,17 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     member = Member(seed=0, data_seed=0, lr=1e-3, weight_decay=0.1, job_dir=job)
     module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
     quiet_lightning()
-    trainer = pl.Trainer(max_steps=30, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=str(job))
+    trainer = pl.Trainer(
+        max_steps=30,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(job),
+    )
     trainer.fit(module, train_dataloaders=range(3))
     assert module.opt.step_count == 30 and any("val/loss" in r for r in module.history)
     assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.history if "train/loss" in r])).all()

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from addrepro.model.transformer import ModelConfig, Transformer, parameter_group
 
 from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
+from addrepro.model.transformer import ModelConfig, Transformer, parameter_group
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,9 +239,7 @@ def test_member_state_dict_round_trip():
 # Nanda's 5-digit addition code (Non_Modular_Addition_Grokking_Tasks.ipynb) draws every weight as
 # randn / sqrt(fan) with fan = d_model for W_E, W_pos, W_Q, W_K, W_V, W_O, W_in and W_out, and
 # fan = d_vocab_out for W_U.
-NANDA_CFG = dict(
-    d_vocab=12, d_vocab_out=10, n_ctx=17, d_model=64, n_layers=1, n_heads=4, d_head=16, d_mlp=256
-)
+NANDA_CFG = dict(d_vocab=12, d_vocab_out=10, n_ctx=17, d_model=64, n_layers=1, n_heads=4, d_head=16, d_mlp=256)
 
 
 def _pooled_std(models: list[Transformer], name: str) -> float:
@@ -342,9 +340,7 @@ def test_grad_norms_closed_form_and_missing_grads():
     n_e, n_u = w_e[0].numel(), w_u[0].numel()
     torch.testing.assert_close(norms["grad_norm/embed"], torch.tensor([n_e**0.5, 2 * n_e**0.5]))
     torch.testing.assert_close(norms["grad_norm/unembed"], torch.tensor([3 * n_u**0.5, 0.0]))
-    torch.testing.assert_close(
-        norms["grad_norm/global"], torch.tensor([(n_e + 9 * n_u) ** 0.5, (4 * n_e) ** 0.5])
-    )
+    torch.testing.assert_close(norms["grad_norm/global"], torch.tensor([(n_e + 9 * n_u) ** 0.5, (4 * n_e) ** 0.5]))
     # groups whose parameters have no gradient are left out
     assert "grad_norm/attn" not in norms and "grad_norm/layer_0" not in norms
 

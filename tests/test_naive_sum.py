@@ -232,7 +232,7 @@ def test_depth_sum_of_a_perfect_model(order):
     got = depth_sum_probs(stats, tokens[None], spec)
     assert set(got) == {(2, 1), (3, 1), (3, 2)}
     want = {}
-    for (j, d) in got:
+    for j, d in got:
         hits = [py_depth_carry(x, y, j, d, 10) == true_carry(x, y, j, 10) for x, y in zip(xs, ys, strict=True)]
         want[(j, d)] = sum(hits) / len(hits)
     assert 0 < min(want.values()) and max(want.values()) < 1  # the check can tell the depths apart

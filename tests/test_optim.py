@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+
 from addrepro.model.optim import StackedAdamW, warmup_factor
 from addrepro.model.transformer import ModelConfig, Transformer
 
@@ -100,9 +101,7 @@ def test_k1_matches_torch_adamw(lr, wd, betas, eps):
     initial = copy.deepcopy(ours)
     data = batches(20, seed=1)
     train(ours, StackedAdamW(ours.parameters(), lr=[lr], weight_decay=[wd], betas=betas, eps=eps), data)
-    ref_opt = torch.optim.AdamW(
-        theirs.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False
-    )
+    ref_opt = torch.optim.AdamW(theirs.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False)
     train(theirs, ref_opt, data)
     assert max_moved(ours, initial) > 10 * lr  # the parameters did move, by many steps' worth
     # float32 round-off only (fused kernel against torch's single-tensor loop): a few ulp of values up to ~2
@@ -115,9 +114,7 @@ def test_k1_with_warmup_matches_torch_adamw_with_lambdalr():
     theirs = copy.deepcopy(ours)
     initial = copy.deepcopy(ours)
     data = batches(15, seed=2)
-    opt = StackedAdamW(
-        ours.parameters(), lr=[5e-3], weight_decay=[0.1], betas=(0.9, 0.98), warmup_steps=warmup
-    )
+    opt = StackedAdamW(ours.parameters(), lr=[5e-3], weight_decay=[0.1], betas=(0.9, 0.98), warmup_steps=warmup)
     train(ours, opt, data[:1])
     # step 0 has learning rate 0 and weight decay factor 1: nothing moves
     assert max_moved(ours, initial) == 0.0
@@ -161,8 +158,11 @@ def test_per_member_settings_equal_separate_runs():
     train(stack, opt, data)
     for k, (seed, lr, wd) in enumerate(zip(seeds, lrs, wds, strict=True)):
         single = Transformer(CFG, seeds=seed)
-        train(single, StackedAdamW(single.parameters(), lr=[lr], weight_decay=[wd], betas=(0.9, 0.98),
-                                   warmup_steps=3), data)
+        train(
+            single,
+            StackedAdamW(single.parameters(), lr=[lr], weight_decay=[wd], betas=(0.9, 0.98), warmup_steps=3),
+            data,
+        )
         member = stack.member_state_dict(k)
         for name, t in single.state_dict().items():
             torch.testing.assert_close(member[name], t[0], atol=2e-6, rtol=0, msg=f"member {k} {name}")

@@ -9,8 +9,7 @@ from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
 from addrepro.reports.job import load_reference
-from addrepro.training.config import validate
-from addrepro.training.config import architecture, task_spec
+from addrepro.training.config import architecture, task_spec, validate
 from addrepro.training.module import AdditionModule, Member
 from addrepro.training.run import settings
 

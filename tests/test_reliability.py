@@ -14,8 +14,14 @@ from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import find_runs, read_run
 
-RUN = ["data.n_digits=3", "model.width=32", "trainer.max_steps=400", "trainer.ckpt_every_n_steps=100",
-       "trainer.plots=false", *FAST]
+RUN = [
+    "data.n_digits=3",
+    "model.width=32",
+    "trainer.max_steps=400",
+    "trainer.ckpt_every_n_steps=100",
+    "trainer.plots=false",
+    *FAST,
+]
 
 
 def one_thread_env():
@@ -36,8 +42,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     full = subprocess.run(train_cmd("hydra.run.dir=full"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
 
-    victim = subprocess.Popen(train_cmd("hydra.run.dir=killed"), cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        train_cmd("hydra.run.dir=killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = tmp_path / "killed" / "checkpoints" / "step_100.ckpt"
     deadline = time.time() + 120
     while not first.exists() and victim.poll() is None and time.time() < deadline:
@@ -46,8 +53,9 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     victim.wait()
     assert not (tmp_path / "killed" / "checkpoints" / "last.ckpt").exists(), "killed too late to test resuming"
 
-    resumed = subprocess.run(train_cmd("resume=killed", "hydra.run.dir=resumer"), cwd=tmp_path, env=env,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_cmd("resume=killed", "hydra.run.dir=resumer"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / "full")
     b = load_checkpoint(tmp_path / "killed")  # the resumed run continues in the killed run's folder
@@ -101,8 +109,9 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
     assert ok.returncode == 0, ok.stderr[-2000:]
     good = sha(tmp_path / "job" / "checkpoints" / "last.ckpt")
     # Continue it with an absurd learning rate: the loss turns NaN within a few steps.
-    bad = cli("addrepro.train", *RUN, "trainer.max_steps=300", "resume=job", "optimizer.lr=1e30",
-              "hydra.run.dir=resumer")
+    bad = cli(
+        "addrepro.train", *RUN, "trainer.max_steps=300", "resume=job", "optimizer.lr=1e30", "hydra.run.dir=resumer"
+    )
     assert bad.returncode == 1
     lines = [line for line in bad.stderr.splitlines() if line.startswith("addrepro:")]
     assert len(lines) == 1 and lines[0].startswith("addrepro: diverged: step 1")
@@ -139,9 +148,15 @@ def test_bad_checkpoints_fail_with_one_line_naming_what_differs(tmp_path, cli):
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path):
     env = {**cli_env(), "WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     start = time.time()
-    proc = subprocess.run(train_cmd("trainer.max_steps=10", "logger.wandb.init_timeout=5", "hydra.run.dir=job"),
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        train_cmd("trainer.max_steps=10", "logger.wandb.init_timeout=5", "hydra.run.dir=job"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert time.time() - start < 120
     assert "W&B online unavailable" in proc.stderr and "logging offline instead" in proc.stderr
@@ -151,8 +166,9 @@ def test_online_wandb_without_network_falls_back_to_offline(tmp_path):
 
 def test_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("addrepro.train", "-m", "optimizer.lr=1e-3,1e30,2e-3", *RUN, "trainer.max_steps=30",
-               f"hydra.sweep.dir={sweep}")
+    proc = cli(
+        "addrepro.train", "-m", "optimizer.lr=1e-3,1e30,2e-3", *RUN, "trainer.max_steps=30", f"hydra.sweep.dir={sweep}"
+    )
     assert proc.returncode == 1
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert [summary[j]["status"] for j in ("0", "1", "2")] == ["ok", "failed", "ok"]
@@ -171,7 +187,6 @@ def test_a_checkpoint_from_an_older_addrepro_resumes(tmp_path, cli):
     ckpt = torch.load(path, weights_only=True)
     del ckpt["config"]["trainer"]["compile"]  # written before trainer.compile existed
     torch.save(ckpt, path)
-    resumed = cli("addrepro.train", *RUN, "trainer.max_steps=40", "logger=csv", "resume=old",
-                  "hydra.run.dir=again")
+    resumed = cli("addrepro.train", *RUN, "trainer.max_steps=40", "logger=csv", "resume=old", "hydra.run.dir=again")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(tmp_path / "old")["step"] == 40

