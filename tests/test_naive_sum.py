@@ -1,4 +1,4 @@
-"""Tests for addrepro.metrics.naive_sum with hand-built logits and a logit-built model; expectations from Python ints."""
+"""Tests for addrepro.metrics.naive_sum: hand-built logits and a logit-built model; expectations from Python ints."""
 
 import math
 import random
