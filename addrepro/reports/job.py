@@ -244,7 +244,7 @@ REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
 def load_reference(name: str | None) -> dict | None:
-    """A published per-place loss curve shipped with addrepro (see ``addrepro/reference``)."""
+    """A published per-place loss curve shipped with addrepro (see ``addrepro/reports/reference``)."""
     if not name:
         return None
     return json.loads((REFERENCE_DIR / f"{name}.json").read_text())
