@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from addrepro.shelves.detection import Shelf, atlas_plateaus, detect_shelves
-from addrepro.shelves.spikes import Spike, SpikeMonitor, detect_spikes
+from addrepro.shelves.spikes import Spike, SpikeMonitor, detect_spikes, trend_baseline
 
 LOG10 = math.log(10)
 LOG2 = math.log(2)
@@ -273,6 +273,44 @@ def test_spike_monitor_agrees_with_batch_detection() -> None:
     assert [a.step for a in alerts] == [800, 2400]
     assert monitor.spikes == batch
     assert len(monitor._history) == monitor.window  # bounded memory
+
+
+def fast_fall_then_spike(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A loss that falls slowly, then fast (0.12 -> 0.0014 over steps 650..800), and jumps to 0.073 at 880.
+
+    The shape of a real LSB-order run: the median of the last 50 logs (~0.2) is above the spike
+    itself, so a detector comparing with a running median misses it.
+    """
+    steps = np.arange(0, 1500, 10)
+    slow = 2.3 * np.exp(-steps / 230) + 0.1
+    fast = 0.12 * np.exp(-(steps - 650) / 150 * math.log(0.12 / 0.0014))
+    loss = np.where(steps < 650, slow, np.where(steps <= 800, fast, 0.0014))
+    loss = loss * np.exp(np.random.default_rng(seed).normal(0, 0.15, len(steps)))
+    k = int(np.flatnonzero(steps == 880)[0])
+    loss[k : k + 3] = [0.073, 0.012, 0.004]
+    return steps, loss
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_spike_from_a_low_falling_loss_is_found(seed) -> None:
+    steps, loss = fast_fall_then_spike(seed)
+    k = int(np.flatnonzero(steps == 880)[0])
+    assert np.median(loss[k - 50 : k]) * 3 > 0.073  # what a running-median baseline would need to beat
+    spikes = detect_spikes(steps, loss)
+    assert [s.step for s in spikes] == [880]
+    assert spikes[0].baseline < 0.003  # the trend (~0.0014), not the window's median
+    monitor = SpikeMonitor()
+    alerts = [a.step for s, v in zip(steps, loss, strict=True) if (a := monitor.update(int(s), float(v)))]
+    assert alerts == [880] and monitor.spikes == spikes
+
+
+def test_trend_baseline_extrapolates_a_clean_exponential_and_clips() -> None:
+    falling = 0.5 ** np.arange(10.0)  # log-linear: the next value is 0.5 ** 10, clipped to the window's minimum
+    assert trend_baseline(falling) == pytest.approx(0.5**9)
+    assert trend_baseline(np.full(7, 0.3)) == pytest.approx(0.3)
+    noisy_line = np.exp(-0.1 * np.arange(20.0))
+    noisy_line[5] = 50.0  # an earlier spike in the window does not tilt the line
+    assert trend_baseline(noisy_line) == pytest.approx(np.exp(-0.1 * 19), rel=1e-9)
 
 
 def test_spike_as_dict() -> None:

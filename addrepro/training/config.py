@@ -209,7 +209,7 @@ class MetricsConfig:
     every_n_steps: int = option(100, integer(1))
     carry_set_size: int = option(128, integer(1))  # sequences per carry-in-0 / carry-in-1 set, per place
     chain_set_size: int = option(64, integer(1))  # sequences per (place, carry-chain length) set
-    spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x median of the last window logs
+    spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x the trend of the last window logs
     spike_factor: float = option(3.0, number(1.0, strict=True))
 
 
