@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+
 from addrepro.model.optim import StackedAdamW, warmup_factor
 from addrepro.model.transformer import ModelConfig, Transformer
 
@@ -100,9 +101,7 @@ def test_k1_matches_torch_adamw(lr, wd, betas, eps):
     initial = copy.deepcopy(ours)
     data = batches(20, seed=1)
     train(ours, StackedAdamW(ours.parameters(), lr=[lr], weight_decay=[wd], betas=betas, eps=eps), data)
-    ref_opt = torch.optim.AdamW(
-        theirs.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False
-    )
+    ref_opt = torch.optim.AdamW(theirs.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False)
     train(theirs, ref_opt, data)
     assert max_moved(ours, initial) > 10 * lr  # the parameters did move, by many steps' worth
     # float32 round-off only (fused kernel against torch's single-tensor loop): a few ulp of values up to ~2
@@ -115,9 +114,7 @@ def test_k1_with_warmup_matches_torch_adamw_with_lambdalr():
     theirs = copy.deepcopy(ours)
     initial = copy.deepcopy(ours)
     data = batches(15, seed=2)
-    opt = StackedAdamW(
-        ours.parameters(), lr=[5e-3], weight_decay=[0.1], betas=(0.9, 0.98), warmup_steps=warmup
-    )
+    opt = StackedAdamW(ours.parameters(), lr=[5e-3], weight_decay=[0.1], betas=(0.9, 0.98), warmup_steps=warmup)
     train(ours, opt, data[:1])
     # step 0 has learning rate 0 and weight decay factor 1: nothing moves
     assert max_moved(ours, initial) == 0.0
@@ -161,8 +158,11 @@ def test_per_member_settings_equal_separate_runs():
     train(stack, opt, data)
     for k, (seed, lr, wd) in enumerate(zip(seeds, lrs, wds, strict=True)):
         single = Transformer(CFG, seeds=seed)
-        train(single, StackedAdamW(single.parameters(), lr=[lr], weight_decay=[wd], betas=(0.9, 0.98),
-                                   warmup_steps=3), data)
+        train(
+            single,
+            StackedAdamW(single.parameters(), lr=[lr], weight_decay=[wd], betas=(0.9, 0.98), warmup_steps=3),
+            data,
+        )
         member = stack.member_state_dict(k)
         for name, t in single.state_dict().items():
             torch.testing.assert_close(member[name], t[0], atol=2e-6, rtol=0, msg=f"member {k} {name}")
@@ -226,19 +226,26 @@ def test_fused_and_elementwise_steps_agree():
             torch.testing.assert_close(opt_f.state[p][key], opt_e.state[q][key], atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "lrs,wds", [([1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]), ([1e-2, 1e-2, 3e-3], [0.5, 0.5, 0.5])]
-)  # all settings distinct; two members sharing one kernel call
-def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
+SETTINGS = [
+    ([1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]),  # all settings distinct
+    ([1e-2, 1e-2, 3e-3], [0.5, 0.5, 0.5]),  # two neighbours share one block
+    ([1e-2, 3e-3, 1e-2], [0.5, 0.5, 0.5]),  # two members share a call, not a block
+    ([3e-3, 3e-3, 3e-3], [0.1, 0.1, 0.1]),  # a seed ensemble: the stacked tensors themselves
+]
+
+
+@pytest.mark.parametrize("lrs,wds", SETTINGS)
+@pytest.mark.parametrize("shape", [(5, 7), (8, 16), (3, 64), (21,)])  # member blocks of 35, 128, 192, 21 floats
+def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds, shape):
     # Same gradients in, same numbers out: member k's slice is updated exactly as a one-member run.
     g = torch.Generator().manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g))
+    stacked = torch.nn.Parameter(torch.randn(3, *shape, generator=g))
     singles = [torch.nn.Parameter(stacked[k : k + 1].detach().clone()) for k in range(3)]
     opt = StackedAdamW([stacked], lr=lrs, weight_decay=wds, warmup_steps=2)
     opts = [StackedAdamW([s], lr=[lrs[k]], weight_decay=[wds[k]], warmup_steps=2) for k, s in enumerate(singles)]
     assert opt.fused and all(o.fused for o in opts)  # the fused kernel is what is tested here
     for _ in range(6):
-        grad = torch.randn(3, 5, 7, generator=g)
+        grad = torch.randn(3, *shape, generator=g)
         stacked.grad = grad
         opt.step()
         for k, (s, o) in enumerate(zip(singles, opts, strict=True)):
@@ -246,4 +253,25 @@ def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
             o.step()
     for k, s in enumerate(singles):
         assert torch.equal(stacked[k : k + 1], s), k
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[stacked][key][k : k + 1], opts[k].state[s][key]), (k, key)
     assert not torch.equal(stacked[0], stacked[1])
+
+
+def test_fused_plan_is_built_once_and_uses_the_stacked_tensors_when_members_share_settings():
+    model = Transformer(CFG, seeds=[0, 1, 2, 3])
+    opt = StackedAdamW(model.parameters(), lr=[1e-3] * 4, weight_decay=[0.1] * 4)
+    data = batches(3)
+    train(model, opt, data[:1])
+    plan = opt._plan
+    train(model, opt, data[1:])
+    assert opt._plan is plan  # not rebuilt per step
+    (call,) = plan.calls  # one kernel call for the whole seed ensemble
+    blocks = [p for p in model.parameters() if p[0].numel() % 64 == 0]  # on CUDA: every parameter
+    assert blocks and all(any(t.data_ptr() == p.data_ptr() and t.shape == p.shape for t in call.params)
+                          for p in blocks)  # fmt: skip
+    assert len(call.params) == len(blocks) + 4 * (len(list(model.parameters())) - len(blocks))
+    # Two settings in two neighbouring runs: two calls, a block per run where blocks are exact.
+    opt2 = StackedAdamW(model.parameters(), lr=[1e-3, 1e-3, 2e-3, 2e-3], weight_decay=[0.1] * 4)
+    train(model, opt2, data[:1])
+    assert [len(c.params) for c in opt2._plan.calls] == [len(blocks) + 2 * (len(call.params) - len(blocks)) // 4] * 2
