@@ -128,11 +128,15 @@ class AdditionModule(pl.LightningModule):
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         mc = self.settings.metrics
         self.carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size).to(device)
-        self.train_stats = (
-            compiled_place_stats(self.model, self.spec)
-            if self.settings.trainer.compile
-            else lambda tokens: place_stats(self.model, tokens, self.spec)
-        )
+        if self.settings.trainer.compile:
+            # Compiled code is cached per code object, and every fit compiles the same function for
+            # a new model: without a reset, a process that trains more stacks than dynamo's recompile
+            # limit (the ensemble launcher, a reused worker, a benchmark) would fail. One process
+            # trains one stack at a time, so nothing compiled for an earlier stack is needed again.
+            torch._dynamo.reset()
+            self.train_stats = compiled_place_stats(self.model, self.spec)
+        else:
+            self.train_stats = lambda tokens: place_stats(self.model, tokens, self.spec)
         if self.resume_states:
             self.load_resume_states(self.resume_states)
 
