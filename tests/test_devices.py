@@ -1,5 +1,7 @@
 """One device per job, thread shares, precision settings, and Lightning's cluster detection kept out."""
 
+import dataclasses
+import logging
 import math
 
 import pytest
@@ -8,6 +10,8 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from test_ensemble import config
 
+from addrepro.task.spec import TaskSpec
+from addrepro.task.streams import InfiniteBatches
 from addrepro.train import JobPlan, train
 from addrepro.training.config import ConfigError
 from addrepro.training.devices import job_devices, job_threads
@@ -86,3 +90,45 @@ def test_bf16_autocast_reaches_the_model(tmp_path, one_thread, monkeypatch):
     plan.job_dir.mkdir()
     (final,) = train([plan])
     assert torch.bfloat16 in seen and math.isfinite(final["val/loss"])
+
+
+def test_stream_saved_on_another_device_type_continues_with_a_notice():
+    spec = TaskSpec(n_digits=3)
+    stream = InfiniteBatches(spec, 8, seed=5)
+    stream.next()
+    saved = stream.state_dict()
+    assert saved["device"] == "cpu"
+    expected = stream.next()
+    again = InfiniteBatches(spec, 8, seed=5)
+    assert again.load_state_dict(saved, step=1) is None and torch.equal(again.next(), expected)
+    old_format = InfiniteBatches(spec, 8, seed=5)  # checkpoints written before the device was recorded
+    assert old_format.load_state_dict({"generator": saved["generator"]}, step=1) is None
+    assert torch.equal(old_format.next(), expected)
+    cuda_state = {"generator": torch.zeros(16, dtype=torch.uint8)}  # a Philox state: seed and offset
+    for state in (cuda_state, {**cuda_state, "device": "cuda"}):
+        moved = InfiniteBatches(spec, 8, seed=5)
+        notice = moved.load_state_dict(state, step=40)
+        assert notice == (
+            "the data stream was saved on cuda and continues on cpu from a new seed (seed 5, step 40): "
+            "data after step 40 differ from an uninterrupted run"
+        )
+        reseeded = InfiniteBatches(spec, 8, seed=(5 * 1_000_003 + 40))
+        assert torch.equal(moved.next(), reseeded.next())  # reproducible
+
+
+def test_resuming_a_checkpoint_from_another_device_type(tmp_path, one_thread, caplog):
+    cfg = config("trainer.max_steps=20", "trainer.ckpt_every_n_steps=10")
+    first = JobPlan(cfg, tmp_path / "job", "j", "g", False)
+    first.job_dir.mkdir()
+    train([first])
+    path = first.job_dir / "checkpoints" / "step_10.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["data"] = {"generator": torch.arange(16, dtype=torch.uint8), "device": "cuda"}  # as written on a GPU
+    torch.save(ckpt, path)
+    resumed = dataclasses.replace(first, resume_from=path)
+    with caplog.at_level(logging.WARNING, logger="addrepro"):
+        (final,) = train([resumed])
+    assert final["step"] == 20 and math.isfinite(final["val/loss"])
+    notices = [r.getMessage() for r in caplog.records if "data stream" in r.getMessage()]
+    assert notices == ["resuming: the data stream was saved on cuda and continues on cpu from a new seed "
+                       "(seed 0, step 10): data after step 10 differ from an uninterrupted run"]  # fmt: skip

@@ -17,6 +17,7 @@ plots), which it calls at the exact optimiser step they concern.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
+
+log = logging.getLogger("addrepro")
 
 
 class Divergence(RuntimeError):
@@ -167,7 +170,9 @@ class AdditionModule(pl.LightningModule):
                 }
         self.opt.step_count = states[0]["optimizer"]["step_count"]
         for stream, st in zip(self.streams, states, strict=True):
-            stream.load_state_dict(st["data"])
+            notice = stream.load_state_dict(st["data"], st["step"])
+            if notice is not None:
+                log.warning("resuming: %s", notice)
 
     @property
     def opt(self) -> StackedAdamW:
