@@ -101,6 +101,7 @@ class AdditionModule(pl.LightningModule):
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
+        self.last_train_loss: float | None = None  # member 0's, shown by the progress bar
         self.restore_history(history or [[] for _ in members], confusions or [])
 
     # -- setup -------------------------------------------------------------------------------
@@ -284,8 +285,8 @@ class AdditionModule(pl.LightningModule):
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
-        if "train/loss" in metrics and self._trainer is not None:  # the progress bar
-            self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
+        if "train/loss" in metrics:  # for the progress bar, a host value (self.log would copy it back to the device)
+            self.last_train_loss = values[keys.index("train/loss")][0]
 
     def stacked_weights(self) -> dict[str, torch.Tensor]:
         """A copy of every stacked tensor ``(K, ...)`` (members are sliced only when one is saved)."""
@@ -312,20 +313,24 @@ class AdditionModule(pl.LightningModule):
         if not bool(finite):
             bad = next(n for n, p in self.model.named_parameters() if not p.detach().isfinite().all())
             raise Divergence(f"step {step}: non-finite weights in {bad}; the last good checkpoint is kept")
+        # One device-to-host copy per stacked tensor; members are sliced (and cloned) on the host.
+        weights = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
         opt_state = self.opt.state
-        params = dict(self.model.named_parameters())
+        moments = {
+            name: {key: opt_state[p][key].detach().cpu() for key in ("exp_avg", "exp_avg_sq")}
+            for name, p in self.model.named_parameters()
+            if p in opt_state
+        }
         states = []
         for k in range(len(self.members)):
-            moments = {
-                name: {key: opt_state[p][key][k].detach().cpu().clone() for key in ("exp_avg", "exp_avg_sq")}
-                for name, p in params.items()
-                if p in opt_state
-            }
             states.append(
                 {
                     **self.checkpoint_header(k, step),
-                    "model": {n: t.cpu() for n, t in self.model.member_state_dict(k).items()},
-                    "optimizer": {"step_count": self.opt.step_count, "moments": moments},
+                    "model": member_weights(weights, k),
+                    "optimizer": {
+                        "step_count": self.opt.step_count,
+                        "moments": {name: member_weights(m, k) for name, m in moments.items()},
+                    },
                     "data": self.streams[k].state_dict(),
                 }
             )
