@@ -21,4 +21,5 @@ python3 benchmarks/bench_train.py --device "$device" --compile --configs "nanda 
     --steps "$steps" --warmup 100 2>&1 | tee "$out/bench_nanda.txt"
 python3 benchmarks/bench_train.py --device "$device" --compile --configs "large (w512, b256)" \
     --steps "$((steps / 2))" --warmup 50 2>&1 | tee "$out/bench_large.txt"
-ADDREPRO_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider tests/test_compile.py 2>&1 | tee "$out/test_compile.txt"
+ADDREPRO_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_hot_loop.py \
+    2>&1 | tee "$out/test_compile.txt"
