@@ -15,13 +15,23 @@ For each configuration it measures, in one process and one after the other:
   lean+compile  addrepro-lean with trainer.compile=true (with --compile; compile time not counted);
   ensemble  K stacked models in one addrepro run (model-steps/s = K x steps/s).
 Ratios are against the plain loop measured in the same run.
+
+    python benchmarks/bench_train.py --crowded 2     # N jobs at once against one job alone
+
+``--crowded N`` runs the addrepro-lean job of the first config in separate processes: one alone
+(torch's default threads), then N at once with the thread share the ``parallel`` launcher gives each
+job (cores / N), then N at once with torch's default threads (what jobs started by hand get), and
+reports the jobs' total model-steps/s against the job alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -104,7 +114,15 @@ def plain_loop(
 
 # -- addrepro's real path -----------------------------------------------------------------------
 def addrepro_run(
-    width: int, batch: int, steps: int, warmup: int, device: str, members: int, lean: bool, compiled: bool = False
+    width: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    members: int,
+    lean: bool,
+    compiled: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> float:
     """Steps per second of ``python -m addrepro.train``'s training path (all members together)."""
     import pytorch_lightning as pl
@@ -136,6 +154,7 @@ def addrepro_run(
         "trainer.progress_bar=false",
         f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
     ]
+    overrides += list(extra)
     if compiled:
         overrides.append("trainer.compile=true")
     if lean:
@@ -189,6 +208,30 @@ def machine(device: str) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+def crowded(n_jobs: int, config: str, steps: int, warmup: int) -> None:
+    """Total model-steps/s of ``n_jobs`` lean jobs running at once, against one job alone."""
+    from addrepro.training.devices import cpu_cores, job_threads  # noqa: PLC0415 - only this mode needs it
+
+    cores = cpu_cores()
+    share = job_threads(None, n_jobs, cores) or cores
+
+    def together(count: int, threads: int | None) -> list[float]:
+        args = [sys.executable, __file__, "--job", config, "--steps", str(steps), "--warmup", str(warmup)]
+        if threads is not None:
+            args += ["--threads", str(threads)]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs]
+
+    print(f"{cores} cores, config {config}, lean path, {steps} timed steps per job")
+    alone = together(1, None)[0]
+    print(f"{'jobs':>4} {'threads/job':>12} {'total model-steps/s':>20} {'vs one alone':>13}")
+    print(f"{1:>4} {'default':>12} {alone:20.1f} {1.0:12.2f}x", flush=True)
+    for label, threads in ((str(share), share), ("default", None)):
+        rates = together(n_jobs, threads)
+        print(f"{n_jobs:>4} {label:>12} {sum(rates):20.1f} {sum(rates) / alone:12.2f}x", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -197,7 +240,19 @@ def main() -> int:
     parser.add_argument("--ensemble", type=int, default=None, help="members (default: 8 on CPU, 64 on GPU)")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--compile", action="store_true", help="also time trainer.compile=true (compiles first)")
+    parser.add_argument("--crowded", type=int, default=None, help="N jobs at once against one alone (CPU)")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # a --crowded job: one lean run
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.job is not None:
+        c = CONFIGS[args.job]
+        extra = (f"trainer.threads={args.threads}",) if args.threads else ()
+        rate = addrepro_run(c["width"], c["batch"], args.steps, args.warmup, "cpu", 1, True, extra=extra)
+        print(json.dumps({"steps_per_s": rate}))
+        return 0
+    if args.crowded is not None:
+        crowded(args.crowded, args.configs[0], args.steps, args.warmup)
+        return 0
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     spec = TaskSpec(n_digits=5)

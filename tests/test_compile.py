@@ -4,6 +4,7 @@ CI runs it on the CPU; ``ADDREPRO_TEST_DEVICE=cuda`` runs it on a GPU, where the
 also captured as CUDA graphs (``benchmarks/gpu_check.sh`` does this on a device machine).
 """
 
+import math
 import os
 
 import pytest
@@ -44,3 +45,16 @@ def test_compiled_training_logs_the_eager_metrics(tmp_path, one_thread):
                     assert rc[key] == pytest.approx(re[key], rel=1e-3, abs=1e-4), (rc["step"], key)
     last_val = [[r["val/loss"] for r in member if "val/loss" in r][-1] for member in compiled]
     assert last_val[0] != last_val[1]  # two different members
+
+
+def test_more_compiled_stacks_than_the_recompile_limit_train_in_one_process(tmp_path, one_thread, monkeypatch):
+    # As the ensemble launcher, a reused worker or the benchmark do: several fits, new shapes each time.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    shapes = [("data.n_digits=2", "model.width=16"), ("data.n_digits=3", "model.width=32")]  # 2 > the limit of 1
+    for i, shape in enumerate(shapes):
+        cfg = config(*shape, "trainer.compile=true", "trainer.max_steps=10", "data.val_size=16")
+        plan = JobPlan(cfg, tmp_path / f"stack{i}", f"s{i}", "g", True)
+        plan.job_dir.mkdir()
+        (final,) = train([plan])
+        assert final["step"] == 10 and math.isfinite(final["val/loss"])

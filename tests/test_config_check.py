@@ -96,6 +96,13 @@ BAD = [
     (["trainer.ckpt_every_n_steps=0"], "trainer.ckpt_every_n_steps", "0", "integer >= 1"),
     (["trainer.ckpt_schedule=exp"], "trainer.ckpt_schedule", "'exp'", "one of linear, log"),
     (["trainer.ckpt_log_count=0"], "trainer.ckpt_log_count", "0", "integer >= 1"),
+    (["trainer.matmul_precision=low"], "trainer.matmul_precision", "'low'", "one of highest, high, medium"),
+    (["trainer.precision=16-mixed"], "trainer.precision", "'16-mixed'", "one of 32, bf16-mixed"),
+    (["trainer.precision=bf16"], "trainer.precision", "'bf16'", "one of 32, bf16-mixed"),
+    (["trainer.devices=1"], "trainer.devices", "1", "one GPU index in a list, e.g. [1]"),
+    (["trainer.devices=[0,1]"], "trainer.devices", "[0, 1]", "one GPU index in a list, e.g. [1]"),
+    (["trainer.devices=[-1]"], "trainer.devices", "[-1]", "one GPU index in a list, e.g. [1]"),
+    (["trainer.threads=0"], "trainer.threads", "0", "integer >= 1 or null"),
     (["metrics.every_n_steps=0"], "metrics.every_n_steps", "0", "integer >= 1"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode", "'cloud'", "one of offline, online, disabled"),
 ]

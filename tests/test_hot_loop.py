@@ -1,10 +1,13 @@
 """The hot loop's amortisation changes nothing that is logged or saved."""
 
+import pytest
 import torch
 from test_ensemble import config, final_weights
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.train import JobPlan, train
+from addrepro.training.module import AdditionModule
 
 
 def run(tmp_path, name: str, *overrides: str):
@@ -24,3 +27,87 @@ def test_steps_per_call_logs_what_a_step_by_step_loop_logs(tmp_path, one_thread)
     assert max(r["step"] for r in rows_1) == 40  # the final evaluation after exactly 40 updates
     assert weights_1.keys() == weights_7.keys()
     assert all(torch.equal(weights_1[n], weights_7[n]) for n in weights_1)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records every operation that reads a tensor value on the host or moves data between host and
+    device: ``.item()``/``bool()``/``.tolist()`` (``_local_scalar_dense``), tensors built from Python
+    data (``lift_fresh``: ``torch.tensor([...])`` and list indices, which on CUDA are then copied to
+    the device with a blocking copy) and copies to another device. ``.tolist()`` and ``.numpy()`` of
+    a CPU tensor read memory without an operator (on CUDA they copy to the host, caught above), so they
+    are watched on the tensor class."""
+
+    HOST_READS = ("tolist", "numpy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.HOST_READS}
+
+    def __enter__(self):  # noqa: ANN204
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, self._watched(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # noqa: ANN002, ANN204
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _watched(self, name, method):  # noqa: ANN001, ANN202
+        def watched(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            self.seen.append(name)
+            return method(tensor, *args, **kwargs)
+
+        return watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy"):
+            self.seen.append(name)
+        elif name in ("_to_copy", "copy_") and isinstance(args[0], torch.Tensor):
+            source = args[1] if name == "copy_" else args[0]
+            target = args[0].device if name == "copy_" else kwargs.get("device", args[0].device)
+            if torch.device(target) != source.device:
+                self.seen.append(f"{name} {source.device}->{target}")
+        return func(*args, **kwargs)
+
+
+def test_sync_check_flags_host_reads_and_host_built_indices():
+    x = torch.arange(12.0).view(3, 4)
+    for op in (lambda: x[:, [3, 2, 1, 0]], lambda: x.sum().item(), lambda: torch.tensor([1, 2]),
+               lambda: bool(x.any()), lambda: x.to("meta"), lambda: x.sum().tolist(), lambda: x.numpy()):  # fmt: skip
+        with HostSyncs() as check:
+            op()
+        assert check.seen, op
+    with HostSyncs() as check:  # what the hot loop uses instead
+        x.flip(1), x[:, 1:], x.sum(), torch.where(x > 3, 5, x), torch.full((2,), 3)
+    assert check.seen == []
+
+
+@pytest.mark.parametrize("order", ["msb", "lsb"])
+def test_non_logging_steps_never_synchronise(tmp_path, one_thread, monkeypatch, order):
+    """Real training steps (data, forward, backward, optimiser, metrics kept on the device, the
+    callbacks' per-step hooks) under the check above: steps that neither log nor evaluate touch
+    the host not once."""
+    checked, flagged = [], []
+    original = AdditionModule.train_one_step
+
+    def train_one_step(self):
+        t, step = self.settings.trainer, self.opt.step_count
+        if step % t.log_every_n_steps == 0 or step % t.val_every_n_steps == 0 or step % 20 == 0:
+            return original(self)  # logging and evaluation steps copy metrics to the host
+        with HostSyncs() as check:
+            original(self)
+        checked.append(step)
+        flagged.extend((step, s) for s in check.seen)
+
+    monkeypatch.setattr(AdditionModule, "train_one_step", train_one_step)
+    cfgs = [config(f"seed={s}", f"data.order={order}", "trainer.max_steps=12") for s in (0, 1)]
+    plans = [JobPlan(c, tmp_path / f"m{i}", f"m{i}", "g", True) for i, c in enumerate(cfgs)]
+    for p in plans:
+        p.job_dir.mkdir()
+    train(plans)  # a stack of two (the ensemble path encodes the members' batches together)
+    assert checked == [1, 2, 3, 4, 6, 7, 8, 9, 11]
+    assert flagged == []

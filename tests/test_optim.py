@@ -226,19 +226,26 @@ def test_fused_and_elementwise_steps_agree():
             torch.testing.assert_close(opt_f.state[p][key], opt_e.state[q][key], atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "lrs,wds", [([1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]), ([1e-2, 1e-2, 3e-3], [0.5, 0.5, 0.5])]
-)  # all settings distinct; two members sharing one kernel call
-def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
+SETTINGS = [
+    ([1e-2, 3e-3, 5e-3], [0.0, 0.5, 2.0]),  # all settings distinct
+    ([1e-2, 1e-2, 3e-3], [0.5, 0.5, 0.5]),  # two neighbours share one block
+    ([1e-2, 3e-3, 1e-2], [0.5, 0.5, 0.5]),  # two members share a call, not a block
+    ([3e-3, 3e-3, 3e-3], [0.1, 0.1, 0.1]),  # a seed ensemble: the stacked tensors themselves
+]
+
+
+@pytest.mark.parametrize("lrs,wds", SETTINGS)
+@pytest.mark.parametrize("shape", [(5, 7), (8, 16), (3, 64), (21,)])  # member blocks of 35, 128, 192, 21 floats
+def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds, shape):
     # Same gradients in, same numbers out: member k's slice is updated exactly as a one-member run.
     g = torch.Generator().manual_seed(0)
-    stacked = torch.nn.Parameter(torch.randn(3, 5, 7, generator=g))
+    stacked = torch.nn.Parameter(torch.randn(3, *shape, generator=g))
     singles = [torch.nn.Parameter(stacked[k : k + 1].detach().clone()) for k in range(3)]
     opt = StackedAdamW([stacked], lr=lrs, weight_decay=wds, warmup_steps=2)
     opts = [StackedAdamW([s], lr=[lrs[k]], weight_decay=[wds[k]], warmup_steps=2) for k, s in enumerate(singles)]
     assert opt.fused and all(o.fused for o in opts)  # the fused kernel is what is tested here
     for _ in range(6):
-        grad = torch.randn(3, 5, 7, generator=g)
+        grad = torch.randn(3, *shape, generator=g)
         stacked.grad = grad
         opt.step()
         for k, (s, o) in enumerate(zip(singles, opts, strict=True)):
@@ -246,4 +253,25 @@ def test_fused_member_update_is_bitwise_the_single_run_update(lrs, wds):
             o.step()
     for k, s in enumerate(singles):
         assert torch.equal(stacked[k : k + 1], s), k
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[stacked][key][k : k + 1], opts[k].state[s][key]), (k, key)
     assert not torch.equal(stacked[0], stacked[1])
+
+
+def test_fused_plan_is_built_once_and_uses_the_stacked_tensors_when_members_share_settings():
+    model = Transformer(CFG, seeds=[0, 1, 2, 3])
+    opt = StackedAdamW(model.parameters(), lr=[1e-3] * 4, weight_decay=[0.1] * 4)
+    data = batches(3)
+    train(model, opt, data[:1])
+    plan = opt._plan
+    train(model, opt, data[1:])
+    assert opt._plan is plan  # not rebuilt per step
+    (call,) = plan.calls  # one kernel call for the whole seed ensemble
+    blocks = [p for p in model.parameters() if p[0].numel() % 64 == 0]  # on CUDA: every parameter
+    assert blocks and all(any(t.data_ptr() == p.data_ptr() and t.shape == p.shape for t in call.params)
+                          for p in blocks)  # fmt: skip
+    assert len(call.params) == len(blocks) + 4 * (len(list(model.parameters())) - len(blocks))
+    # Two settings in two neighbouring runs: two calls, a block per run where blocks are exact.
+    opt2 = StackedAdamW(model.parameters(), lr=[1e-3, 1e-3, 2e-3, 2e-3], weight_decay=[0.1] * 4)
+    train(model, opt2, data[:1])
+    assert [len(c.params) for c in opt2._plan.calls] == [len(blocks) + 2 * (len(call.params) - len(blocks)) // 4] * 2

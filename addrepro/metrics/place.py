@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from addrepro.task.encoding import split_tokens
+from addrepro.task.encoding import reorder, split_tokens
 from addrepro.task.spec import TaskSpec
 
 
@@ -62,8 +62,8 @@ def _place_ordered(
     logits: torch.Tensor, targets: torch.Tensor, order: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities, targets and token losses, reordered from emission order to place order."""
-    log_probs = logits.float().log_softmax(-1)[:, :, list(order)]
-    targets = targets[:, :, list(order)]
+    log_probs = reorder(logits.float().log_softmax(-1), order, dim=2)
+    targets = reorder(targets, order, dim=2)
     token_loss = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return log_probs, targets, token_loss
 

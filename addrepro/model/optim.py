@@ -1,20 +1,48 @@
 """AdamW over stacked parameters, with a learning rate and weight decay per ensemble member.
 
 ``torch.optim.AdamW`` takes one scalar learning rate per parameter group; stacked ensembles need a
-value per member along the leading K dimension. Each member's slice ``p[k]`` is a contiguous block
-of every stacked parameter, so the step runs torch's fused AdamW kernel (the one behind
-``AdamW(fused=True)``: decoupled decay, moments and bias-corrected step in one pass over memory)
-on the slices, once for each distinct (learning rate, weight decay) of the members. The kernel
-treats every slice on its own, so member k of an ensemble gets exactly the update a single run
-would, and a one-member run matches ``torch.optim.AdamW`` (tested). Devices without the fused
-kernel use the same update written as elementwise tensor operations.
+value per member along the leading K dimension. The step runs torch's fused AdamW kernel (the one
+behind ``AdamW(fused=True)``: decoupled decay, moments and bias-corrected step in one pass over
+memory), once for each distinct (learning rate, weight decay) of the members, on the parameters
+themselves where that is exact and on member slices otherwise (see ``_fused_plan``). The kernel
+is elementwise, so member k of an ensemble gets exactly the update a single run would, and a
+one-member run matches ``torch.optim.AdamW`` (tested). Devices without the fused kernel use the
+same update written as elementwise tensor operations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
+
+# The CPU kernel runs a vector loop and a scalar tail whose roundings differ, so an element's result
+# depends on its position unless every member's block is a whole number of vectors (64 floats cover
+# every x86/ARM vector width). The CUDA kernel computes every element the same way wherever it is.
+CPU_BLOCK = 64
+
+
+@dataclass
+class _KernelCall:
+    """One fused-kernel call: the tensors of the members sharing one (lr, weight decay)."""
+
+    lr: float
+    weight_decay: float
+    params: list[torch.Tensor] = field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    grads: list[tuple[int, int]] = field(default_factory=list)  # (parameter, piece of its gradient)
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _FusedPlan:
+    """Views built once: the kernel calls, and how each parameter's gradient is cut each step."""
+
+    key: tuple
+    calls: list[_KernelCall]
+    grad_split: list[list[int] | None]  # per parameter: sizes along K (None: the whole tensor)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -51,6 +79,7 @@ class StackedAdamW(torch.optim.Optimizer):
         self.step_count = 0  # optimiser steps taken; a host integer, so the schedule needs no sync
         # The fused kernel reads the step from a device tensor (it is never read back to the host).
         self._step_tensor = torch.zeros((), dtype=torch.float32, device=device)
+        self._plan: _FusedPlan | None = None
 
     def current_lr(self) -> torch.Tensor:
         """Learning rate of each member ``(K,)`` for the next step."""
@@ -83,36 +112,60 @@ class StackedAdamW(torch.optim.Optimizer):
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         self._step_tensor.fill_(self.step_count)
-        # Member slices as views, one unbind per tensor (K selects per tensor cost K times more).
-        p_k = [p.unbind(0) for p in params]
-        g_k = [p.grad.unbind(0) for p in params]
-        m_k = [self.state[p]["exp_avg"].unbind(0) for p in params]
-        v_k = [self.state[p]["exp_avg_sq"].unbind(0) for p in params]
-        # One kernel call for all members that share (lr, weight decay): a seed ensemble is one call.
-        for (lr, wd), members in self._members_by_setting().items():
-            views = [(i, k) for k in members for i in range(len(params))]
+        plan = self._fused_plan(params)
+        # Gradients are new tensors every step: cut them (one split per parameter), nothing else.
+        pieces = [
+            (p.grad,) if sizes is None else p.grad.split(sizes)
+            for p, sizes in zip(params, plan.grad_split, strict=True)
+        ]
+        for call in plan.calls:
             # torch._fused_adamw_ is the kernel torch.optim.AdamW(fused=True) calls.
             torch._fused_adamw_(
-                [p_k[i][k] for i, k in views],
-                [g_k[i][k] for i, k in views],
-                [m_k[i][k] for i, k in views],
-                [v_k[i][k] for i, k in views],
+                call.params,
+                [pieces[i][j] for i, j in call.grads],
+                call.exp_avgs,
+                call.exp_avg_sqs,
                 [],
-                [self._step_tensor] * len(views),
-                lr=lr * factor,
+                call.steps,
+                lr=call.lr * factor,
                 beta1=beta1,
                 beta2=beta2,
-                weight_decay=wd,
+                weight_decay=call.weight_decay,
                 eps=group["eps"],
                 amsgrad=False,
                 maximize=False,
             )
 
-    def _members_by_setting(self) -> dict[tuple[float, float], list[int]]:
-        groups: dict[tuple[float, float], list[int]] = {}
-        for k, setting in enumerate(zip(self.lr, self.weight_decay, strict=True)):
-            groups.setdefault(setting, []).append(k)
-        return groups
+    def _fused_plan(self, params: list[torch.Tensor]) -> _FusedPlan:
+        """The kernel calls for ``params``, built once (again only if the parameters or moments change).
+
+        Members with equal settings that sit next to each other along K are updated as one block: all
+        of a parameter when every member shares one (lr, weight decay) — a seed ensemble is one call
+        over the stacked tensors. Where a block would change the kernel's rounding (CPU, see
+        ``CPU_BLOCK``) each member gets its own slice, exactly as a single run's parameter.
+        """
+        key = tuple((id(p), id(self.state[p]["exp_avg"]), id(self.state[p]["exp_avg_sq"])) for p in params)
+        if self._plan is not None and self._plan.key == key:
+            return self._plan
+        settings = list(zip(self.lr, self.weight_decay, strict=True))
+        calls: dict[tuple[float, float], _KernelCall] = {}
+        grad_split: list[list[int] | None] = []
+        for i, p in enumerate(params):
+            blocks_exact = p.device.type == "cuda" or p[0].numel() % CPU_BLOCK == 0
+            runs = _runs(settings) if blocks_exact else [(k, k + 1) for k in range(len(settings))]
+            sizes = [end - start for start, end in runs]
+            grad_split.append(None if len(runs) == 1 else sizes)
+            state = self.state[p]
+            cuts = [t.split(sizes) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+            for j, (start, _) in enumerate(runs):
+                call = calls.setdefault(settings[start], _KernelCall(*settings[start]))
+                call.params.append(cuts[0][j])
+                call.exp_avgs.append(cuts[1][j])
+                call.exp_avg_sqs.append(cuts[2][j])
+                call.grads.append((i, j))
+                call.steps.append(self._step_tensor)
+        self._plan = _FusedPlan(key, list(calls.values()), grad_split)
+        return self._plan
 
     def _elementwise_step(self, params: list[torch.Tensor], factor: float) -> None:
         group = self.param_groups[0]
@@ -141,3 +194,14 @@ class StackedAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.step_count = state_dict.pop("step_count")
         super().load_state_dict(state_dict)
+
+
+def _runs(settings: list[tuple[float, float]]) -> list[tuple[int, int]]:
+    """Maximal ranges ``[start, end)`` of neighbouring members with equal settings."""
+    runs: list[tuple[int, int]] = []
+    for k, setting in enumerate(settings):
+        if runs and settings[runs[-1][0]] == setting:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs

@@ -183,6 +183,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(k, cfg) for _ in range(cfg.n_layers))
         self.ln_final = LayerNorm(k, cfg.d_model) if cfg.normalization == "LN" else nn.Identity()
         self.unembed = Unembed(k, cfg)
+        # Member k's token ids are offset by k * d_vocab into the flattened (K * d_vocab, d_model) table:
+        # one embedding lookup for all members, whose backward is far cheaper than advanced indexing.
+        self.register_buffer("token_offsets", torch.arange(k)[:, None, None] * cfg.d_vocab, persistent=False)
         for member, seed in enumerate(self.seeds):
             self.init_member(member, seed)
 
@@ -220,10 +223,7 @@ class Transformer(nn.Module):
             tokens = tokens.expand(self.n_models, *tokens.shape)
         t = tokens.shape[-1]
         k, d_vocab, d_model = self.embed.W_E.shape
-        # Member k's token ids are offset by k * d_vocab into the flattened (K * d_vocab, d_model) table:
-        # one embedding lookup for all members, whose backward is far cheaper than advanced indexing.
-        offsets = torch.arange(k, device=tokens.device)[:, None, None] * d_vocab
-        x = F.embedding(tokens + offsets, self.embed.W_E.view(k * d_vocab, d_model))  # (K, B, T, d_model)
+        x = F.embedding(tokens + self.token_offsets, self.embed.W_E.view(k * d_vocab, d_model))  # (K, B, T, d_model)
         x = x + self.pos_embed.W_pos[:, None, :t]
         for i, block in enumerate(self.blocks):
             x = block(x, last if i == len(self.blocks) - 1 else None)

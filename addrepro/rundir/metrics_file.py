@@ -1,8 +1,11 @@
-"""Lightning's CSV metrics file, written atomically and continued (not wiped) on resume.
+"""Lightning's CSV metrics file, appended as the run goes and continued (not wiped) on resume.
 
-Lightning's writer deletes an existing ``metrics.csv`` when it starts and appends in place, so a
-kill can leave a torn last line and a resumed run would lose its history. This writer keeps every
-row in memory and replaces the whole file through a temporary file on each save.
+Lightning's writer deletes an existing ``metrics.csv`` when it starts and rewrites it whole on every
+save, which costs time that grows with the run. This writer appends the new rows at each save and
+rewrites the file (atomically, through a temporary file) only when the header must change — a key
+appears for the first time — or a resumed run starts. Every row ends with a newline, so a kill during
+an append leaves at most a torn last line without one; readers drop it, and a resumed run drops the
+rows from its checkpoint's step on.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from addrepro.rundir.atomic import atomic_write
 
 
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a metrics file (``key -> text``, empty cells left out); a torn last line
+    (no newline: the writer was killed mid-append) is dropped."""
+    text = Path(path).read_text()
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))]
+
+
 class AtomicExperimentWriter(ExperimentWriter):
     def __init__(self, log_dir: str, keep_before_step: int | None = None) -> None:
         self.metrics: list[dict] = []
@@ -24,29 +36,33 @@ class AtomicExperimentWriter(ExperimentWriter):
         self.log_dir = log_dir
         self.metrics_file_path = str(Path(log_dir) / self.NAME_METRICS_FILE)
         self.hparams: dict = {}
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # every row, for the rare rewrite
+        self.written_keys: list[str] | None = None  # the file's header; None: the file must be (re)written
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         path = Path(self.metrics_file_path)
         if keep_before_step is not None and path.exists():
-            with path.open(newline="") as f:
-                self.rows = [
-                    {k: v for k, v in row.items() if v != ""}
-                    for row in csv.DictReader(f)
-                    if row.get("step") not in (None, "") and int(row["step"]) < keep_before_step
-                ]
+            self.rows = [row for row in read_csv_rows(path) if "step" in row and int(row["step"]) < keep_before_step]
             self.metrics_keys = sorted(set().union(*self.rows)) if self.rows else []
 
     def save(self) -> None:
         if not self.metrics:
             return
-        self.rows.extend(self.metrics)
-        self.metrics = []
-        self.metrics_keys = sorted(set(self.metrics_keys).union(*self.rows))
+        new, self.metrics = self.metrics, []
+        self.rows.extend(new)
+        self.metrics_keys = sorted(set(self.metrics_keys).union(*new))
+        path = Path(self.metrics_file_path)
+        if self.metrics_keys != self.written_keys:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            atomic_write(path, lambda f: f.write(buffer.getvalue().encode()))
+            self.written_keys = list(self.metrics_keys)
+            return
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write(Path(self.metrics_file_path), lambda f: f.write(buffer.getvalue().encode()))
+        csv.DictWriter(buffer, fieldnames=self.metrics_keys, lineterminator="\n").writerows(new)
+        with path.open("a", newline="") as f:  # one write of whole lines: a kill tears the last one at most
+            f.write(buffer.getvalue())
 
 
 class MetricsCSVLogger(CSVLogger):
@@ -72,10 +88,9 @@ def load_rows(job_dir: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"no metrics file {path} (was the run started with logger.csv=false?)")
     rows = []
-    with path.open() as f:
-        for raw in csv.DictReader(f):
-            row = {k: float(v) for k, v in raw.items() if v not in ("", None)}
-            if "step" in row:
-                row["step"] = int(row["step"])
-                rows.append(row)
+    for raw in read_csv_rows(path):
+        row = {k: float(v) for k, v in raw.items()}
+        if "step" in row:
+            row["step"] = int(row["step"])
+            rows.append(row)
     return rows

@@ -60,13 +60,38 @@ def answer_digits(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Ten
     return torch.cat([digits, carries[..., -1:]], dim=-1)
 
 
+def reorder(x: torch.Tensor, order: tuple[int, ...], dim: int = -1) -> torch.Tensor:
+    """``x`` indexed by ``order`` along ``dim``, without building an index tensor on the host.
+
+    The answer orders are the identity (a view) or a reversal (a flip). Indexing a device tensor
+    with a Python list would build a CPU index tensor and copy it to the device every call, a
+    blocking copy on CUDA; any other order therefore uses an index cached on the device.
+    """
+    n = len(order)
+    if order == tuple(range(n)):
+        return x
+    if order == tuple(range(n - 1, -1, -1)):
+        return x.flip(dim)
+    return x.index_select(dim, _device_index(order, x.device))
+
+
+_INDEX_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _device_index(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    key = (order, device)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = torch.tensor(order, dtype=torch.long, device=device)
+    return _INDEX_CACHE[key]
+
+
 def encode(a: torch.Tensor, b: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
     """Full token sequences ``(B, 3n + 3)`` for place-indexed operand digits."""
     answer = answer_digits(a, b, spec)
     bsz = a.shape[0]
     plus = torch.full((bsz, 1), spec.plus_token, dtype=a.dtype, device=a.device)
     equals = torch.full((bsz, 1), spec.equals_token, dtype=a.dtype, device=a.device)
-    emitted = answer[:, list(spec.answer_places)]
+    emitted = reorder(answer, spec.answer_places, dim=1)
     return torch.cat([a.flip(1), plus, b.flip(1), equals, emitted], dim=1)
 
 

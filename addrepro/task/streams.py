@@ -16,7 +16,7 @@ class InfiniteBatches:
     """
 
     def __init__(self, spec: TaskSpec, batch_size: int, seed: int, device: torch.device | str = "cpu"):
-        self.spec, self.batch_size, self.device = spec, batch_size, torch.device(device)
+        self.spec, self.batch_size, self.device, self.seed = spec, batch_size, torch.device(device), seed
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -28,10 +28,30 @@ class InfiniteBatches:
         return sample_operands(self.spec, self.batch_size, self.generator, self.device)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "device": self.device.type}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+    def load_state_dict(self, state: dict, step: int = 0) -> str | None:
+        """Continue the saved stream; returns None, or a one-line notice when it cannot continue.
+
+        CPU and CUDA generators are different algorithms (the same seed gives different streams), and
+        one's state means nothing to the other. A stream saved on another device type therefore
+        continues from a seed made of this stream's seed and ``step``: reproducible, but not the data
+        an uninterrupted run would have drawn.
+        """
+        saved = state.get("device") or _generator_device(state["generator"])
+        if saved == self.device.type:
+            self.generator.set_state(state["generator"])
+            return None
+        self.generator.manual_seed((self.seed * 1_000_003 + step) % 2**63)
+        return (
+            f"the data stream was saved on {saved} and continues on {self.device.type} from a new seed "
+            f"(seed {self.seed}, step {step}): data after step {step} differ from an uninterrupted run"
+        )
+
+
+def _generator_device(state: torch.Tensor) -> str:
+    """The device type of a generator state saved without one: CUDA's (Philox) is 16 bytes."""
+    return "cuda" if state.numel() == 16 else "cpu"
 
 
 class FiniteBatches(InfiniteBatches):

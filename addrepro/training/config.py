@@ -32,6 +32,8 @@ from addrepro.task.spec import ORDERS, TASKS, TaskSpec
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 WANDB_MODES = ("offline", "online", "disabled")
 CKPT_SCHEDULES = ("linear", "log")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
+PRECISIONS = (32, "bf16-mixed")  # Lightning's names
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,14 @@ def strings(key: str, value: Any) -> None:
         raise ConfigError(key, value, "must be a list of strings")
 
 
+def one_device(key: str, value: Any) -> None:
+    values = list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else None
+    if value is None or (values is not None and len(values) == 1 and _is_int(values[0]) and values[0] >= 0):
+        return
+    shown = values if values is not None else value
+    raise ConfigError(key, shown, "must be null (the launcher's choice) or one GPU index in a list, e.g. [1]")
+
+
 def option(default: Any, check: Check, factory: bool = False) -> Any:
     """A config key: its default and the check of its value."""
     if factory:
@@ -171,6 +181,13 @@ class TrainerConfig:
     # Optimiser steps per Lightning step: amortises the framework's per-step overhead.
     steps_per_call: int = option(10, integer(1))
     accelerator: str = option("auto", choice(ACCELERATORS))
+    # One device per job. null: GPU (job number mod visible GPUs) in a sweep, the first GPU otherwise.
+    devices: list | None = option(None, one_device)
+    # float32 matmuls: highest = full float32; high = TF32 on tensor cores (NVIDIA Ampere and later).
+    matmul_precision: str = option("highest", choice(MATMUL_PRECISIONS))
+    precision: Any = option(32, choice(PRECISIONS))  # bf16-mixed: autocast to bfloat16, float32 weights
+    # torch threads of this job. null: torch's default; under hydra/launcher=parallel, cores / n_jobs.
+    threads: int | None = option(None, integer(1, null=True))
     # torch.compile forward+backward (on CUDA replayed as CUDA graphs); no gain measured on CPU.
     compile: bool = option(False, BOOLEAN)
     log_every_n_steps: int = option(10, integer(1))  # train metrics every N optimiser steps

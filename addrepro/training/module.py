@@ -17,6 +17,7 @@ plots), which it calls at the exact optimiser step they concern.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
+
+log = logging.getLogger("addrepro")
 
 
 class Divergence(RuntimeError):
@@ -98,6 +101,7 @@ class AdditionModule(pl.LightningModule):
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
+        self.last_train_loss: float | None = None  # member 0's, shown by the progress bar
         self.restore_history(history or [[] for _ in members], confusions or [])
 
     # -- setup -------------------------------------------------------------------------------
@@ -128,11 +132,15 @@ class AdditionModule(pl.LightningModule):
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         mc = self.settings.metrics
         self.carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size).to(device)
-        self.train_stats = (
-            compiled_place_stats(self.model, self.spec)
-            if self.settings.trainer.compile
-            else lambda tokens: place_stats(self.model, tokens, self.spec)
-        )
+        if self.settings.trainer.compile:
+            # Compiled code is cached per code object, and every fit compiles the same function for
+            # a new model: without a reset, a process that trains more stacks than dynamo's recompile
+            # limit (the ensemble launcher, a reused worker, a benchmark) would fail. One process
+            # trains one stack at a time, so nothing compiled for an earlier stack is needed again.
+            torch._dynamo.reset()
+            self.train_stats = compiled_place_stats(self.model, self.spec)
+        else:
+            self.train_stats = lambda tokens: place_stats(self.model, tokens, self.spec)
         if self.resume_states:
             self.load_resume_states(self.resume_states)
 
@@ -163,7 +171,9 @@ class AdditionModule(pl.LightningModule):
                 }
         self.opt.step_count = states[0]["optimizer"]["step_count"]
         for stream, st in zip(self.streams, states, strict=True):
-            stream.load_state_dict(st["data"])
+            notice = stream.load_state_dict(st["data"], st["step"])
+            if notice is not None:
+                log.warning("resuming: %s", notice)
 
     @property
     def opt(self) -> StackedAdamW:
@@ -275,8 +285,8 @@ class AdditionModule(pl.LightningModule):
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
-        if "train/loss" in metrics and self._trainer is not None:  # the progress bar
-            self.log("loss", values[keys.index("train/loss")][0], prog_bar=True, logger=False)
+        if "train/loss" in metrics:  # for the progress bar, a host value (self.log would copy it back to the device)
+            self.last_train_loss = values[keys.index("train/loss")][0]
 
     def stacked_weights(self) -> dict[str, torch.Tensor]:
         """A copy of every stacked tensor ``(K, ...)`` (members are sliced only when one is saved)."""
@@ -303,20 +313,24 @@ class AdditionModule(pl.LightningModule):
         if not bool(finite):
             bad = next(n for n, p in self.model.named_parameters() if not p.detach().isfinite().all())
             raise Divergence(f"step {step}: non-finite weights in {bad}; the last good checkpoint is kept")
+        # One device-to-host copy per stacked tensor; members are sliced (and cloned) on the host.
+        weights = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
         opt_state = self.opt.state
-        params = dict(self.model.named_parameters())
+        moments = {
+            name: {key: opt_state[p][key].detach().cpu() for key in ("exp_avg", "exp_avg_sq")}
+            for name, p in self.model.named_parameters()
+            if p in opt_state
+        }
         states = []
         for k in range(len(self.members)):
-            moments = {
-                name: {key: opt_state[p][key][k].detach().cpu().clone() for key in ("exp_avg", "exp_avg_sq")}
-                for name, p in params.items()
-                if p in opt_state
-            }
             states.append(
                 {
                     **self.checkpoint_header(k, step),
-                    "model": {n: t.cpu() for n, t in self.model.member_state_dict(k).items()},
-                    "optimizer": {"step_count": self.opt.step_count, "moments": moments},
+                    "model": member_weights(weights, k),
+                    "optimizer": {
+                        "step_count": self.opt.step_count,
+                        "moments": {name: member_weights(m, k) for name, m in moments.items()},
+                    },
                     "data": self.streams[k].state_dict(),
                 }
             )

@@ -31,6 +31,13 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
             self._show(step)
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None:
+            metrics["loss"] = f"{loss:.4g}"
+        return metrics
+
     def _show(self, step: int) -> None:
         bar = self.train_progress_bar
         bar.n = step

@@ -7,6 +7,7 @@ run is a stack of one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -33,6 +34,14 @@ from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import Checkpoints, ConfusionImages, EndOfRunFiles, SpikeSnapshots
 from addrepro.training.config import ConfigError, architecture, task_spec, typed, validate
+from addrepro.training.devices import (
+    apply_settings,
+    cluster_plugins,
+    cpu_cores,
+    job_devices,
+    job_threads,
+    visible_gpus,
+)
 from addrepro.training.module import AdditionModule, Divergence, Member, Settings
 from addrepro.training.progress import StepProgressBar
 
@@ -60,6 +69,8 @@ class JobPlan:
     group: str
     multirun: bool
     resume_from: Path | None = None
+    slot: int = 0  # the job number in a sweep (which GPU it takes), the stack number in an ensemble
+    jobs_at_once: int = 1  # jobs of the sweep running side by side on this machine (they share its cores)
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -86,6 +97,9 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     cfg = plans[0].cfg
     spec = task_spec(cfg.data)
     s = settings(cfg)
+    t = s.trainer
+    apply_settings(job_threads(t.threads, plans[0].jobs_at_once, cpu_cores()), t.matmul_precision)
+    accelerator, devices = job_devices(t.accelerator, t.devices, plans[0].slot, visible_gpus(t.accelerator))
     members, resume_states, history = [], [], []
     for plan in plans:
         state = load_checkpoint(plan.resume_from) if plan.resume_from else None
@@ -124,7 +138,6 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         history=history,
         confusions=confusions,
     )
-    t = s.trainer
     callbacks: list[pl.Callback] = [
         Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
         SpikeSnapshots(),
@@ -137,8 +150,10 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     trainer = pl.Trainer(
         max_steps=t.max_steps,
         max_epochs=1,
-        accelerator=t.accelerator,
-        devices=1,
+        accelerator=accelerator,
+        devices=devices,
+        precision=t.precision,
+        plugins=cluster_plugins(),
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -167,7 +182,17 @@ def job_plan(cfg: DictConfig) -> JobPlan:
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
     group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
     swept = swept_keys(sweep_overrides(group_dir)) if multirun else None
-    return JobPlan(cfg, job_dir, run_name(list(hc.overrides.task), swept), group, multirun)
+    slot = int(hc.job.num) if multirun and hc.job.get("num") is not None else 0
+    name = run_name(list(hc.overrides.task), swept)
+    return JobPlan(cfg, job_dir, name, group, multirun, slot=slot, jobs_at_once=jobs_at_once(hc.launcher))
+
+
+def jobs_at_once(launcher: DictConfig) -> int:
+    """How many jobs of a sweep the launcher runs side by side in this machine (``parallel``: n_jobs)."""
+    if "joblib" not in str(launcher.get("_target_", "")).lower():
+        return 1
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    return cpu_cores() if n_jobs < 0 else n_jobs
 
 
 def resume_plan(plan: JobPlan) -> JobPlan:
@@ -194,7 +219,7 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
     name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
     log.info("resuming %s from step %d", path, ckpt["step"])
-    return JobPlan(cfg, path.parent.parent, name, group, plan.multirun, resume_from=path)
+    return dataclasses.replace(plan, cfg=cfg, job_dir=path.parent.parent, name=name, group=group, resume_from=path)
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str]:

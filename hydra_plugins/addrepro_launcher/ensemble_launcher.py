@@ -7,6 +7,7 @@ happens afterwards, one process-wide stack per group of compatible jobs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,7 +59,8 @@ class EnsembleLauncher(Launcher):
             if ret.status == JobStatus.COMPLETED and ret.return_value is not None:
                 plans.append(ret.return_value)
         stacks = pack(plans, [packing_key(p.cfg) for p in plans], self.max_members)
-        for stack in stacks:
+        for number, stack in enumerate(stacks):
             log.info("training %d job(s) as one stack: %s", len(stack), ", ".join(p.job_dir.name for p in stack))
-            run_plans(stack)
+            # Stack s takes GPU s mod count (one after another: a node's GPUs serve the stacks in turn).
+            run_plans([dataclasses.replace(p, slot=number) for p in stack])
         return returns

@@ -1,0 +1,78 @@
+"""Where a job runs: its device (one GPU per job), its torch threads and its numeric precision.
+
+A sweep's jobs are spread over the visible GPUs by job number (job i on GPU ``i mod count``), so
+the ``parallel`` and ``local`` launchers use every GPU of a node and a Slurm task uses the one GPU
+it was given. Jobs that run side by side on a CPU share its cores instead of each taking all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.environments import LightningEnvironment
+
+from addrepro.training.config import ConfigError
+
+GPU_ACCELERATORS = ("auto", "gpu", "cuda")
+
+
+def visible_gpus(accelerator: str) -> int:
+    """CUDA devices this job may use (0 when the accelerator is not a GPU or none is visible)."""
+    return torch.cuda.device_count() if accelerator in GPU_ACCELERATORS else 0
+
+
+def job_devices(accelerator: str, devices: list[int] | None, slot: int, n_gpus: int) -> tuple[str, Any]:
+    """Lightning's ``(accelerator, devices)`` for a job: always one device.
+
+    ``devices`` (the config's ``trainer.devices``) names a GPU; otherwise job ``slot`` takes GPU
+    ``slot mod n_gpus``. Without a GPU the job runs on the configured accelerator's one device.
+    """
+    if n_gpus == 0:
+        return accelerator, 1
+    if devices is not None:
+        (index,) = devices
+        if index >= n_gpus:
+            raise ConfigError("trainer.devices", list(devices), f"{n_gpus} GPU(s) visible: an index in 0..{n_gpus - 1}")
+        return "gpu", [index]
+    return "gpu", [slot % n_gpus]
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a Slurm allocation), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def job_threads(threads: int | None, jobs_at_once: int, cores: int) -> int | None:
+    """Torch threads for one job: ``threads`` if set, else a fair share of the cores when several
+    jobs run at once (None: leave torch's default).
+
+    Two jobs that each use every core spin-wait on each other's cores and together finish less work
+    than one job alone; a share of ``cores // jobs_at_once`` (at least 1) keeps them apart.
+    """
+    if threads is not None:
+        return threads
+    if jobs_at_once <= 1:
+        return None
+    return max(1, cores // jobs_at_once)
+
+
+def apply_settings(threads: int | None, matmul_precision: str) -> None:
+    """Process-wide settings of a job: thread count and float32 matmul precision (TF32 with ``high``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(matmul_precision)
+
+
+def cluster_plugins() -> list:
+    """Lightning plugins that pin the cluster environment to a plain single process.
+
+    Each addrepro job trains on one device in one process. Lightning would otherwise detect Slurm
+    from the environment inside ``sbatch`` and refuse to start when the allocation has several tasks
+    (its ``--ntasks`` check), although the launcher already gave every job its own process.
+    """
+    return [LightningEnvironment()]
