@@ -66,6 +66,18 @@ class MetricsCSVLogger(CSVLogger):
         pass  # the resolved config is in .hydra/config.yaml
 
 
+class MetricsFileError(ValueError):
+    """A metrics file that cannot be read as numbers; the message names the file, line and column."""
+
+
+def _is_float(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def load_rows(job_dir: Path) -> list[dict]:
     """Metric rows of a job (``step`` plus the keys logged at that step) from its CSV file."""
     path = Path(job_dir) / "csv" / "metrics.csv"
@@ -73,8 +85,12 @@ def load_rows(job_dir: Path) -> list[dict]:
         raise FileNotFoundError(f"no metrics file {path} (was the run started with logger.csv=false?)")
     rows = []
     with path.open() as f:
-        for raw in csv.DictReader(f):
-            row = {k: float(v) for k, v in raw.items() if v not in ("", None)}
+        for line, raw in enumerate(csv.DictReader(f), start=2):
+            try:
+                row = {k: float(v) for k, v in raw.items() if v not in ("", None)}
+            except (TypeError, ValueError):  # a foreign or damaged file: name the place
+                bad = next((k, v) for k, v in raw.items() if v not in ("", None) and not _is_float(v))
+                raise MetricsFileError(f"{path}, line {line}: {bad[0]}={bad[1]!r} is not a number") from None
             if "step" in row:
                 row["step"] = int(row["step"])
                 rows.append(row)
