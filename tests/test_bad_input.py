@@ -111,4 +111,5 @@ def test_report_on_a_non_numeric_metrics_file_names_the_cell(cli, tmp_path):
     metrics.write_text("\n".join([header, ",".join(cells), *rows[1:]]) + "\n")
     proc = cli("addrepro.report", "job")
     assert proc.returncode == 2
-    assert error_lines(proc) == [f"addrepro.report: {metrics.relative_to(tmp_path)}, line 2: train/loss='oops' is not a number"]
+    where = metrics.relative_to(tmp_path)
+    assert error_lines(proc) == [f"addrepro.report: {where}, line 2: train/loss='oops' is not a number"]
