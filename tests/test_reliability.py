@@ -334,3 +334,51 @@ def test_read_only_output_folder_is_one_line(tmp_path):
             subprocess.run(["umount", str(folder)], check=False)
         else:
             folder.chmod(0o755)
+
+
+def stepped(run):
+    return [(r["trainer/global_step"], r.get("train/loss"), r.get("val/loss")) for r in run.history
+            if "trainer/global_step" in r]
+
+
+def test_wandb_history_reads_back_whole_after_a_kill_before_the_first_checkpoint(uninterrupted, tmp_path):
+    env = one_thread_env()
+    victim = subprocess.Popen(train_cmd("hydra.run.dir=job"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not find_runs(tmp_path / "job") and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert find_runs(tmp_path / "job") and not (tmp_path / "job" / "checkpoints" / "step_100.ckpt").exists()
+    resumed = subprocess.run(train_cmd("hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The restart continued the W&B run the killed process had begun: one run, read back whole.
+    assert len(find_runs(tmp_path / "job")) == 2
+    run = read_run(tmp_path / "job")
+    assert len(run.parts) == 2 and run.exit_code == 0
+    assert stepped(run) == stepped(read_run(uninterrupted))
+    assert load_rows(tmp_path / "job") == load_rows(uninterrupted)
+
+
+def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(tmp_path):
+    env = one_thread_env()
+    short = [*RUN, "trainer.plots=true", "data.n_digits=2", "model.width=16"]
+    runs = {
+        "full": [["trainer.max_steps=60"]],
+        "continued": [["trainer.max_steps=40"], ["trainer.max_steps=60", "resume=continued"]],
+    }
+    for job, commands in runs.items():
+        for args in commands:
+            proc = subprocess.run([sys.executable, "-m", "addrepro.train", *short, *args, f"hydra.run.dir={job}"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    full, continued = read_run(tmp_path / "full"), read_run(tmp_path / "continued")
+    assert len(continued.parts) == 2
+    # The plots logged at the end carry no training step, and wandb's _step restarts in each process.
+    assert "_step" in continued.history[-1] and "trainer/global_step" not in continued.history[-1]
+    assert len(stepped(full)) > 20 and stepped(continued) == stepped(full)
+    unstepped = lambda run: sorted(k for r in run.history if "trainer/global_step" not in r for k in r  # noqa: E731
+                                   if not k.startswith("_"))
+    assert unstepped(continued) == unstepped(full) != []
