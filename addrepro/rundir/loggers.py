@@ -98,13 +98,15 @@ def wandb_run_id(loggers: list[Logger]) -> str | None:
     return None
 
 
-def finish_wandb_runs(exit_code: int, preempting: bool = False) -> None:
+def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | None = None) -> None:
     """Close this job's W&B runs (marked failed with a non-zero exit code) before the next job starts.
 
     ``preempting``: the run stopped to be resumed later under the same id (W&B shows it as preempted).
+    ``job_dir``: only the run of that job folder (a member of an ensemble that failed alone).
     """
-    while _live_runs:
-        run = _live_runs.pop()
+    chosen = [r for r in _live_runs if job_dir is None or Path(r.settings.root_dir).resolve() == Path(job_dir).resolve()]
+    for run in chosen:
+        _live_runs.remove(run)
         if preempting:
             run.mark_preempting()
         run.finish(exit_code=exit_code)

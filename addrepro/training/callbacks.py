@@ -59,6 +59,10 @@ class Checkpoints(pl.Callback):
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
         flush_loggers(module)  # a killed run keeps its metrics up to the last evaluation
 
+    def on_member_failed(self, trainer: pl.Trainer, module: AdditionModule, k: int, message: str) -> None:
+        for logger in module.members[k].loggers:  # its rows up to the divergence
+            logger.save()
+
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
         self.save(module, "last.ckpt", module.opt.step_count)
@@ -68,7 +72,8 @@ class Checkpoints(pl.Callback):
         states = module.resumable_states(step)
         flush_loggers(module)
         for member, state in zip(module.members, states, strict=True):
-            save_checkpoint(member.job_dir / "checkpoints" / filename, state)
+            if state is not None:  # None: a member that diverged
+                save_checkpoint(member.job_dir / "checkpoints" / filename, state)
 
 
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where it was asked to
@@ -163,7 +168,7 @@ class ConfusionImages(pl.Callback):
 
     def on_confusion(self, trainer: pl.Trainer, module: AdditionModule, step: int, confusion: torch.Tensor) -> None:
         for k, m in enumerate(module.members):
-            for logger in m.loggers:
+            for logger in m.loggers if k not in module.failed else []:
                 if isinstance(logger, WandbLogger):
                     import wandb  # noqa: PLC0415 - only W&B runs pay for this import
 
@@ -186,6 +191,8 @@ class EndOfRunFiles(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
         for k, job_dir in enumerate(self.job_dirs):
+            if k in module.failed:
+                continue
             rows = [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k]
             save_confusion(job_dir, [(step, c[k]) for step, c in module.confusions])
             spikes = [

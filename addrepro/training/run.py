@@ -174,6 +174,9 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     trainer.fit(module, train_dataloaders=range(math.ceil((t.max_steps - module.start_step) / t.steps_per_call)))
     finals = []
     for k in range(len(plans)):
+        if k in module.failed:  # a member of an ensemble that diverged while the others trained on
+            finals.append({"diverged": module.failed[k]})
+            continue
         rows = [r for r in module.history if r["member"] == k]
         finals.append(next((r for r in reversed(rows) if "val/loss" in r), {}))
     return finals
@@ -310,8 +313,15 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
             raise
         log.exception("job failed")
         return False
+    for plan, final in zip(plans, finals, strict=True):
+        if "diverged" in final:
+            finish_wandb_runs(exit_code=1, job_dir=plan.job_dir)
+            try_status(plan.job_dir, "failed", f"Divergence: {final['diverged']}")
+            print(f"addrepro: diverged: {final['diverged']}", file=sys.stderr)
     finish_wandb_runs(exit_code=0)
     for plan, final in zip(plans, finals, strict=True):
+        if "diverged" in final:
+            continue
         try:
             write_status(plan.job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
         except OSError as e:
@@ -320,4 +330,8 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
                 sys.exit(1)
             return False
         log.info("done: %s (val loss %.4f)", plan.job_dir, final.get("val/loss", float("nan")))
+    if any("diverged" in final for final in finals):
+        if not plans[0].multirun:
+            sys.exit(1)
+        return False
     return True
