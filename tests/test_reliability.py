@@ -10,10 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, cli_env
+from conftest import FAST, REPO, cli_env
 
 from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.rundir.metrics_file import load_rows
+from addrepro.training.module import Divergence
 from addrepro.wandb_offline import find_runs, read_run
 
 RUN = ["data.n_digits=3", "model.width=32", "trainer.max_steps=400", "trainer.ckpt_every_n_steps=100",
@@ -382,3 +383,47 @@ def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(tmp_path
     unstepped = lambda run: sorted(k for r in run.history if "trainer/global_step" not in r for k in r  # noqa: E731
                                    if not k.startswith("_"))
     assert unstepped(continued) == unstepped(full) != []
+
+
+def trained_module(tmp_path, lrs):
+    """A real module after 10 optimiser steps of ``len(lrs)`` stacked members (no callbacks: no files)."""
+    import pytorch_lightning as pl
+    from hydra import compose, initialize_config_dir
+
+    from addrepro.training.config import architecture, task_spec
+    from addrepro.training.module import AdditionModule, Member
+    from addrepro.training.run import quiet_lightning, settings
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data.n_digits=2", "model.width=16", *FAST])
+    spec = task_spec(cfg.data)
+    members = [Member(seed=0, data_seed=0, lr=lr, weight_decay=0.1, job_dir=tmp_path / f"m{k}")
+               for k, lr in enumerate(lrs)]
+    module = AdditionModule(spec, architecture(cfg.model, spec), members, settings(cfg))
+    quiet_lightning()
+    trainer = pl.Trainer(max_steps=10, max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=range(1))
+    return module
+
+
+def test_no_checkpoint_with_non_finite_optimiser_state_and_the_quantity_is_named(tmp_path):
+    module = trained_module(tmp_path, [1e-3])
+    assert len(module.resumable_states(10)) == 1  # all finite: a checkpoint can be written
+    name = "blocks.0.attn.W_Q"
+    param = dict(module.model.named_parameters())[name]
+    module.opt.state[param]["exp_avg_sq"].view(-1)[3] = float("inf")  # the weights themselves stay finite
+    assert all(q.isfinite().all() for q in module.model.parameters())
+    with pytest.raises(Divergence, match=rf"^step 10: non-finite optimizer state exp_avg_sq of {name}; "):
+        module.resumable_states(10)
+
+
+def test_a_member_with_non_finite_state_gets_no_checkpoint_the_others_do(tmp_path):
+    module = trained_module(tmp_path, [1e-3, 2e-3])
+    with torch.no_grad():
+        module.model.embed.W_E[1, 0, 0] = float("nan")  # member 1 only
+    states = module.resumable_states(10)
+    assert states[0] is not None and states[1] is None
+    message = "step 10: non-finite weights in embed.W_E (seed 0, m1); the last good checkpoint is kept"
+    assert module.failed == {1: message}
+    assert all(t.isfinite().all() for t in states[0]["model"].values())

@@ -104,7 +104,8 @@ def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | 
     ``preempting``: the run stopped to be resumed later under the same id (W&B shows it as preempted).
     ``job_dir``: only the run of that job folder (a member of an ensemble that failed alone).
     """
-    chosen = [r for r in _live_runs if job_dir is None or Path(r.settings.root_dir).resolve() == Path(job_dir).resolve()]
+    wanted = Path(job_dir).resolve() if job_dir is not None else None
+    chosen = [r for r in _live_runs if wanted is None or Path(r.settings.root_dir).resolve() == wanted]
     for run in chosen:
         _live_runs.remove(run)
         if preempting:
