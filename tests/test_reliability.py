@@ -61,6 +61,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     val = lambda job: [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]  # noqa: E731
     assert val("killed") == val("full")
     assert [s for s, _ in val("killed")] == list(range(0, 401, 25))
+    assert load_rows(tmp_path / "killed") == load_rows(tmp_path / "full")  # every train row too, once
     # The same W&B run id continues (offline: one run file per process, synced together).
     ids = {read_run(p).run_id for p in find_runs(tmp_path / "killed")}
     assert len(ids) == 1 and len(find_runs(tmp_path / "killed")) == 2

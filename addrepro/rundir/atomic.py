@@ -55,9 +55,12 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files a killed run left under ``folder`` (call it only while holding its lock)."""
-    stale = [p for p in Path(folder).rglob(TMP_GLOB) if p.is_file() and "wandb" not in p.parts]
+RUN_SUBFOLDERS = ("", "checkpoints", "csv", "analysis")  # where a run folder's files are written
+
+
+def remove_stale_temporaries(job_dir: Path) -> list[Path]:
+    """Delete the temporary files a killed run left in a run folder (only while holding its lock)."""
+    stale = [p for sub in RUN_SUBFOLDERS for p in (Path(job_dir) / sub).glob(TMP_GLOB) if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
