@@ -42,8 +42,11 @@ def test_bad_values_give_one_line_before_anything_is_created(cli, tmp_path, over
 def finished(tmp_path_factory):
     """A finished CSV-only run (logger.csv=false: no metrics file) and checkpoints made from it."""
     root = tmp_path_factory.mktemp("bad_ckpt")
-    proc = run_cli("addrepro.train", [*TINY, "trainer.max_steps=20", "logger.wandb.enabled=false",
-                                      "logger.csv=false", "hydra.run.dir=nocsv"], root)
+    proc = run_cli(
+        "addrepro.train",
+        [*TINY, "trainer.max_steps=20", "logger.wandb.enabled=false", "logger.csv=false", "hydra.run.dir=nocsv"],
+        root,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = torch.load(root / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)
     header = ("format", "task", "model_config", "config", "step", "wandb_run_id", "wandb_name", "wandb_group")
@@ -94,8 +97,11 @@ def test_analyze_names_what_a_checkpoint_lacks(finished, name):
 
 
 def test_resuming_a_run_without_metrics_file_continues(finished):
-    proc = run_cli("addrepro.train", [*TINY, "trainer.max_steps=30", "trainer.plots=true", "resume=nocsv",
-                                      "hydra.run.dir=again2"], finished)
+    proc = run_cli(
+        "addrepro.train",
+        [*TINY, "trainer.max_steps=30", "trainer.plots=true", "resume=nocsv", "hydra.run.dir=again2"],
+        finished,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.load(finished / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30
 
