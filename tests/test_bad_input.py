@@ -15,10 +15,17 @@ from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_c
 
 TINY = ["data.n_digits=2", "model.width=16", "trainer.plots=false", *FAST]
 
-# What a user sees for values the schema refuses (the whole table of values: test_config_check.py).
+# Every bad value reported from the field, as a user sees it (the schema's whole table: test_config_check.py).
 CONFIG_CASES = [
     (["optimizer.betas=0.9"], "optimizer.betas=0.9 is invalid: must be two numbers in [0, 1)"),
+    (["metrics.carry_set_size=0"], "metrics.carry_set_size=0 is invalid: must be an integer >= 1"),
+    (["metrics.chain_set_size=-1"], "metrics.chain_set_size=-1 is invalid: must be an integer >= 1"),
+    (["metrics.spike_window=0"], "metrics.spike_window=0 is invalid: must be an integer >= 1"),
+    (["metrics.spike_factor=abc"], "metrics.spike_factor='abc' is invalid: must be a number > 1.0"),
+    (["logger.wandb.init_timeout=abc"], "logger.wandb.init_timeout='abc' is invalid: must be a number > 0.0"),
+    (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout=-5 is invalid: must be a number > 0.0"),
     (["logger.csv=maybe"], "logger.csv='maybe' is invalid: must be one of True, False"),
+    (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp=64 is invalid: must be null when model.attn_only=true"),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
