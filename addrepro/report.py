@@ -11,6 +11,7 @@ from pathlib import Path
 
 from addrepro.reports.job import draw_job
 from addrepro.reports.sweep import draw_sweep, is_sweep_dir
+from addrepro.rundir.metrics_file import MetricsFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = Path(argv[0])
         paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MetricsFileError) as e:
         print(f"addrepro.report: {e}", file=sys.stderr)
         return 2
     for p in paths:

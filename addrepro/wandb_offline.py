@@ -436,14 +436,20 @@ def _read_one(wandb_file: Path, strict: bool) -> OfflineRun:
     return run
 
 
-def _row_step(row: dict) -> float:
-    """The training step of a history row: Lightning's ``trainer/global_step``, else wandb's ``_step``."""
-    return row.get("trainer/global_step", row.get("_step", 0))
+STEP_KEY = "trainer/global_step"
 
 
 def _continued(earlier: OfflineRun, later: OfflineRun) -> OfflineRun:
-    """``earlier`` continued by ``later``, a new process of the same run resumed from a checkpoint."""
-    resumed_at = min((_row_step(r) for r in later.history), default=float("inf"))
+    """``earlier`` continued by ``later``, a new process of the same run resumed from a checkpoint.
+
+    Rows are placed by their training step (``trainer/global_step``), not wandb's ``_step``, which
+    restarts in every offline process. Rows without a training step (plots and tables logged at the
+    end of a process) belong to the end of their part: an earlier part's are dropped when the later
+    part trained on, as are its rows from the step the later part resumed at.
+    """
+    stepped = [r[STEP_KEY] for r in later.history if STEP_KEY in r]
+    resumed_at = min(stepped, default=float("inf"))
+    kept = [r for r in earlier.history if (r[STEP_KEY] < resumed_at if STEP_KEY in r else not stepped)]
     return OfflineRun(
         path=later.path,
         run_id=later.run_id or earlier.run_id,
@@ -452,7 +458,7 @@ def _continued(earlier: OfflineRun, later: OfflineRun) -> OfflineRun:
         group=later.group or earlier.group,
         job_type=later.job_type or earlier.job_type,
         config={**earlier.config, **later.config},
-        history=[r for r in earlier.history if _row_step(r) < resumed_at] + later.history,
+        history=kept + later.history,
         summary={**earlier.summary, **later.summary},
         exit_code=later.exit_code,
         parts=earlier.parts + later.parts,

@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401  (registers the `uid` resolver used by conf/hydra)
 from addrepro.training.config import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+NO_CUDA_CHECK = torch.cuda.is_available()  # on a GPU machine accelerator=gpu is a good value
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,16 @@ BAD = [
     (["trainer.threads=0"], "trainer.threads", "0", "integer >= 1 or null"),
     (["metrics.every_n_steps=0"], "metrics.every_n_steps", "0", "integer >= 1"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode", "'cloud'", "one of offline, online, disabled"),
+    (["optimizer.betas=0.9"], "optimizer.betas", "0.9", "two numbers in [0, 1)"),
+    (["metrics.carry_set_size=0"], "metrics.carry_set_size", "0", "integer >= 1"),
+    (["metrics.chain_set_size=-1"], "metrics.chain_set_size", "-1", "integer >= 1"),
+    (["metrics.spike_window=0"], "metrics.spike_window", "0", "integer >= 1"),
+    (["metrics.spike_factor=abc"], "metrics.spike_factor", "'abc'", "number > 1.0"),
+    (["logger.wandb.init_timeout=abc"], "logger.wandb.init_timeout", "'abc'", "number > 0.0"),
+    (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout", "-5", "number > 0.0"),
+    (["logger.csv=maybe"], "logger.csv", "'maybe'", "one of True, False"),
+    (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp", "64", "must be null when model.attn_only=true"),
+    *([(["trainer.accelerator=gpu"], "trainer.accelerator", "'gpu'", "no CUDA GPU")] if not NO_CUDA_CHECK else []),
 ]
 
 

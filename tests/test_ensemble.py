@@ -6,6 +6,7 @@ import torch
 from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
 
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.train import JobPlan, train
 from addrepro.training.ensemble import pack, packing_key
 from addrepro.wandb_offline import read_run
@@ -106,3 +107,62 @@ def test_ensemble_launcher_gives_each_member_its_own_run(cli, tmp_path):
         ckpt = torch.load(sweep / str(j) / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["config"]["seed"] == j and ckpt["model"]["embed.W_E"].dim() == 2  # a single model
         assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "ok"
+
+
+def test_a_diverging_member_fails_alone_and_the_others_train_on_unchanged(tmp_path, one_thread):
+    bad, good = config("optimizer.lr=1e30"), config("optimizer.lr=1e-3")
+    plans = [JobPlan(c, tmp_path / f"member{i}", f"m{i}", "g", True) for i, c in enumerate((bad, good))]
+    single = JobPlan(good, tmp_path / "single", "s", "g", False)
+    for p in [*plans, single]:
+        p.job_dir.mkdir()
+    finals = train(plans)
+    assert finals[0]["diverged"].startswith("step ") and "non-finite" in finals[0]["diverged"]
+    assert "member0" in finals[0]["diverged"]
+    (single_final,) = train([single])
+    assert {k: v for k, v in finals[1].items() if k != "member"} == {
+        k: v for k, v in single_final.items() if k != "member"
+    }
+    a, b = final_weights(plans[1].job_dir), final_weights(single.job_dir)
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    # Metrics too; grad norms are summed over a (groups, K) tensor, whose float rounding depends on K,
+    # so the rows are compared with those of a healthy stack of the same size.
+    healthy = [
+        JobPlan(c, tmp_path / f"healthy{i}", f"h{i}", "g", True)
+        for i, c in enumerate((config("optimizer.lr=2e-3"), good))
+    ]
+    for p in healthy:
+        p.job_dir.mkdir()
+    train(healthy)
+    assert load_rows(plans[1].job_dir) == load_rows(healthy[1].job_dir)
+    drop = lambda rows: [{k: v for k, v in r.items() if "grad_norm" not in k} for r in rows]  # noqa: E731
+    assert drop(load_rows(plans[1].job_dir)) == drop(load_rows(single.job_dir))
+    # The failed member saved nothing past its divergence, and kept the rows before it.
+    assert not (plans[0].job_dir / "checkpoints" / "last.ckpt").exists()
+    diverged_at = int(finals[0]["diverged"].split()[1].rstrip(":"))
+    rows = load_rows(plans[0].job_dir)
+    assert rows and rows[0]["step"] == 0 and all(r["step"] <= diverged_at for r in rows)
+
+
+def test_ensemble_launcher_marks_only_the_diverging_job_failed(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "addrepro.train",
+        "-m",
+        "optimizer.lr=1e30,1e-3",
+        "hydra/launcher=ensemble",
+        "data.n_digits=2",
+        "model.width=32",
+        "trainer.max_steps=30",
+        "trainer.plots=false",
+        f"hydra.sweep.dir={sweep}",
+        *FAST,
+    )
+    assert proc.returncode == 1
+    assert "training 2 job(s) as one stack" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [summary[j]["status"] for j in ("0", "1")] == ["failed", "ok"]
+    assert "non-finite" in summary["0"]["message"] and "addrepro: sweep" in proc.stderr and "1/2 jobs ok" in proc.stderr
+    assert [read_run(sweep / j).exit_code for j in ("0", "1")] == [1, 0]
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+    assert not (sweep / "0" / "checkpoints" / "last.ckpt").exists()

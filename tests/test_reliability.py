@@ -2,16 +2,19 @@
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
-from conftest import FAST, cli_env
+from conftest import FAST, REPO, cli_env
 
 from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.rundir.metrics_file import load_rows
+from addrepro.training.module import Divergence
 from addrepro.wandb_offline import find_runs, read_run
 
 RUN = [
@@ -66,6 +69,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     val = lambda job: [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]  # noqa: E731
     assert val("killed") == val("full")
     assert [s for s, _ in val("killed")] == list(range(0, 401, 25))
+    assert load_rows(tmp_path / "killed") == load_rows(tmp_path / "full")  # every train row too, once
     # The same W&B run id continues (offline: one run file per process, synced together).
     ids = {read_run(p).run_id for p in find_runs(tmp_path / "killed")}
     assert len(ids) == 1 and len(find_runs(tmp_path / "killed")) == 2
@@ -98,7 +102,7 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert tmp_seen
-    ckpt = load_checkpoint(target)
+    ckpt = torch.load(target, weights_only=True)
     assert ckpt["step"] in (1, 2)  # the old file, or a complete new one: never a torn one
     if ckpt["step"] == 1:
         assert sha(target) == good
@@ -190,3 +194,318 @@ def test_a_checkpoint_from_an_older_addrepro_resumes(tmp_path, cli):
     resumed = cli("addrepro.train", *RUN, "trainer.max_steps=40", "logger=csv", "resume=old", "hydra.run.dir=again")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert load_checkpoint(tmp_path / "old")["step"] == 40
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: RUN trained in one go, with one thread."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(
+        train_cmd("hydra.run.dir=full"), cwd=root, env=one_thread_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "full"
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bitwise_equal(
+    uninterrupted, tmp_path, sig
+):
+    env = one_thread_env()
+    victim = subprocess.Popen(
+        train_cmd("hydra.run.dir=job"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(tmp_path / "job" / "checkpoints" / "step_100.ckpt", victim)
+    victim.send_signal(sig)
+    _, err = victim.communicate(timeout=180)
+    assert victim.returncode == 128 + sig, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("addrepro:")]
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: preempted: {sig.name} at step "), lines
+    assert "Traceback" not in err
+    status = json.loads((tmp_path / "job" / "status.json").read_text())
+    step = status["step"]
+    assert status["status"] == "preempted" and 100 <= step < 400
+    assert load_checkpoint(tmp_path / "job" / "checkpoints" / f"step_{step}.ckpt")["step"] == step
+    assert not (tmp_path / "job" / "checkpoints" / "last.ckpt").exists()
+    # Every row up to the checkpoint reached the metrics file, none after it.
+    full_rows = load_rows(uninterrupted)
+    assert load_rows(tmp_path / "job") == [r for r in full_rows if r["step"] < step]
+
+    resumed = subprocess.run(
+        train_cmd("hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_checkpoint(uninterrupted), load_checkpoint(tmp_path / "job")
+    assert a["step"] == b["step"] == 400
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["moments"][name][key], b["optimizer"]["moments"][name][key])
+    assert load_rows(tmp_path / "job") == full_rows  # train and validation rows, each step once
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
+    # One W&B run continued under its id: the pre-empted part closed with 128 + signal, the whole read back.
+    parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)
+    assert len(parts) == 2 and len({read_run(p).run_id for p in parts}) == 1
+    assert read_run(parts[0]).exit_code == 128 + sig
+    steps = lambda run: [
+        (r["trainer/global_step"], r.get("train/loss"))
+        for r in run.history  # noqa: E731
+        if "trainer/global_step" in r
+    ]
+    assert steps(read_run(tmp_path / "job")) == steps(read_run(uninterrupted))
+
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from addrepro.rundir.lock import acquire\n"
+    "acquire(sys.argv[1])\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
+    env = one_thread_env()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "job")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(
+            train_cmd("trainer.max_steps=20", "hydra.run.dir=job"),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 2
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"addrepro: run folder error: {tmp_path}/job is in use by pid {holder.pid} on ")
+        assert not (tmp_path / "job" / "status.json").exists()  # the holder's folder is left alone
+        assert not (tmp_path / "job" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing its lock; a killed run also left temporary files behind.
+    stale = [tmp_path / "job" / "checkpoints" / ".step_220.ckpt.k3j2.tmp", tmp_path / "job" / ".place_loss.png.x1.tmp"]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    third = subprocess.run(
+        train_cmd("trainer.max_steps=20", "trainer.plots=true", "hydra.run.dir=job"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o002),
+    )
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not any(p.exists() for p in stale)
+    assert not (tmp_path / "job" / ".lock").exists()  # released at the end
+    # Files follow the umask (0o002: group-writable), whichever way they were written.
+    written = [
+        "status.json",
+        "checkpoints/last.ckpt",
+        "csv/metrics.csv",
+        "confusion.npz",
+        "spikes.json",
+        "place_loss.png",
+    ]
+    modes = {name: oct((tmp_path / "job" / name).stat().st_mode & 0o777) for name in written}
+    assert modes == dict.fromkeys(written, oct(0o664))
+
+
+def mount_tmpfs(folder, options):
+    """Mount a small tmpfs at ``folder`` (needs root and a working mount), else skip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"mount failed: {proc.stderr.decode().strip()}")
+
+
+def test_disk_full_ends_in_one_line_naming_the_file_and_leaves_nothing_half_written(tmp_path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=2m")
+    try:
+        # Each checkpoint of this model is ~180 kB: the 2 MiB disk fills after about ten of them.
+        proc = subprocess.run(
+            train_cmd(
+                "model.width=32", "trainer.max_steps=300", "trainer.ckpt_every_n_steps=10", f"hydra.run.dir={disk}/job"
+            ),
+            cwd=tmp_path,
+            env=one_thread_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 1
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, lines
+        assert lines[0].startswith(f"addrepro: storage error: [Errno 28] cannot write {disk}/job/"), lines
+        assert lines[0].endswith("No space left on device")
+        status = json.loads((disk / "job" / "status.json").read_text())
+        assert status["status"] == "failed" and "No space left on device" in status["message"]
+        assert not list((disk / "job").rglob(".*.tmp"))
+        ckpts = sorted((disk / "job" / "checkpoints").glob("step_*.ckpt"))
+        assert len(ckpts) >= 3
+        assert all(load_checkpoint(p)["step"] == int(p.stem.split("_")[1]) for p in ckpts)  # all whole
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_read_only_output_folder_is_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    if os.geteuid() == 0:
+        mount_tmpfs(folder, "ro,size=1m")
+    else:
+        folder.mkdir()
+        folder.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            train_cmd("trainer.max_steps=20", f"hydra.run.dir={folder}/job"),
+            cwd=tmp_path,
+            env=one_thread_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(
+            f"addrepro: storage error: cannot write the output folder {folder}/job: "
+        ), lines
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], check=False)
+        else:
+            folder.chmod(0o755)
+
+
+def stepped(run):
+    return [
+        (r["trainer/global_step"], r.get("train/loss"), r.get("val/loss"))
+        for r in run.history
+        if "trainer/global_step" in r
+    ]
+
+
+def test_wandb_history_reads_back_whole_after_a_kill_before_the_first_checkpoint(uninterrupted, tmp_path):
+    env = one_thread_env()
+    victim = subprocess.Popen(
+        train_cmd("hydra.run.dir=job"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 180
+    while not find_runs(tmp_path / "job") and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert find_runs(tmp_path / "job") and not (tmp_path / "job" / "checkpoints" / "step_100.ckpt").exists()
+    resumed = subprocess.run(
+        train_cmd("hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The restart continued the W&B run the killed process had begun: one run, read back whole.
+    assert len(find_runs(tmp_path / "job")) == 2
+    run = read_run(tmp_path / "job")
+    assert len(run.parts) == 2 and run.exit_code == 0
+    assert stepped(run) == stepped(read_run(uninterrupted))
+    assert load_rows(tmp_path / "job") == load_rows(uninterrupted)
+
+
+def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(tmp_path):
+    env = one_thread_env()
+    short = [*RUN, "trainer.plots=true", "data.n_digits=2", "model.width=16"]
+    runs = {
+        "full": [["trainer.max_steps=60"]],
+        "continued": [["trainer.max_steps=40"], ["trainer.max_steps=60", "resume=continued"]],
+    }
+    for job, commands in runs.items():
+        for args in commands:
+            proc = subprocess.run(
+                [sys.executable, "-m", "addrepro.train", *short, *args, f"hydra.run.dir={job}"],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    full, continued = read_run(tmp_path / "full"), read_run(tmp_path / "continued")
+    assert len(continued.parts) == 2
+    # The plots logged at the end carry no training step, and wandb's _step restarts in each process.
+    assert "_step" in continued.history[-1] and "trainer/global_step" not in continued.history[-1]
+    assert len(stepped(full)) > 20 and stepped(continued) == stepped(full)
+    unstepped = lambda run: sorted(
+        k
+        for r in run.history
+        if "trainer/global_step" not in r
+        for k in r  # noqa: E731
+        if not k.startswith("_")
+    )
+    assert unstepped(continued) == unstepped(full) != []
+
+
+def trained_module(tmp_path, lrs):
+    """A real module after 10 optimiser steps of ``len(lrs)`` stacked members (no callbacks: no files)."""
+    import pytorch_lightning as pl
+    from hydra import compose, initialize_config_dir
+
+    from addrepro.training.config import architecture, task_spec
+    from addrepro.training.module import AdditionModule, Member
+    from addrepro.training.run import quiet_lightning, settings
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["data.n_digits=2", "model.width=16", *FAST])
+    spec = task_spec(cfg.data)
+    members = [
+        Member(seed=0, data_seed=0, lr=lr, weight_decay=0.1, job_dir=tmp_path / f"m{k}") for k, lr in enumerate(lrs)
+    ]
+    module = AdditionModule(spec, architecture(cfg.model, spec), members, settings(cfg))
+    quiet_lightning()
+    trainer = pl.Trainer(
+        max_steps=10,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=range(1))
+    return module
+
+
+def test_no_checkpoint_with_non_finite_optimiser_state_and_the_quantity_is_named(tmp_path):
+    module = trained_module(tmp_path, [1e-3])
+    assert len(module.resumable_states(10)) == 1  # all finite: a checkpoint can be written
+    name = "blocks.0.attn.W_Q"
+    param = dict(module.model.named_parameters())[name]
+    module.opt.state[param]["exp_avg_sq"].view(-1)[3] = float("inf")  # the weights themselves stay finite
+    assert all(q.isfinite().all() for q in module.model.parameters())
+    with pytest.raises(Divergence, match=rf"^step 10: non-finite optimizer state exp_avg_sq of {name}; "):
+        module.resumable_states(10)
+
+
+def test_a_member_with_non_finite_state_gets_no_checkpoint_the_others_do(tmp_path):
+    module = trained_module(tmp_path, [1e-3, 2e-3])
+    with torch.no_grad():
+        module.model.embed.W_E[1, 0, 0] = float("nan")  # member 1 only
+    states = module.resumable_states(10)
+    assert states[0] is not None and states[1] is None
+    message = "step 10: non-finite weights in embed.W_E (seed 0, m1); the last good checkpoint is kept"
+    assert module.failed == {1: message}
+    assert all(t.isfinite().all() for t in states[0]["model"].values())

@@ -98,7 +98,23 @@ def wandb_run_id(loggers: list[Logger]) -> str | None:
     return None
 
 
-def finish_wandb_runs(exit_code: int) -> None:
-    """Close this job's W&B runs (marked failed with a non-zero exit code) before the next job starts."""
-    while _live_runs:
-        _live_runs.pop().finish(exit_code=exit_code)
+def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | None = None) -> None:
+    """Close this job's W&B runs (marked failed with a non-zero exit code) before the next job starts.
+
+    ``preempting``: the run stopped to be resumed later under the same id (W&B shows it as preempted).
+    ``job_dir``: only the run of that job folder (a member of an ensemble that failed alone).
+    """
+    wanted = Path(job_dir).resolve() if job_dir is not None else None
+    chosen = [r for r in _live_runs if wanted is None or Path(r.settings.root_dir).resolve() == wanted]
+    for run in chosen:
+        _live_runs.remove(run)
+        if preempting:
+            run.mark_preempting()
+        run.finish(exit_code=exit_code)
+
+
+def previous_wandb_run_id(job_dir: Path) -> str | None:
+    """The id of the latest W&B run in ``<job>/wandb`` (``[offline-]run-<time>-<id>`` folders), if any."""
+    runs = sorted(Path(job_dir).glob("wandb/*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    runs = [p for p in runs if p.is_dir() and p.name.startswith(("run-", "offline-run-"))]
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None

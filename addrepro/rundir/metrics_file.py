@@ -82,14 +82,30 @@ class MetricsCSVLogger(CSVLogger):
         pass  # the resolved config is in .hydra/config.yaml
 
 
+class MetricsFileError(ValueError):
+    """A metrics file that cannot be read as numbers; the message names the file, line and column."""
+
+
+def _is_float(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def load_rows(job_dir: Path) -> list[dict]:
     """Metric rows of a job (``step`` plus the keys logged at that step) from its CSV file."""
     path = Path(job_dir) / "csv" / "metrics.csv"
     if not path.exists():
         raise FileNotFoundError(f"no metrics file {path} (was the run started with logger.csv=false?)")
     rows = []
-    for raw in read_csv_rows(path):
-        row = {k: float(v) for k, v in raw.items()}
+    for line, raw in enumerate(read_csv_rows(path), start=2):
+        try:
+            row = {k: float(v) for k, v in raw.items()}
+        except (TypeError, ValueError):  # a foreign or damaged file: name the place
+            bad = next((k, v) for k, v in raw.items() if not _is_float(v))
+            raise MetricsFileError(f"{path}, line {line}: {bad[0]}={bad[1]!r} is not a number") from None
         if "step" in row:
             row["step"] = int(row["step"])
             rows.append(row)

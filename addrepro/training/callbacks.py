@@ -16,6 +16,8 @@ runs in ``on_train_epoch_end``, so the end-of-run files see it.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
+from addrepro.rundir.atomic import atomic_write
 from addrepro.rundir.checkpoints import save_checkpoint
 from addrepro.rundir.confusion import save_confusion
 from addrepro.training.module import AdditionModule, member_weights
@@ -56,6 +59,10 @@ class Checkpoints(pl.Callback):
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
         flush_loggers(module)  # a killed run keeps its metrics up to the last evaluation
 
+    def on_member_failed(self, trainer: pl.Trainer, module: AdditionModule, k: int, message: str) -> None:
+        for logger in module.members[k].loggers:  # its rows up to the divergence
+            logger.save()
+
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
         self.save(module, "last.ckpt", module.opt.step_count)
@@ -65,7 +72,65 @@ class Checkpoints(pl.Callback):
         states = module.resumable_states(step)
         flush_loggers(module)
         for member, state in zip(module.members, states, strict=True):
-            save_checkpoint(member.job_dir / "checkpoints" / filename, state)
+            if state is not None:  # None: a member that diverged
+                save_checkpoint(member.job_dir / "checkpoints" / filename, state)
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where it was asked to
+    """The run was asked to stop (SIGTERM, SIGUSR1) and wrote a resumable checkpoint first."""
+
+    def __init__(self, signum: int, step: int, filename: str, previous_handler: object = None):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}; resumable checkpoint checkpoints/{filename} written")
+        self.signum, self.step, self.filename, self.previous_handler = signum, step, filename, previous_handler
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+
+    def chain(self) -> None:
+        """Let the handler that was installed before training see the signal (submitit's requeue)."""
+        if callable(self.previous_handler):
+            self.previous_handler(self.signum, None)
+
+
+def preemption_signals() -> list[int]:
+    """SIGTERM (Slurm's pre-emption and time limit), SIGUSR1 (``sbatch --signal``), and the signal
+    submitit requeues on when a submitit job installed its handler for it."""
+    signals = [signal.SIGTERM, signal.SIGUSR1]
+    submitit = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+    if submitit is not None and callable(signal.getsignal(submitit)):
+        signals.append(submitit)
+    return signals
+
+
+class Preemption(pl.Callback):
+    """On a pre-emption signal: finish the optimiser step under way, write ``step_<N>.ckpt`` (metrics
+    file first, as every checkpoint) and stop by raising ``Preempted``.
+
+    The handlers replace Lightning's for the duration of training (Lightning restores the earlier
+    ones afterwards); they only take note, the work happens at the next optimiser step's end.
+    """
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+        self.received: int | None = None
+        self.signals = preemption_signals()
+        self.previous = {s: signal.getsignal(s) for s in self.signals}  # before Lightning's
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        if trainer.received_sigterm:  # arrived while Lightning's handler was in place
+            self.received = signal.SIGTERM
+        for s in self.signals:
+            signal.signal(s, self.handle)
+
+    def on_optimizer_step_end(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
+        if self.received is None:
+            return
+        filename = f"step_{step}.ckpt"
+        if step not in self.checkpoints.steps:  # else the Checkpoints callback wrote it just now
+            self.checkpoints.save(module, filename, step)
+        raise Preempted(self.received, step, filename, self.previous.get(self.received))
 
 
 class SpikeSnapshots(pl.Callback):
@@ -103,7 +168,7 @@ class ConfusionImages(pl.Callback):
 
     def on_confusion(self, trainer: pl.Trainer, module: AdditionModule, step: int, confusion: torch.Tensor) -> None:
         for k, m in enumerate(module.members):
-            for logger in m.loggers:
+            for logger in m.loggers if k not in module.failed else []:
                 if isinstance(logger, WandbLogger):
                     import wandb  # noqa: PLC0415 - only W&B runs pay for this import
 
@@ -126,6 +191,8 @@ class EndOfRunFiles(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
         for k, job_dir in enumerate(self.job_dirs):
+            if k in module.failed:
+                continue
             rows = [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k]
             save_confusion(job_dir, [(step, c[k]) for step, c in module.confusions])
             spikes = [
@@ -141,7 +208,8 @@ class EndOfRunFiles(pl.Callback):
                 for member, s in module.spikes
                 if member == k
             ]
-            (job_dir / "spikes.json").write_text(json.dumps(spikes, indent=1))
+            text = json.dumps(spikes, indent=1).encode()
+            atomic_write(job_dir / "spikes.json", lambda f, text=text: f.write(text))
             paths = self.draw(job_dir, rows) if self.draw is not None else []
             log_files_to_wandb(module.members[k].loggers, paths, job_dir)
 

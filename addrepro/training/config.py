@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -323,6 +324,15 @@ def validate(cfg: DictConfig) -> None:
         )
     if m.attn_only and m.d_mlp is not None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
+    check_accelerator(cfg.trainer.accelerator)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A requested device must exist here: Lightning would fail later, after the W&B run was created."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", accelerator, "no CUDA GPU visible on this machine (use auto or cpu)")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator", accelerator, "no Apple MPS device on this machine (use auto or cpu)")
 
 
 def typed(cfg: DictConfig) -> TrainConfig:

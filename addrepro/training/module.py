@@ -102,6 +102,9 @@ class AdditionModule(pl.LightningModule):
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
         self.last_train_loss: float | None = None  # member 0's, shown by the progress bar
+        # Members of an ensemble that diverged: member -> why. They train on (their numbers never mix
+        # with the others') but log and save nothing more; a single run raises Divergence instead.
+        self.failed: dict[int, str] = {}
         self.restore_history(history or [[] for _ in members], confusions or [])
 
     # -- setup -------------------------------------------------------------------------------
@@ -236,6 +239,8 @@ class AdditionModule(pl.LightningModule):
         """Feed each member's train loss at a logging step to its spike detector; the new spikes."""
         found = []
         for k, monitor in enumerate(self.spike_monitors):
+            if k in self.failed:
+                continue
             row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
             spike = monitor.update(step, row["train/loss"])
             if spike is not None:
@@ -265,6 +270,13 @@ class AdditionModule(pl.LightningModule):
             if fn is not None:
                 fn(self.trainer, self, *args)
 
+    def fail_member(self, k: int, message: str) -> None:
+        """Stop member k (or the run, if it is alone or the last one left): ``Divergence(message)``."""
+        if len(self.members) == 1 or len(self.failed) + 1 == len(self.members):
+            raise Divergence(message)
+        self.failed[k] = message
+        self.call_hooks("on_member_failed", k, message)
+
     # -- leaving the device ------------------------------------------------------------------
     def emit(self, metrics: dict[str, torch.Tensor], step: int) -> None:
         """Copy ``(K,)`` metrics to the host in one transfer and send member k's values to its loggers."""
@@ -272,16 +284,20 @@ class AdditionModule(pl.LightningModule):
         values = torch.stack([metrics[k].detach().float() for k in keys] + [self.first_nonfinite.float()])
         values = values.cpu().tolist()  # (M + 1, K)
         for k, member in enumerate(self.members):
+            if k in self.failed:
+                continue
             row = {key: values[i][k] for i, key in enumerate(keys)}
             bad = [key for key, v in row.items() if not math.isfinite(v)]
             first = int(values[-1][k])
             if bad or first >= 0:
                 what = f"{bad[0]}={row[bad[0]]}" if bad else "train/loss"
                 since = f", first non-finite loss at step {first}" if first >= 0 else ""
-                raise Divergence(
+                self.fail_member(
+                    k,
                     f"step {step}: non-finite {what}{since} (seed {member.seed}, {member.job_dir.name}); "
-                    "the last good checkpoint is kept"
+                    "the last good checkpoint is kept",
                 )
+                continue
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
@@ -303,26 +319,41 @@ class AdditionModule(pl.LightningModule):
             "wandb_group": self.members[k].wandb_group,
         }
 
-    def resumable_states(self, step: int) -> list[dict]:
+    def resumable_states(self, step: int) -> list[dict | None]:
         """Everything member k needs to continue exactly: weights, optimiser moments, data stream.
 
-        Raises ``Divergence`` when a weight is not finite: a diverged model never replaces the last
+        A member whose weights or optimiser moments are not all finite is failed (``fail_member``;
+        a single run raises ``Divergence``) and gets ``None``: a diverged model never replaces the last
         good checkpoint (one host sync, at checkpoint steps only).
         """
-        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
-        if not bool(finite):
-            bad = next(n for n, p in self.model.named_parameters() if not p.detach().isfinite().all())
-            raise Divergence(f"step {step}: non-finite weights in {bad}; the last good checkpoint is kept")
+        opt_state = self.opt.state
+        params = dict(self.model.named_parameters())
+        checked = [(f"weights in {n}", p) for n, p in params.items()]
+        checked += [
+            (f"optimizer state {key} of {n}", opt_state[p][key])
+            for n, p in params.items()
+            if p in opt_state
+            for key in ("exp_avg", "exp_avg_sq")
+        ]
+        finite = torch.stack([t.detach().isfinite().flatten(1).all(1) for _, t in checked]).cpu()  # (tensors, K)
+        for k in range(len(self.members)):
+            if k not in self.failed and not bool(finite[:, k].all()):
+                first = checked[int((~finite[:, k]).nonzero()[0])][0]
+                member = self.members[k]
+                where = f" (seed {member.seed}, {member.job_dir.name})" if len(self.members) > 1 else ""
+                self.fail_member(k, f"step {step}: non-finite {first}{where}; the last good checkpoint is kept")
         # One device-to-host copy per stacked tensor; members are sliced (and cloned) on the host.
         weights = {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
-        opt_state = self.opt.state
         moments = {
             name: {key: opt_state[p][key].detach().cpu() for key in ("exp_avg", "exp_avg_sq")}
-            for name, p in self.model.named_parameters()
+            for name, p in params.items()
             if p in opt_state
         }
-        states = []
+        states: list[dict | None] = []
         for k in range(len(self.members)):
+            if k in self.failed:
+                states.append(None)
+                continue
             states.append(
                 {
                     **self.checkpoint_header(k, step),

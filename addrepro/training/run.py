@@ -21,18 +21,35 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from addrepro.rundir.atomic import remove_stale_temporaries
 from addrepro.rundir.checkpoints import (
     CheckpointError,
     check_compatible,
+    check_resumable,
     checkpoint_steps,
     find_resume_checkpoint,
     load_checkpoint,
 )
 from addrepro.rundir.confusion import load_confusion
-from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, run_name, swept_keys, wandb_run_id
+from addrepro.rundir.lock import LockError, acquire, release
+from addrepro.rundir.loggers import (
+    finish_wandb_runs,
+    make_loggers,
+    previous_wandb_run_id,
+    run_name,
+    swept_keys,
+    wandb_run_id,
+)
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
-from addrepro.training.callbacks import Checkpoints, ConfusionImages, EndOfRunFiles, SpikeSnapshots
+from addrepro.training.callbacks import (
+    Checkpoints,
+    ConfusionImages,
+    EndOfRunFiles,
+    Preempted,
+    Preemption,
+    SpikeSnapshots,
+)
 from addrepro.training.config import ConfigError, architecture, task_spec, typed, validate
 from addrepro.training.devices import (
     apply_settings,
@@ -110,7 +127,8 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             plan.job_dir,
             name=plan.name,
             group=plan.group,
-            run_id=state.get("wandb_run_id") if state else None,
+            # A job killed before its first checkpoint starts again under the W&B run it had begun.
+            run_id=state.get("wandb_run_id") if state else previous_wandb_run_id(plan.job_dir),
             resume_step=state["step"] if state else None,
         )
         members.append(
@@ -138,8 +156,10 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         history=history,
         confusions=confusions,
     )
+    checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count))
     callbacks: list[pl.Callback] = [
-        Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count)),
+        checkpoints,
+        Preemption(checkpoints),
         SpikeSnapshots(),
         ConfusionImages(),
         EndOfRunFiles([p.job_dir for p in plans], draw if t.plots else None, spike_window=5 * t.log_every_n_steps),
@@ -169,6 +189,9 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     trainer.fit(module, train_dataloaders=range(math.ceil((t.max_steps - module.start_step) / t.steps_per_call)))
     finals = []
     for k in range(len(plans)):
+        if k in module.failed:  # a member of an ensemble that diverged while the others trained on
+            finals.append({"diverged": module.failed[k]})
+            continue
         rows = [r for r in module.history if r["member"] == k]
         finals.append(next((r for r in reversed(rows) if "val/loss" in r), {}))
     return finals
@@ -201,6 +224,7 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     if path is None:  # resume=auto on a first start
         return plan
     ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path)
     # A key added to addrepro after the checkpoint was written takes this job's value (its default).
     current = OmegaConf.create(OmegaConf.to_container(plan.cfg, resolve=False))
     cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
@@ -230,32 +254,80 @@ def sweep_overrides(sweep_dir: Path) -> list[str]:
     return sys.argv[1:]
 
 
+def try_status(job_dir: Path, status: str, message: str = "", **extra: object) -> None:
+    """``write_status`` where the folder may be unwritable: the error line is reported anyway."""
+    try:
+        write_status(job_dir, status, message, **extra)
+    except OSError:
+        pass
+
+
 def checked_plan(cfg: DictConfig) -> JobPlan | None:
-    """The job's plan, or None after reporting a bad config in one line (exit 2 outside a sweep)."""
+    """The job's plan with its run folder locked, or None after reporting in one line why it cannot
+    run: a bad config or checkpoint, a folder in use, an unwritable folder (exit 2 outside a sweep)."""
     plan = job_plan(cfg)
     try:
         validate(cfg)
         if cfg.resume:
             plan = resume_plan(plan)
+        acquire(plan.job_dir)
     except (ConfigError, CheckpointError) as e:
         kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-        write_status(plan.job_dir, "failed", f"{kind}: {e}")
-        print(f"addrepro: {kind} error: {e}", file=sys.stderr)
-        if plan.multirun:
-            return None
-        sys.exit(2)
-    write_status(plan.job_dir, "running")
+        try_status(plan.job_dir, "failed", f"{kind}: {e}")
+        return refused(plan, f"{kind} error: {e}")
+    except LockError as e:  # the folder's status belongs to the process that holds it
+        return refused(plan, f"run folder error: {e}")
+    except OSError as e:
+        return refused(plan, f"storage error: {e}")
+    try:
+        removed = remove_stale_temporaries(plan.job_dir)  # left by a killed run; we hold the lock
+        if removed:
+            log.info("removed %d temporary file(s) of an interrupted run", len(removed))
+        write_status(plan.job_dir, "running")
+    except OSError as e:
+        release(plan.job_dir)
+        return refused(plan, f"storage error: {e}")
     return plan
 
 
+def refused(plan: JobPlan, line: str) -> None:
+    print(f"addrepro: {line}", file=sys.stderr)
+    if not plan.multirun:
+        sys.exit(2)
+
+
 def run_plans(plans: list[JobPlan], draw: Draw | None = None) -> bool:
-    """Train ``plans`` together, record each job's status and close its W&B run; True if all went well."""
+    """Train ``plans`` together, record each job's status and close its W&B run; True if all went well.
+
+    Releases the jobs' folder locks. A pre-empted run exits the process (code 128 + signal number)
+    even inside a multirun: the signal asks the whole process to go.
+    """
+    try:
+        return train_and_record(plans, draw)
+    finally:
+        for plan in plans:
+            release(plan.job_dir)
+
+
+def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
     try:
         finals = train(plans, draw)
+    except Preempted as e:
+        finish_wandb_runs(exit_code=e.exit_code, preempting=True)
+        for plan in plans:
+            try_status(plan.job_dir, "preempted", str(e), step=e.step, checkpoint=e.filename)
+        print(f"addrepro: preempted: {e}; continue with resume=auto (or resume=<job folder>)", file=sys.stderr)
+        e.chain()
+        sys.exit(e.exit_code)
     except Exception as e:
         finish_wandb_runs(exit_code=1)
         for plan in plans:
-            write_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
+            try_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
+        if isinstance(e, OSError):  # disk full, read-only folder: one line naming the path
+            print(f"addrepro: storage error: {e}", file=sys.stderr)
+            if not plans[0].multirun:
+                sys.exit(1)
+            return False
         if isinstance(e, Divergence):  # an expected way for a run to end: one line, no traceback
             print(f"addrepro: diverged: {e}", file=sys.stderr)
             if not plans[0].multirun:
@@ -266,8 +338,25 @@ def run_plans(plans: list[JobPlan], draw: Draw | None = None) -> bool:
             raise
         log.exception("job failed")
         return False
+    for plan, final in zip(plans, finals, strict=True):
+        if "diverged" in final:
+            finish_wandb_runs(exit_code=1, job_dir=plan.job_dir)
+            try_status(plan.job_dir, "failed", f"Divergence: {final['diverged']}")
+            print(f"addrepro: diverged: {final['diverged']}", file=sys.stderr)
     finish_wandb_runs(exit_code=0)
     for plan, final in zip(plans, finals, strict=True):
-        write_status(plan.job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
+        if "diverged" in final:
+            continue
+        try:
+            write_status(plan.job_dir, "ok", final_val_loss=final.get("val/loss"), final_val_acc=final.get("val/acc"))
+        except OSError as e:
+            print(f"addrepro: storage error: {e}", file=sys.stderr)
+            if not plans[0].multirun:
+                sys.exit(1)
+            return False
         log.info("done: %s (val loss %.4f)", plan.job_dir, final.get("val/loss", float("nan")))
+    if any("diverged" in final for final in finals):
+        if not plans[0].multirun:
+            sys.exit(1)
+        return False
     return True

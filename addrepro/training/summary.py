@@ -1,9 +1,11 @@
-"""The end-of-multirun summary (a Hydra callback) that names failed jobs."""
+"""Hydra callbacks: the output folder is checked before any job, and the end-of-multirun summary names
+failed jobs."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +30,24 @@ class SweepSummary(Callback):
             print(f"addrepro: job {job} {status['status']}: {status['message']}", file=sys.stderr)
         if failed:
             sys.exit(1)
+
+
+class WritableOutput(Callback):
+    """Before any job: the run or sweep folder must be writable, else one line and exit status 2
+    (Hydra would stop with a traceback when it saves the job's configs there)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(Path(str(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check(Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def check(folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", delete=True)  # noqa: SIM115
+            probe.close()
+        except OSError as e:
+            print(f"addrepro: storage error: cannot write the output folder {folder}: {e.strerror}", file=sys.stderr)
+            sys.exit(2)

@@ -1,0 +1,128 @@
+"""Bad input seen from the command line: one ``addrepro:`` line, no traceback, nothing created.
+
+The schema's whole table of values is checked in-process in test_config_check.py; here every kind of
+input a user can get wrong goes through the real commands in a subprocess.
+"""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, run_cli
+
+from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_checkpoint
+
+TINY = ["data.n_digits=2", "model.width=16", "trainer.plots=false", *FAST]
+
+# Every bad value reported from the field, as a user sees it (the schema's whole table: test_config_check.py).
+CONFIG_CASES = [
+    (["optimizer.betas=0.9"], "optimizer.betas=0.9 is invalid: must be two numbers in [0, 1)"),
+    (["metrics.carry_set_size=0"], "metrics.carry_set_size=0 is invalid: must be an integer >= 1"),
+    (["metrics.chain_set_size=-1"], "metrics.chain_set_size=-1 is invalid: must be an integer >= 1"),
+    (["metrics.spike_window=0"], "metrics.spike_window=0 is invalid: must be an integer >= 1"),
+    (["metrics.spike_factor=abc"], "metrics.spike_factor='abc' is invalid: must be a number > 1.0"),
+    (["logger.wandb.init_timeout=abc"], "logger.wandb.init_timeout='abc' is invalid: must be a number > 0.0"),
+    (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout=-5 is invalid: must be a number > 0.0"),
+    (["logger.csv=maybe"], "logger.csv='maybe' is invalid: must be one of True, False"),
+    (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp=64 is invalid: must be null when model.attn_only=true"),
+]
+if not torch.cuda.is_available():
+    CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("overrides,message", CONFIG_CASES, ids=[" ".join(c[0]) for c in CONFIG_CASES])
+def test_bad_values_give_one_line_before_anything_is_created(cli, tmp_path, overrides, message):
+    proc = cli("addrepro.train", *TINY, *overrides, "hydra.run.dir=job")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: config error: {message}"), lines
+    # What a refused run leaves: Hydra's saved configs, its (empty) log and the failed status only.
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [".hydra", "status.json", "train.log"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished CSV-only run (logger.csv=false: no metrics file) and checkpoints made from it."""
+    root = tmp_path_factory.mktemp("bad_ckpt")
+    proc = run_cli(
+        "addrepro.train",
+        [*TINY, "trainer.max_steps=20", "logger.wandb.enabled=false", "logger.csv=false", "hydra.run.dir=nocsv"],
+        root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = torch.load(root / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)
+    header = ("format", "task", "model_config", "config", "step", "wandb_run_id", "wandb_name", "wandb_group")
+    torch.save({k: last[k] for k in header} | {"model": last["model"]}, root / "spike_20_at.ckpt")  # as SpikeSnapshots
+    for key in ("config", "model", "model_config"):
+        torch.save({k: v for k, v in last.items() if k != key}, root / f"no_{key}.ckpt")
+    torch.save({**last, "model": {k: v for k, v in last["model"].items() if k != "embed.W_E"}}, root / "no_WE.ckpt")
+    torch.save({**last, "optimizer": {"moments": {}}}, root / "no_step_count.ckpt")
+    (root / "code.ckpt").write_bytes(pickle.dumps(print, protocol=2))
+    return root
+
+
+CKPT_CASES = [
+    ("spike_20_at.ckpt", "resume=spike_20_at.ckpt cannot be resumed: missing optimizer, data (weights-only"),
+    ("no_config.ckpt", "resume=no_config.ckpt cannot be resumed: missing config"),
+    ("no_step_count.ckpt", "resume=no_step_count.ckpt cannot be resumed: missing optimizer.step_count"),
+    ("no_model.ckpt", "checkpoint=no_model.ckpt is incomplete: missing or invalid model"),
+    ("no_model_config.ckpt", "checkpoint=no_model_config.ckpt is incomplete: missing or invalid model_config"),
+    ("no_WE.ckpt", "checkpoint=no_WE.ckpt does not match its model_config: missing weights embed.W_E"),
+    ("code.ckpt", "checkpoint=code.ckpt cannot be read: it holds pickled Python objects"),
+]
+
+
+@pytest.mark.parametrize("name,message", CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
+def test_bad_checkpoints_are_refused_naming_what_is_missing(finished, monkeypatch, name, message):
+    monkeypatch.chdir(finished)
+    with pytest.raises(CheckpointError) as info:
+        check_resumable(load_checkpoint(name), Path(name))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["spike_20_at.ckpt", "no_config.ckpt"])
+def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(finished, name):
+    proc = run_cli("addrepro.train", [*TINY, f"resume={name}", "hydra.run.dir=again"], finished)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    message = dict(CKPT_CASES)[name]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: checkpoint error: {message}"), lines
+    assert not (finished / "again" / "wandb").exists()  # no W&B run resumed and marked failed
+
+
+@pytest.mark.parametrize("name", ["no_model_config.ckpt"])
+def test_analyze_names_what_a_checkpoint_lacks(finished, name):
+    proc = run_cli("addrepro.analyze", [f"checkpoint={name}", "analysis=attention"], finished)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1 and f"checkpoint={name}" in lines[0], lines
+    assert "Traceback" not in proc.stderr
+
+
+def test_resuming_a_run_without_metrics_file_continues(finished):
+    proc = run_cli(
+        "addrepro.train",
+        [*TINY, "trainer.max_steps=30", "trainer.plots=true", "resume=nocsv", "hydra.run.dir=again2"],
+        finished,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.load(finished / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30
+
+
+def test_report_on_a_non_numeric_metrics_file_names_the_cell(cli, tmp_path):
+    proc = cli("addrepro.train", *TINY, "trainer.max_steps=10", "logger=csv", "hydra.run.dir=job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = tmp_path / "job" / "csv" / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines()
+    column = header.split(",").index("train/loss")
+    cells = rows[0].split(",")
+    cells[column] = "oops"
+    metrics.write_text("\n".join([header, ",".join(cells), *rows[1:]]) + "\n")
+    proc = cli("addrepro.report", "job")
+    assert proc.returncode == 2
+    where = metrics.relative_to(tmp_path)
+    assert error_lines(proc) == [f"addrepro.report: {where}, line 2: train/loss='oops' is not a number"]
