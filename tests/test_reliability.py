@@ -65,8 +65,11 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     assert a["step"] == b["step"] == 400
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
     # Metrics continue: every evaluation step once, the same values as the uninterrupted run.
-    val = lambda job: [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]  # noqa: E731
+    def val(job):
+        return [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]
+
     assert val("killed") == val("full")
     assert [s for s, _ in val("killed")] == list(range(0, 401, 25))
     assert load_rows(tmp_path / "killed") == load_rows(tmp_path / "full")  # every train row too, once
@@ -76,7 +79,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     # ... and read back as one run, whose history is the uninterrupted run's
     killed, full = read_run(tmp_path / "killed"), read_run(tmp_path / "full")
     assert len(killed.parts) == 2 and killed.exit_code == 0
-    wandb_val = lambda run: [(r["trainer/global_step"], r["val/loss"]) for r in run.history if "val/loss" in r]  # noqa: E731
+
+    def wandb_val(run):
+        return [(r["trainer/global_step"], r["val/loss"]) for r in run.history if "val/loss" in r]
+
     assert wandb_val(killed) == wandb_val(full) == val("full")
 
 
@@ -259,11 +265,10 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
     parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)
     assert len(parts) == 2 and len({read_run(p).run_id for p in parts}) == 1
     assert read_run(parts[0]).exit_code == 128 + sig
-    steps = lambda run: [
-        (r["trainer/global_step"], r.get("train/loss"))
-        for r in run.history  # noqa: E731
-        if "trainer/global_step" in r
-    ]
+
+    def steps(run):
+        return [(r["trainer/global_step"], r.get("train/loss")) for r in run.history if "trainer/global_step" in r]
+
     assert steps(read_run(tmp_path / "job")) == steps(read_run(uninterrupted))
 
 
@@ -448,13 +453,10 @@ def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(tmp_path
     # The plots logged at the end carry no training step, and wandb's _step restarts in each process.
     assert "_step" in continued.history[-1] and "trainer/global_step" not in continued.history[-1]
     assert len(stepped(full)) > 20 and stepped(continued) == stepped(full)
-    unstepped = lambda run: sorted(
-        k
-        for r in run.history
-        if "trainer/global_step" not in r
-        for k in r  # noqa: E731
-        if not k.startswith("_")
-    )
+
+    def unstepped(run):
+        return sorted(k for r in run.history if "trainer/global_step" not in r for k in r if not k.startswith("_"))
+
     assert unstepped(continued) == unstepped(full) != []
 
 
