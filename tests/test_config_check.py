@@ -37,6 +37,8 @@ def test_default_config_passes(make_cfg):
         ["optimizer.weight_decay=0", "optimizer.warmup_steps=0", "optimizer.betas=[0,0.999]"],
         ["trainer.max_steps=1", "trainer.ckpt_schedule=log", "trainer.ckpt_log_count=1"],
         ["trainer.accelerator=cpu", "logger=csv"],
+        ["logger=tensorboard"],
+        ["logger=many"],
         ["seed=-3", "data.seed=17"],
     ],
 )
@@ -94,6 +96,7 @@ BAD = [
     (["trainer.ckpt_log_count=0"], "trainer.ckpt_log_count", "0", "integer >= 1"),
     (["metrics.every_n_steps=0"], "metrics.every_n_steps", "0", "integer >= 1"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode", "'cloud'", "one of offline, online, disabled"),
+    (["logger.tensorboard=yes"], "logger.tensorboard", "'yes'", "one of True, False"),
 ]
 
 

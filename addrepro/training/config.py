@@ -196,10 +196,12 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    """``logger``: W&B (offline by default) and the CSV file ``<job>/csv/metrics.csv``."""
+    """``logger``: W&B (offline by default), the CSV file ``<job>/csv/metrics.csv`` and TensorBoard events
+    in ``<job>/tensorboard`` (off by default; ``logger=tensorboard`` or ``logger=many``)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     csv: bool = option(True, BOOLEAN)
+    tensorboard: bool = option(False, BOOLEAN)
 
 
 @dataclass

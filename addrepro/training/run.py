@@ -12,7 +12,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,7 +28,16 @@ from addrepro.rundir.checkpoints import (
     load_checkpoint,
 )
 from addrepro.rundir.confusion import load_confusion
-from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, run_name, swept_keys, wandb_run_id
+from addrepro.rundir.loggers import (
+    finish_wandb_runs,
+    grid_keys,
+    make_loggers,
+    run_name,
+    swept_keys,
+    swept_tags,
+    wandb_group,
+    wandb_run_id,
+)
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import Checkpoints, ConfusionImages, EndOfRunFiles, SpikeSnapshots
@@ -60,6 +69,7 @@ class JobPlan:
     group: str
     multirun: bool
     resume_from: Path | None = None
+    tags: list[str] = field(default_factory=list)  # the job's swept values, as W&B tags
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -98,6 +108,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             group=plan.group,
             run_id=state.get("wandb_run_id") if state else None,
             resume_step=state["step"] if state else None,
+            tags=plan.tags,
         )
         members.append(
             Member(
@@ -165,9 +176,16 @@ def job_plan(cfg: DictConfig) -> JobPlan:
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
-    group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
-    swept = swept_keys(sweep_overrides(group_dir)) if multirun else None
-    return JobPlan(cfg, job_dir, run_name(list(hc.overrides.task), swept), group, multirun)
+    swept = swept_keys(sweep_overrides(group_dir)) | set(grid_keys(hc.sweeper.get("params"))) if multirun else None
+    overrides = list(hc.overrides.task)
+    return JobPlan(
+        cfg,
+        job_dir,
+        run_name(overrides, swept),
+        wandb_group(group_dir, multirun),
+        multirun,
+        tags=swept_tags(overrides, swept),
+    )
 
 
 def resume_plan(plan: JobPlan) -> JobPlan:
@@ -194,7 +212,7 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
     name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
     log.info("resuming %s from step %d", path, ckpt["step"])
-    return JobPlan(cfg, path.parent.parent, name, group, plan.multirun, resume_from=path)
+    return JobPlan(cfg, path.parent.parent, name, group, plan.multirun, resume_from=path, tags=plan.tags)
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str]:
