@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #4 in one command, for one call on a lent device machine (about 5 minutes):
-# throughput of the real training path against the plain loop (single run, compiled run, ensemble of
-# 64) for both benchmark configs, then the compiled path's equality test run on the GPU.
+# The GPU check in one command (about 5 minutes on one GPU): throughput of the real training path
+# against the plain loop (single run, compiled run, ensemble of 64) for both benchmark configs, then the
+# compiled path's equality test on the GPU. Needs a CUDA build of torch and `pip install -e ".[test]"`.
 #
-# The device machine has torch and Lightning but not hydra-core / omegaconf; put their wheels in .whl
-# first (see README, "Ensembles and speed") and carry it. Results land in $OUT (or /tmp).
+#   bash benchmarks/gpu_check.sh [results folder]        # default ./gpu_check_results ($OUT if set)
 #   DEVICE=cpu STEPS=20 bash benchmarks/gpu_check.sh     # a dry run of the same script on a CPU
+#
+# Wheels placed in .whl/ (for a machine without a package index) are installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp}
+out=$(mkdir -p "${1:-${OUT:-gpu_check_results}}" && cd "${1:-${OUT:-gpu_check_results}}" && pwd)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
