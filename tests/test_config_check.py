@@ -123,3 +123,15 @@ def test_config_error_attributes():
     err = ConfigError("data.base", 99, "must be an integer in 2..36")
     assert (err.key, err.value, err.allowed) == ("data.base", 99, "must be an integer in 2..36")
     assert str(err) == "data.base=99 is invalid: must be an integer in 2..36"
+
+
+def test_tensorboard_without_its_package_is_one_line(make_cfg, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden = lambda name, *a: None if "tensorboard" in name.lower() else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(["logger=tensorboard"]))
+    needs = 'needs the tensorboard package: pip install "addrepro[tensorboard]"'
+    assert str(err.value) == f"logger.tensorboard=True is invalid: {needs}"

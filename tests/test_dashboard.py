@@ -180,3 +180,25 @@ def test_swept_keys_come_from_the_sweep_config_grid_and_the_command_line(tmp_pat
     }
     (tmp_path / "multirun.yaml").write_text(json.dumps(saved))  # JSON is YAML
     assert sweep_swept_keys(tmp_path) == ["model.width", "seed"]
+
+
+def test_a_resumed_run_has_each_step_once_in_its_tensorboard_events(tmp_path):
+    """Resumed from step 20 of a 30-step run, the events of steps 20..30 from the first life are dropped."""
+    small = ["data.n_digits=2", "model.width=16", "trainer.ckpt_every_n_steps=20", "trainer.plots=false", *FAST]
+    first = run_cli(
+        "addrepro.train", [*small, "trainer.max_steps=30", "logger=tensorboard", "hydra.run.dir=job"], tmp_path
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    job = tmp_path / "job"
+    resumed = run_cli(
+        "addrepro.train",
+        [*small, "trainer.max_steps=40", "logger=tensorboard", f"resume={job / 'checkpoints' / 'step_20.ckpt'}"],
+        tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(list((job / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per process
+    events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss/place_0")]
+    assert steps == list(range(0, 40, 5))  # train rows every 5 steps; the last one before the end
+    assert steps == [s for s, _ in _csv_series(job, "train/loss/place_0")]

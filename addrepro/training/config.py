@@ -17,6 +17,7 @@ TransformerLens names. The one mapping between them is ``architecture``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,13 @@ def strings(key: str, value: Any) -> None:
         raise ConfigError(key, value, "must be a list of strings")
 
 
+def tensorboard_switch(key: str, value: Any) -> None:
+    """A boolean; ``true`` needs a TensorBoard writer installed (an optional extra)."""
+    BOOLEAN(key, value)
+    if value and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError(key, value, 'needs the tensorboard package: pip install "addrepro[tensorboard]"')
+
+
 def option(default: Any, check: Check, factory: bool = False) -> Any:
     """A config key: its default and the check of its value."""
     if factory:
@@ -201,7 +209,7 @@ class LoggerConfig:
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     csv: bool = option(True, BOOLEAN)
-    tensorboard: bool = option(False, BOOLEAN)
+    tensorboard: bool = option(False, tensorboard_switch)
 
 
 @dataclass
