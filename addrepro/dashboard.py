@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     path = write_workspace(target.folder, workspace)
     print(f"workspace of W&B group {target.group}: {path}")
+    if not target.logged_to_wandb:
+        print("addrepro.dashboard: these runs did not log to W&B (logger.wandb.enabled=false)", file=sys.stderr)
+        return 0
     if args.online:
         print(publish(workspace))
         return 0

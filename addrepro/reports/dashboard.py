@@ -58,6 +58,7 @@ class Target:
     spec: TaskSpec
     logged: set[str] | None  # metric keys in the jobs' CSV files; None when there are none
     run_id: str | None = None  # a single job's W&B run id: its workspace shows that run alone
+    logged_to_wandb: bool = True  # False when the jobs ran with W&B switched off
 
 
 @dataclass
@@ -138,6 +139,7 @@ def read_target(folder: Path) -> Target:
         spec=TaskSpec.from_config(cfg.data),
         logged=(logged - {"step"}) or None,
         run_id=None if multirun else run_id,
+        logged_to_wandb=any(c.logger.wandb.enabled and c.logger.wandb.mode != "disabled" for c in configs),
     )
 
 

@@ -118,8 +118,10 @@ def make_loggers(
             reinit="create_new",
         )
         run = _init_wandb(init, mode, timeout=wb.get("init_timeout", 30))
+        # An exact definition hides the glob Lightning's logger defines (every key against
+        # trainer/global_step), so each repeats that x axis.
         for key, summary in summary_metrics(cfg.data.n_digits + 1).items():
-            run.define_metric(key, summary=summary)
+            run.define_metric(key, summary=summary, step_metric="trainer/global_step", step_sync=True)
         _live_runs.append(run)
         loggers.append(WandbLogger(experiment=run))
     return loggers
