@@ -297,6 +297,7 @@ class OfflineRun:
     name: str
     group: str
     job_type: str
+    tags: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
@@ -425,6 +426,7 @@ def _read_one(wandb_file: Path, strict: bool) -> OfflineRun:
             run.name = r.display_name or run.name
             run.group = r.run_group or run.group
             run.job_type = r.job_type or run.job_type
+            run.tags = list(r.tags) or run.tags
             _apply_updates(run.config, r.config.update, r.config.remove)
             _apply_updates(run.summary, r.summary.update, r.summary.remove)
         elif kind == "exit":
@@ -457,6 +459,7 @@ def _continued(earlier: OfflineRun, later: OfflineRun) -> OfflineRun:
         name=later.name or earlier.name,
         group=later.group or earlier.group,
         job_type=later.job_type or earlier.job_type,
+        tags=later.tags or earlier.tags,
         config={**earlier.config, **later.config},
         history=kept + later.history,
         summary={**earlier.summary, **later.summary},

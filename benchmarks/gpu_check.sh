@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, for one call on a lent device machine (about 5 minutes): throughput of
-# the real training path against the plain loop (single run, compiled run, ensemble of 64) for both
-# benchmark configs; the compiled path's equality test and the host-sync test on the GPU; the start-up
-# split of a 10-step job with W&B offline and plots.
+# The GPU check in one command (about 5 minutes on one GPU): throughput of the real training path
+# against the plain loop (single run, compiled run, ensemble of 64) for both benchmark configs, the
+# compiled path's equality test and the host-sync test on the GPU, and the start-up split of a 10-step
+# job with W&B offline and plots. Needs a CUDA build of torch and `pip install -e ".[test]"`.
 #
-# A bare GPU machine with torch and Lightning (and their usual company: numpy, matplotlib, pyyaml,
-# requests, httpx, click, protobuf, psutil, packaging, pytest) lacks the wheels below. Fetch them here:
-#   echo /.whl/ >> .git/info/exclude && bash benchmarks/gpu_check.sh download
-# then carry .whl and run on the device:  bash benchmarks/gpu_check.sh     (results in $OUT)
+#   bash benchmarks/gpu_check.sh [results folder]        # default ./gpu_check_results
 #   DEVICE=cpu STEPS=20 bash benchmarks/gpu_check.sh     # a dry run of the same script on a CPU
-# Training itself imports neither W&B nor ruptures (shelf detection, at plot time): a run with
-# logger=csv trainer.plots=false needs only the first line of wheels (and antlr4).
+#
+# A GPU machine without a package index but with torch and Lightning (and their usual company: numpy,
+# matplotlib, pyyaml, requests, httpx, click, protobuf, psutil, packaging, pytest) lacks the wheels
+# below: `bash benchmarks/gpu_check.sh download` fetches them into .whl/ on a machine that has an index;
+# copy the repository with .whl/ over, and the check installs them first. Training itself imports
+# neither W&B nor ruptures (shelf detection, at plot time): a run with logger=csv trainer.plots=false
+# needs only the first line of wheels (and antlr4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(
@@ -30,7 +32,7 @@ if [[ "${1:-}" == "download" ]]; then
     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
     exit 0
 fi
-out=${OUT:-/tmp}
+out=$(mkdir -p "${1:-gpu_check_results}" && cd "${1:-gpu_check_results}" && pwd)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site

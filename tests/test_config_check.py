@@ -39,6 +39,8 @@ def test_default_config_passes(make_cfg):
         ["optimizer.weight_decay=0", "optimizer.warmup_steps=0", "optimizer.betas=[0,0.999]"],
         ["trainer.max_steps=1", "trainer.ckpt_schedule=log", "trainer.ckpt_log_count=1"],
         ["trainer.accelerator=cpu", "logger=csv"],
+        ["logger=tensorboard"],
+        ["logger=many"],
         ["seed=-3", "data.seed=17"],
     ],
 )
@@ -117,6 +119,7 @@ BAD = [
     (["logger.csv=maybe"], "logger.csv", "'maybe'", "one of True, False"),
     (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp", "64", "must be null when model.attn_only=true"),
     *([(["trainer.accelerator=gpu"], "trainer.accelerator", "'gpu'", "no CUDA GPU")] if not NO_CUDA_CHECK else []),
+    (["logger.tensorboard=yes"], "logger.tensorboard", "'yes'", "one of True, False"),
 ]
 
 
@@ -143,3 +146,15 @@ def test_config_error_attributes():
     err = ConfigError("data.base", 99, "must be an integer in 2..36")
     assert (err.key, err.value, err.allowed) == ("data.base", 99, "must be an integer in 2..36")
     assert str(err) == "data.base=99 is invalid: must be an integer in 2..36"
+
+
+def test_tensorboard_without_its_package_is_one_line(make_cfg, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    hidden = lambda name, *a: None if "tensorboard" in name.lower() else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", hidden)
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(["logger=tensorboard"]))
+    needs = 'needs the tensorboard package: pip install "addrepro[tensorboard]"'
+    assert str(err.value) == f"logger.tensorboard=True is invalid: {needs}"

@@ -120,7 +120,7 @@ def test_reference_table_means_over_the_window():
         "|---|---|---|",
         "| 25 | 122 / 3 | 25 / 1 |",
         "| 50 | 157 / 4 | 54.2 / 2 |",
-        "| 1000 | nan / 0.25 | nan / 0.5 |",
+        "| 1000 | – / 0.25 | – / 0.5 |",  # the run never reached step 1000
     ]
     # a narrower window: step 50 +- 10 -> 40, 50, 60
     narrow = reference_table(rows, reference, spec, window=10).splitlines()
@@ -149,7 +149,7 @@ def test_draw_job_from_hand_written_files(job, tmp_path):
     assert table[0] == reference["label"]
     # step 100 +- 25: only the row at step 100; place 0 loss there is 2.3 exp(-1/3)
     row100 = table[4]
-    assert row100.startswith("| 100 | nan / 0.6 | ")  # the 2-digit run has no place 5
+    assert row100.startswith("| 100 | – / 0.6 | ")  # the 2-digit run has no place 5
     assert f"{2.3 * math.exp(-100 / 300):.3g} / 2.34 |" in row100
     # step 500 +- 25: only the row at step 500 (rows are 50 steps apart)
     value = float(f"{2.3 * math.exp(-500 / 300):.6f}")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
 
-from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
+from addrepro.reports.plots import (
+    label_without_overlap,
+    place_label,
+    running_mean,
+    save,
+    series,
+    smoothing_label,
+    smoothing_window,
+)
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import load_rows
@@ -80,32 +88,33 @@ def plot_place_losses(
     cols = min(3, n)
     nrows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.0 * nrows), squeeze=False, sharex=True)
+    shelf_labels = []
+    smoothing = "train"
     # Carry-out first, as the answer is read.
     for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
         steps, loss = series(rows, f"train/loss/place_{j}")
         window = smoothing_window(len(loss))
         if window > 1:  # single batches are noisy: the raw curve faint, its running mean on top
             ax.plot(steps, loss, lw=0.6, color="C0", alpha=0.3)
-            ax.plot(steps, running_mean(loss, window), lw=1.2, color="C0", label=f"train (mean of {window} logs)")
+            smoothing = smoothing_label(steps, window)
+            ax.plot(steps, running_mean(loss, window), lw=1.2, color="C0")
         else:
-            ax.plot(steps, loss, lw=1.0, color="C0", label="train")
+            ax.plot(steps, loss, lw=1.0, color="C0")
         vsteps, vloss = series(rows, f"val/loss/place_{j}")
         if len(vsteps):
-            ax.plot(vsteps, vloss, lw=1.0, color="C1", marker=".", ms=3, label="val")
+            ax.plot(vsteps, vloss, lw=1.0, color="C1", marker=".", ms=3)
         if reference is not None and str(j) in reference["places"]:
             ref = reference["places"][str(j)]
-            ax.plot(reference["steps"], ref, "k--", lw=1.2, marker="x", ms=4, label=reference["label"])
+            ax.plot(reference["steps"], ref, "k--", lw=1.2, marker="x", ms=4)
+        # One label per level, over the middle of its first shelf: repeated rests on one level
+        # (a shelf broken by noise) would otherwise write the same name side by side.
+        named: dict[str, tuple[float, float]] = {}
         for shelf in shelves[j]:
             ax.hlines(shelf.level, shelf.start_step, shelf.end_step, color="C3", lw=3, alpha=0.5)
-            tag = shelf.atlas_level or f"{shelf.level:.3g}"
-            ax.annotate(
-                tag,
-                ((shelf.start_step + shelf.end_step) / 2, shelf.level),
-                fontsize=6,
-                color="C3",
-                ha="center",
-                va="bottom",
+            named.setdefault(
+                shelf.atlas_level or f"{shelf.level:.3g}", ((shelf.start_step + shelf.end_step) / 2, shelf.level)
             )
+        shelf_labels.append((ax, [(x, y, name) for name, (x, y) in named.items()]))
         ax.set_yscale("log")
         ax.set_ylim(1e-4, 4.0)
         atlas_guides(ax, atlas[j], 1e-4)
@@ -113,11 +122,23 @@ def plot_place_losses(
         ax.grid(alpha=0.2)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
+    _label_grid(fig, list(zip(axes.flat, range(n - 1, -1, -1), strict=False)), "loss (nats)")
+    handles = [Line2D([], [], color="C0", lw=1.2, label=smoothing)]
+    if smoothing != "train":
+        handles.append(Line2D([], [], color="C0", lw=0.6, alpha=0.3, label="train, every log"))
+    if any(series(rows, f"val/loss/place_{j}")[0].size for j in range(n)):
+        handles.append(Line2D([], [], color="C1", marker=".", ms=3, label="val"))
+    if reference is not None:
+        handles.append(Line2D([], [], color="k", ls="--", marker="x", ms=4, label=reference["label"]))
+    handles.append(Line2D([], [], color="C3", lw=3, alpha=0.5, label="detected shelf (nearest atlas level)"))
+    handles.append(Line2D([], [], color="0.6", lw=0.8, ls=":", label="atlas level (right)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title or f"per-place loss, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    for ax, labels in shelf_labels:  # after the layout: placing them needs their final size
+        label_without_overlap(
+            ax, labels, fontsize=6.5, color="C3", zorder=5, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.6}
+        )
     return save(fig, path)
 
 
@@ -126,6 +147,20 @@ def write_shelves_json(rows: list[dict], spec: TaskSpec, path: Path) -> Path:
     payload = [{"place": j, **s.as_dict()} for j, found in shelves.items() for s in found]
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def _label_grid(fig: plt.Figure, cells: list, y_label: str) -> None:
+    """``step`` under the bottom panel of every column and ``y_label`` left of every row."""
+    axes = [ax for ax, _ in cells]
+    grid = axes[0].get_gridspec()
+    for ax in axes:
+        spec = ax.get_subplotspec()
+        if spec.colspan.start == 0:
+            ax.set_ylabel(y_label)
+        below = [other for other in axes if other.get_subplotspec().colspan == spec.colspan]
+        if ax is below[-1] or spec.rowspan.stop == grid.nrows:
+            ax.set_xlabel("step")
+            ax.tick_params(labelbottom=True)
 
 
 def _place_grid(spec: TaskSpec, places: list[int], height: float = 2.8):
@@ -144,23 +179,36 @@ def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
     places = list(range(spec.n_places - 1, -1, -1))
     fig, cells = _place_grid(spec, places)
     offsets = sorted({0, 1, min(2, spec.base - 1), spec.base - 1})
+    # One colour per curve kind across all panels, so a single legend below the grid serves them all.
+    handles: dict[str, Line2D] = {}
+
+    def draw(ax: plt.Axes, key: str, label: str, color: str, ls: str = "-") -> None:
+        steps, p = series(rows, key)
+        if len(steps):
+            handles[label] = ax.plot(steps, p, color=color, ls=ls, lw=1.0 if ls == "-" else 0.9, label=label)[0]
+
     for ax, j in cells:
         if j == spec.n_digits:
-            for digit in (0, 1):
-                ax.plot(*series(rows, f"val/carry_out/p{digit}"), label=f"P({digit})")
+            for digit, color in ((0, "C6"), (1, "C7")):
+                draw(ax, f"val/carry_out/p{digit}", f"carry-out P({digit})", color)
         else:
-            for k in offsets:
-                ax.plot(*series(rows, f"val/naive/place_{j}/plus_{k}"), label=f"+{k}")
-            for d in range(1, j):
-                steps, p = series(rows, f"val/depth_sum/place_{j}/depth_{d}")
-                if d <= 2 and len(steps):
-                    ax.plot(steps, p, ls="--", lw=0.8, label=f"depth-{d} sum")
+            for i, k in enumerate(offsets):
+                draw(ax, f"val/naive/place_{j}/plus_{k}", f"naive sum +{k}", f"C{i}")
+            for d in range(1, min(j, 3)):
+                draw(
+                    ax,
+                    f"val/depth_sum/place_{j}/depth_{d}",
+                    f"depth-{d} sum (carry from {d} pair{'s' if d > 1 else ''} below)",
+                    f"C{3 + d}",
+                    "--",
+                )
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(place_label(j, spec), fontsize=9)
-        ax.legend(fontsize=6, loc="center right")
         ax.grid(alpha=0.2)
-    fig.suptitle("probability on the naive sum + k (validation set)")
-    fig.tight_layout()
+    _label_grid(fig, cells, "probability")
+    fig.legend(handles=list(handles.values()), loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
+    fig.suptitle(f"probability on the naive sum + k, (a_j + b_j + k) mod {spec.base} (validation set)")
+    fig.tight_layout(rect=(0, 0.035 * (1 + (len(handles) - 1) // 4), 1, 1))
     return save(fig, path)
 
 
@@ -181,16 +229,18 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path
             steps, loss = series(rows, f"chain/place_{j}/len_{length}/loss")
             if len(steps):
                 shade = plt.cm.viridis(length / max(spec.n_digits - 1, 1))
-                row[2].plot(steps, loss, color=shade, label=f"chain {length}")
+                row[2].plot(steps, loss, color=shade, label=f"chain length {length}")
         row[0].set_yscale("log")
         row[2].set_yscale("log")
-        row[0].set_ylabel(place_label(j, spec), fontsize=8)
+        row[0].set_ylabel(f"{place_label(j, spec)}\nloss (nats)", fontsize=8)
+        row[1].set_ylabel("probability", fontsize=8)
+        row[2].set_ylabel("loss (nats)", fontsize=8)
         for ax in row:
             ax.grid(alpha=0.2)
             ax.legend(fontsize=6)
-    axes[0][0].set_title("loss by carry in")
-    axes[0][1].set_title("P(naive+0), P(naive+1) by carry in")
-    axes[0][2].set_title("loss by carry-chain length")
+    axes[0][0].set_title("loss by carry in", fontsize=10)
+    axes[0][1].set_title("P(naive sum +0), P(naive sum +1) by carry in", fontsize=10)
+    axes[0][2].set_title(f"loss by carry-chain length ({spec.base - 1}-sums below)", fontsize=10)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -200,24 +250,43 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path
 def plot_confusion_evolution(
     steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path, max_columns: int = 6
 ) -> Path | None:
-    """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true)."""
+    """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true).
+
+    The carry-out digit is 0 or 1, so its tile is the 2 x 2 corner (true 0/1, predicted 0/1); what is
+    missing from a row's sum there went to digits a carry-out never takes.
+    """
     if len(steps) == 0:
         return None
     pick = np.unique(np.linspace(0, len(steps) - 1, min(max_columns, len(steps))).round().astype(int))
     places = list(range(spec.n_places - 1, -1, -1))
-    fig, axes = plt.subplots(len(places), len(pick), figsize=(1.6 * len(pick) + 1, 1.6 * len(places)), squeeze=False)
-    for r, j in enumerate(places):
+    sizes = [2 if j == spec.n_digits and spec.task == "add" else spec.base for j in places]
+    heights = [0.6 if size == 2 < spec.base else 1.0 for size in sizes]  # the 2 x 2 carry-out row is shorter
+    fig, axes = plt.subplots(
+        len(places),
+        len(pick),
+        figsize=(1.6 * len(pick) + 1.6, 1.6 * sum(heights) + 0.4),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for r, (j, digits) in enumerate(zip(places, sizes, strict=True)):
         for c, i in enumerate(pick):
             ax = axes[r][c]
-            ax.imshow(confusion[i, j], vmin=0, vmax=1, cmap="magma_r")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            image = ax.imshow(confusion[i, j, :digits, :digits], vmin=0, vmax=1, cmap="magma_r")
+            ticks = list(range(digits)) if digits <= 2 else [0, digits - 1]
+            ax.set_xticks(ticks)
+            ax.set_yticks(ticks)
+            ax.tick_params(labelsize=6, length=2, pad=1)
             if r == 0:
                 ax.set_title(f"step {int(steps[i])}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(place_label(j, spec).replace("place ", "p"), fontsize=7)
-    fig.suptitle("confusion (rows: true digit, columns: predicted; mean probability)", fontsize=9)
-    fig.tight_layout()
+                ax.set_ylabel(f"{place_label(j, spec).replace('place ', 'p')}\ntrue digit", fontsize=7)
+            if r == len(places) - 1 or digits == 2:
+                ax.set_xlabel("predicted digit", fontsize=7, labelpad=1)
+    fig.suptitle("confusion: mean predicted probability of each digit, per true digit (validation set)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    bar = fig.colorbar(image, cax=fig.add_axes((0.935, 0.15, 0.015, 0.7)))
+    bar.set_label("mean probability", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     return save(fig, path)
 
 
@@ -263,8 +332,8 @@ def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: i
                 for r in rows
                 if f"train/loss/place_{j}" in r and abs(r["step"] - step) <= window
             ]
-            run = sum(near) / len(near) if near else math.nan
-            cells.append(f"{run:.3g} / {reference['places'][str(j)][i]:.3g}")
+            run = f"{sum(near) / len(near):.3g}" if near else "–"  # the run never logged near this step
+            cells.append(f"{run} / {reference['places'][str(j)][i]:.3g}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -14,11 +14,15 @@ import numpy as np  # noqa: E402
 
 from addrepro.task.spec import TaskSpec  # noqa: E402
 
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
 
 def place_label(j: int, spec: TaskSpec) -> str:
     if j == spec.n_digits:
         return f"place {j} (carry-out)"
-    return f"place {j} ({spec.base}^{j})" if j > 1 else ("place 0 (units)" if j == 0 else f"place 1 ({spec.base}s)")
+    if j > 1:
+        return f"place {j} ({spec.base}{str(j).translate(SUPERSCRIPT)})"
+    return "place 0 (units)" if j == 0 else f"place 1 ({spec.base}s)"
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +50,44 @@ def running_mean(values: np.ndarray, window: int) -> np.ndarray:
 def smoothing_window(n_points: int) -> int:
     """An odd window of about 2% of a curve's points (1 for short curves, at most 25)."""
     return min(2 * (n_points // 100) + 1, 25)
+
+
+def smoothing_label(steps: np.ndarray, window: int, what: str = "train") -> str:
+    """What a running mean of ``window`` logged points spans, in optimiser steps, for a legend."""
+    spacing = int(np.median(np.diff(steps))) if len(steps) > 1 else 1
+    return f"{what}, running mean over {window * spacing} steps"
+
+
+def label_without_overlap(ax: plt.Axes, labels: list[tuple[float, float, str]], **style) -> list:  # noqa: ANN003
+    """Write ``(x, y, text)`` labels next to their points, each moved (up first, then down, a line at a
+    time) to the nearest place where it overlaps no label written before it and stays inside the panel,
+    so labels never overprint however crowded the curve.
+
+    Call after the figure's layout is final: the check uses the labels' drawn extents.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = 72 / ax.figure.dpi  # display pixels -> offset points
+    placed: list = []
+    texts = []
+    for x, y, text in labels:
+        label = ax.annotate(text, (x, y), xytext=(0, 1), textcoords="offset points", ha="center", va="bottom", **style)
+        box = label.get_window_extent(renderer)
+        # Inside the panel horizontally: the atlas labels live right of it.
+        dx = -(box.x1 - frame.x1) * points - 1 if box.x1 > frame.x1 else max(0.0, (frame.x0 - box.x0) * points + 1)
+        line = box.height * points + 1
+        for lift in [1.0] + [sign * k * line for k in range(1, 30) for sign in (1, -1)]:
+            label.set_position((dx, lift))
+            box = label.get_window_extent(renderer)
+            inside = frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
+        else:  # nowhere free: above the point, as a plain label would be
+            label.set_position((dx, 1.0))
+            box = label.get_window_extent(renderer)
+        placed.append(box)
+        texts.append(label)
+    return texts
 
 
 def save(fig: plt.Figure, path: Path) -> Path:

@@ -24,7 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from addrepro.reports.job import atlas_guides, find_shelves, place_atlas
-from addrepro.reports.plots import place_label, save, series
+from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_label, smoothing_window
 from addrepro.rundir.job import job_config, job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import read_statuses
@@ -135,13 +135,19 @@ def plot_sweep_place_losses(
     )
     fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
     lo = 4.0
+    smoothing = "train loss, every log"
     for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
         for job, job_rows, spec, colour, style, vals in zip(jobs, rows, specs, colours, styles, values, strict=True):
             if j >= spec.n_places:
                 continue
             steps, loss = series(job_rows, f"train/loss/place_{j}")
             if len(steps):
-                ax.plot(steps, loss, color=colour, ls=style, lw=1.1, label=job_label(vals, job))
+                # Single batches are noisy and the jobs' lines cross: each is drawn as its running mean.
+                window = smoothing_window(len(loss))
+                if window > 1:
+                    smoothing = smoothing_label(steps, window, "train loss")
+                line = running_mean(loss, window) if window > 1 else loss
+                ax.plot(steps, line, color=colour, ls=style, lw=1.1, label=job_label(vals, job))
                 positive = loss[loss > 0]
                 lo = min(lo, float(positive.min())) if positive.size else lo
         ax.set_yscale("log")
@@ -160,7 +166,16 @@ def plot_sweep_place_losses(
         row[0].set_ylabel("train loss (nats)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
+        fig.legend(
+            handles,
+            labels,
+            title=smoothing,
+            title_fontsize=7,
+            loc="outside lower center",
+            ncol=min(4, len(labels)),
+            fontsize=7,
+            frameon=False,
+        )
     if mappable is not None:
         key, sm = mappable
         bar = fig.colorbar(sm, ax=axes, shrink=0.8, label=key)

@@ -1,4 +1,5 @@
-"""Where metrics go: W&B runs (offline by default) and Lightning's CSV file, inside the job folder."""
+"""Where metrics go, inside the job folder: W&B runs (offline by default), Lightning's CSV file and,
+with ``logger=tensorboard`` or ``logger=many``, TensorBoard event files. Every logger gets the same keys."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from addrepro.rundir.metrics_file import MetricsCSVLogger
 
@@ -23,6 +24,13 @@ def swept_keys(argv: list[str]) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
+def grid_keys(params: dict | None) -> list[str]:
+    """Keys a sweep config's grid sweeps over (``hydra.sweeper.params``, e.g. from ``+sweep=width``), in order."""
+    params = dict(params or {})
+    swept = swept_keys([f"{k}={v}" for k, v in params.items()])
+    return [k for k in params if k in swept]
+
+
 def run_name(overrides: list[str], swept: set[str] | None = None) -> str:
     """A W&B run name from the job's overrides: the swept values in a sweep, e.g. ``model.width=32``."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.", "logger."))]
@@ -31,15 +39,54 @@ def run_name(overrides: list[str], swept: set[str] | None = None) -> str:
     return ",".join(kept) or "default"
 
 
+def swept_tags(overrides: list[str], swept: set[str] | None) -> list[str]:
+    """W&B tags for the values a sweep job was given, e.g. ``["model.width=32"]`` (none outside a sweep).
+
+    W&B limits a tag to 64 characters; a longer override is cut there.
+    """
+    if not swept:
+        return []
+    kept = [o.lstrip("+~") for o in overrides if o.lstrip("+~").split("=", 1)[0] in swept]
+    return [o[:64] for o in kept]
+
+
+def wandb_group(group_dir: Path, multirun: bool) -> str:
+    """The W&B group of a job: its sweep folder's (shared by every job of a multirun) or its own folder's."""
+    return f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
+
+
+def summary_metrics(n_places: int) -> dict[str, str]:
+    """The runs table's summary of each key: the best value reached as well as the last one.
+
+    A run's minimum per-place loss says how far it got even when the last value sits on a spike.
+    """
+    out = {}
+    for split in ("train", "val"):
+        out[f"{split}/loss"] = "min,last"
+        out[f"{split}/acc"] = "max,last"
+        for j in range(n_places):
+            out[f"{split}/loss/place_{j}"] = "min,last"
+            out[f"{split}/acc/place_{j}"] = "max,last"
+    return out
+
+
 def wandb_mode(cfg: DictConfig) -> str:
     """The config decides, unless ``WANDB_MODE`` is set, the usual environment switch."""
     return os.environ.get("WANDB_MODE") or cfg.logger.wandb.mode
 
 
 def make_loggers(
-    cfg: DictConfig, job_dir: Path, name: str, group: str, run_id: str | None = None, resume_step: int | None = None
+    cfg: DictConfig,
+    job_dir: Path,
+    name: str,
+    group: str,
+    run_id: str | None = None,
+    resume_step: int | None = None,
+    tags: list[str] | None = None,
 ) -> list[Logger]:
-    """The loggers of one model: CSV at ``<job>/csv/metrics.csv`` and W&B under ``<job>/wandb``.
+    """The loggers of one model: CSV at ``<job>/csv/metrics.csv``, TensorBoard under ``<job>/tensorboard``
+    and W&B under ``<job>/wandb``, each as the config switches it on. ``tags`` (the swept values) are
+    added to the W&B run's configured tags.
 
     The W&B run is created here rather than by Lightning, which would reuse any live run: the
     members of an ensemble are trained in one process, each with its own run.
@@ -47,6 +94,14 @@ def make_loggers(
     loggers: list[Logger] = []
     if cfg.logger.csv:
         loggers.append(MetricsCSVLogger(job_dir, keep_before_step=resume_step))
+    if cfg.logger.get("tensorboard", False):
+        # A resumed run drops the events its first life logged from the checkpoint's step on (purge_step),
+        # as the CSV file does, so the curves do not double back.
+        tb = TensorBoardLogger(
+            save_dir=str(job_dir), name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
+        )
+        _live_tensorboard.append(tb)
+        loggers.append(tb)
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
     if wb.enabled and mode != "disabled":
@@ -56,13 +111,17 @@ def make_loggers(
             entity=wb.entity,
             group=wb.group or group,
             name=wb.name or name,
-            tags=list(wb.tags),
+            tags=list(dict.fromkeys([*wb.tags, *(tags or [])])),
             id=run_id,
             resume="allow" if run_id else None,
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="create_new",
         )
         run = _init_wandb(init, mode, timeout=wb.get("init_timeout", 30))
+        # An exact definition hides the glob Lightning's logger defines (every key against
+        # trainer/global_step), so each repeats that x axis.
+        for key, summary in summary_metrics(cfg.data.n_digits + 1).items():
+            run.define_metric(key, summary=summary, step_metric="trainer/global_step", step_sync=True)
         _live_runs.append(run)
         loggers.append(WandbLogger(experiment=run))
     return loggers
@@ -89,6 +148,7 @@ def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wand
 
 
 _live_runs: list = []  # W&B runs opened by this process and not yet finished
+_live_tensorboard: list[TensorBoardLogger] = []  # TensorBoard writers opened by this process and not yet closed
 
 
 def wandb_run_id(loggers: list[Logger]) -> str | None:
@@ -99,10 +159,11 @@ def wandb_run_id(loggers: list[Logger]) -> str | None:
 
 
 def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | None = None) -> None:
-    """Close this job's W&B runs (marked failed with a non-zero exit code) before the next job starts.
+    """Close this job's W&B runs (marked failed with a non-zero exit code) and TensorBoard writers
+    before the next job starts.
 
     ``preempting``: the run stopped to be resumed later under the same id (W&B shows it as preempted).
-    ``job_dir``: only the run of that job folder (a member of an ensemble that failed alone).
+    ``job_dir``: only the runs of that job folder (a member of an ensemble that failed alone).
     """
     wanted = Path(job_dir).resolve() if job_dir is not None else None
     chosen = [r for r in _live_runs if wanted is None or Path(r.settings.root_dir).resolve() == wanted]
@@ -111,6 +172,9 @@ def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | 
         if preempting:
             run.mark_preempting()
         run.finish(exit_code=exit_code)
+    if wanted is None:
+        while _live_tensorboard:
+            _live_tensorboard.pop().finalize("success" if exit_code == 0 else "failed")
 
 
 def previous_wandb_run_id(job_dir: Path) -> str | None:

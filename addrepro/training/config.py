@@ -17,6 +17,7 @@ TransformerLens names. The one mapping between them is ``architecture``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,13 @@ def one_device(key: str, value: Any) -> None:
     raise ConfigError(key, shown, "must be null (the launcher's choice) or one GPU index in a list, e.g. [1]")
 
 
+def tensorboard_switch(key: str, value: Any) -> None:
+    """A boolean; ``true`` needs a TensorBoard writer installed (an optional extra)."""
+    BOOLEAN(key, value)
+    if value and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise ConfigError(key, value, 'needs the tensorboard package: pip install "addrepro[tensorboard]"')
+
+
 def option(default: Any, check: Check, factory: bool = False) -> Any:
     """A config key: its default and the check of its value."""
     if factory:
@@ -214,10 +222,12 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    """``logger``: W&B (offline by default) and the CSV file ``<job>/csv/metrics.csv``."""
+    """``logger``: W&B (offline by default), the CSV file ``<job>/csv/metrics.csv`` and TensorBoard events
+    in ``<job>/tensorboard`` (off by default; ``logger=tensorboard`` or ``logger=many``)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     csv: bool = option(True, BOOLEAN)
+    tensorboard: bool = option(False, tensorboard_switch)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -34,10 +34,13 @@ from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.lock import LockError, acquire, release
 from addrepro.rundir.loggers import (
     finish_wandb_runs,
+    grid_keys,
     make_loggers,
     previous_wandb_run_id,
     run_name,
     swept_keys,
+    swept_tags,
+    wandb_group,
     wandb_run_id,
 )
 from addrepro.rundir.metrics_file import load_rows
@@ -88,6 +91,7 @@ class JobPlan:
     resume_from: Path | None = None
     slot: int = 0  # the job number in a sweep (which GPU it takes), the stack number in an ensemble
     jobs_at_once: int = 1  # jobs of the sweep running side by side on this machine (they share its cores)
+    tags: list[str] = field(default_factory=list)  # the job's swept values, as W&B tags
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -130,6 +134,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             # A job killed before its first checkpoint starts again under the W&B run it had begun.
             run_id=state.get("wandb_run_id") if state else previous_wandb_run_id(plan.job_dir),
             resume_step=state["step"] if state else None,
+            tags=plan.tags,
         )
         members.append(
             Member(
@@ -203,11 +208,19 @@ def job_plan(cfg: DictConfig) -> JobPlan:
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     group_dir = Path(hc.sweep.dir) if multirun else job_dir
-    group = f"{'sweep' if multirun else 'run'}-{group_dir.parent.name}_{group_dir.name}"
-    swept = swept_keys(sweep_overrides(group_dir)) if multirun else None
+    swept = swept_keys(sweep_overrides(group_dir)) | set(grid_keys(hc.sweeper.get("params"))) if multirun else None
+    overrides = list(hc.overrides.task)
     slot = int(hc.job.num) if multirun and hc.job.get("num") is not None else 0
-    name = run_name(list(hc.overrides.task), swept)
-    return JobPlan(cfg, job_dir, name, group, multirun, slot=slot, jobs_at_once=jobs_at_once(hc.launcher))
+    return JobPlan(
+        cfg,
+        job_dir,
+        run_name(overrides, swept),
+        wandb_group(group_dir, multirun),
+        multirun,
+        slot=slot,
+        jobs_at_once=jobs_at_once(hc.launcher),
+        tags=swept_tags(overrides, swept),
+    )
 
 
 def jobs_at_once(launcher: DictConfig) -> int:

@@ -1,0 +1,80 @@
+"""``python -m addrepro.dashboard <sweep folder | job folder>``: a W&B workspace for a sweep or a run.
+
+Offline (the default) it writes the workspace as ``wandb_workspace.json`` into the folder and prints
+the commands that sync the runs and publish it. ``--online`` publishes it at once (the runs must be
+in W&B already) and prints its URL; ``--publish <wandb_workspace.json>`` publishes a saved one. What
+the workspace holds: ``addrepro.reports.dashboard``. Needs ``pip install "addrepro[dashboard]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from addrepro.reports.dashboard import (
+    WORKSPACE_JSON,
+    plan_sections,
+    read_target,
+    to_workspace,
+    workspace_from_json,
+    write_workspace,
+)
+
+MISSING_EXTRA = 'addrepro.dashboard: needs wandb-workspaces: pip install "addrepro[dashboard]"'
+
+
+def publish(workspace) -> str:  # noqa: ANN001 - a Workspace
+    """Save the workspace to W&B (needs ``wandb login``) and return its URL."""
+    if not workspace.entity:
+        import wandb  # noqa: PLC0415 - only publishing needs the W&B API
+
+        workspace.entity = wandb.Api().default_entity
+    return workspace.save().url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m addrepro.dashboard", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", type=Path, help="a sweep folder or a job folder")
+    parser.add_argument("--online", action="store_true", help="publish the workspace now and print its URL")
+    parser.add_argument("--publish", type=Path, metavar="JSON", help=f"publish a saved {WORKSPACE_JSON}")
+    parser.add_argument("--entity", help="W&B entity (default: the run config's, else your default entity)")
+    args = parser.parse_args(argv)
+    if (args.folder is None) == (args.publish is None):
+        parser.print_usage(sys.stderr)
+        print("addrepro.dashboard: give a folder, or --publish <json>", file=sys.stderr)
+        return 2
+    try:
+        if args.publish is not None:
+            print(publish(workspace_from_json(json.loads(args.publish.read_text()), entity=args.entity)))
+            return 0
+        target = read_target(args.folder)
+        workspace = to_workspace(target, plan_sections(target), entity=args.entity)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("wandb_workspaces"):
+            print(MISSING_EXTRA, file=sys.stderr)
+            return 2
+        raise
+    except FileNotFoundError as e:
+        print(f"addrepro.dashboard: {e}", file=sys.stderr)
+        return 2
+    path = write_workspace(target.folder, workspace)
+    print(f"workspace of W&B group {target.group}: {path}")
+    if not target.logged_to_wandb:
+        print("addrepro.dashboard: these runs did not log to W&B (logger.wandb.enabled=false)", file=sys.stderr)
+        return 0
+    if args.online:
+        print(publish(workspace))
+        return 0
+    jobs = "" if target.jobs == [target.folder] else "/*"
+    sync = f"wandb sync {shlex.quote(str(target.folder))}{jobs}/wandb/offline-run-*"
+    print("publish it once the runs are in W&B (wandb login first):")
+    print(f"  {sync}")
+    print(f"  python -m addrepro.dashboard --publish {shlex.quote(str(path))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
