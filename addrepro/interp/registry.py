@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, composition, logit_attribution
+from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution
 
 ANALYSES = {
     "ablation": ablation,
     "logit_attribution": logit_attribution,
     "attention": attention,
     "composition": composition,
+    "breakdown": breakdown,
 }
