@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution
+from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, patching
 
 ANALYSES = {
     "ablation": ablation,
@@ -10,4 +10,5 @@ ANALYSES = {
     "attention": attention,
     "composition": composition,
     "breakdown": breakdown,
+    "patching": patching,
 }
