@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, patching
+from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, patching, probes
 
 ANALYSES = {
     "ablation": ablation,
@@ -11,4 +11,5 @@ ANALYSES = {
     "composition": composition,
     "breakdown": breakdown,
     "patching": patching,
+    "probes": probes,
 }
