@@ -2,16 +2,15 @@
 checkpoints: a job folder holding the hand-built adder, first blind to carries, then whole."""
 
 import json
-import math
 
 import adder
 import pytest
-import torch
 from conftest import run_cli
 from test_breakdown import naive_adder_checkpoint
 
 pytest.importorskip("transformer_lens")
 
+from addrepro.interp import over_training  # noqa: E402
 from addrepro.rundir.checkpoints import save_checkpoint  # noqa: E402
 
 
@@ -43,20 +42,16 @@ def test_over_training_patching_and_probes(job, tmp_path):
     assert data["series"]["place_1_carry/L0H0"][1] == pytest.approx(0.0, abs=1e-5)
     assert (job / "analysis" / "over_training_patching.png").stat().st_size > 0
 
-    proc = run_cli("addrepro.analyze", [f"checkpoint={job}", "analysis=over_training", "of=probes", *small], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    series = json.loads((job / "analysis" / "over_training_probes.json").read_text())["series"]
-    assert series["place_1/digit_final"][1] == 1.0
+    # probes over the same checkpoints, through the Python entry point
+    result = over_training.run(job, "probes", {"val_size": 256, "carry_size": 8, "chain_size": 8})
+    assert result["steps"] == [100, 200] and result["series"]["place_1/digit_final"][1] == 1.0
 
 
-@pytest.mark.parametrize("analysis", ["breakdown", "patching", "probes"])
-def test_cli_single_checkpoint(job, tmp_path, analysis):
-    args = [f"checkpoint={job}", f"analysis={analysis}", "data.val_size=256", "data.carry_size=8", "data.chain_size=8"]
-    proc = run_cli("addrepro.analyze", [*args, "breakdown.per_cell=2", "patching.size=8"], tmp_path)
+def test_cli_probes_on_one_checkpoint(job, tmp_path):
+    args = [f"checkpoint={job}", "analysis=probes", "data.val_size=256", "data.carry_size=8", "data.chain_size=8"]
+    proc = run_cli("addrepro.analyze", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads((job / "analysis" / f"{analysis}_last.json").read_text())
-    assert data["analysis"] == analysis and data["step"] == 200
-    assert (job / "analysis" / f"{analysis}_last.png").read_bytes()[:4] == b"\x89PNG"
-    if analysis == "breakdown":
-        loss = torch.tensor(data["decomposition"]["val"]["place_3"]["loss"])
-        assert loss < 1e-6 and not math.isnan(loss)
+    data = json.loads((job / "analysis" / "probes_last.json").read_text())
+    assert data["analysis"] == "probes" and data["step"] == 200
+    assert data["accuracy"]["place_2/digit"]["accuracy"][1][data["positions"][2]] == 1.0
+    assert (job / "analysis" / "probes_last.png").read_bytes()[:4] == b"\x89PNG"

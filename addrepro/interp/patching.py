@@ -33,16 +33,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformer_lens import patching as tl_patching
 
 from addrepro.interp.common import Subject, answer_positions, answer_targets, inputs, new_figure, subject_info
 from addrepro.model.transformer import layer_norm
 from addrepro.task.encoding import carries_in, encode, sample_operands
 from addrepro.task.spec import TaskSpec
 
-# TransformerLens's patching loops draw a progress bar per sweep; these sweeps take a second or two.
-tl_patching.tqdm = partial(tqdm, disable=True)
+
+def tl_patching() -> Any:
+    """TransformerLens's patching module (imported on first use: it brings pandas, seconds of start-up)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415 - with the module below
+    from transformer_lens import patching  # noqa: PLC0415 - seconds of start-up, only for this analysis
+
+    # Its sweeps draw a progress bar each; these take a second or two.
+    patching.tqdm = partial(tqdm, disable=True)
+    return patching
+
 
 KINDS = ("carry", "a", "b")
 
@@ -106,15 +112,16 @@ def patch_place(subject: Subject, place: int, kind: str, size: int) -> dict:
         return (v - ld_corrupt) / denom if abs(denom) > 1e-9 else v * float("nan")
 
     corrupt_in = inputs(corrupt)
+    tl = tl_patching()
     out = {
         "n_pairs": len(clean),
         "ld_clean": ld_clean,
         "ld_corrupted": ld_corrupt,
-        "heads": scale(tl_patching.get_act_patch_attn_head_out_by_pos(bridge, corrupt_in, clean_cache, metric)),
-        "resid_pre": scale(tl_patching.get_act_patch_resid_pre(bridge, corrupt_in, clean_cache, metric)),
+        "heads": scale(tl.get_act_patch_attn_head_out_by_pos(bridge, corrupt_in, clean_cache, metric)),
+        "resid_pre": scale(tl.get_act_patch_resid_pre(bridge, corrupt_in, clean_cache, metric)),
     }  # heads (layer, pos, head); resid_pre (layer, pos)
     if subject.has_mlp:
-        out["mlp"] = scale(tl_patching.get_act_patch_mlp_out(bridge, corrupt_in, clean_cache, metric))
+        out["mlp"] = scale(tl.get_act_patch_mlp_out(bridge, corrupt_in, clean_cache, metric))
     if subject.n_layers >= 2:
         paths = path_patch(subject, corrupt_in, clean_cache, corrupt_cache, metric)
         out["paths"] = {edge: scale(v) for edge, v in paths.items()}
