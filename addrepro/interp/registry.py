@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, patching, probes
+from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, neurons, patching, probes
 
 ANALYSES = {
     "ablation": ablation,
@@ -12,4 +12,5 @@ ANALYSES = {
     "breakdown": breakdown,
     "patching": patching,
     "probes": probes,
+    "neurons": neurons,
 }
