@@ -1,8 +1,8 @@
 """``python -m addrepro.analyze checkpoint=<path> analysis=<name>``: interpretability analyses.
 
 Exports the checkpoint to TransformerLens (``addrepro.model.export``) and runs one of the analyses of
-``addrepro.interp`` (ablation, logit_attribution, attention, composition, or over_training of any
-of them over a run's checkpoints), writing ``<job>/analysis/<name>_<ckpt stem>.{png,json}``.
+``addrepro.interp`` (any of ``addrepro.interp.registry.ANALYSES``, or over_training of any of them
+over a run's checkpoints), writing ``<job>/analysis/<name>_<ckpt stem>.{png,json}``.
 A missing checkpoint or an unknown analysis is one error line and exit status 2.
 """
 
@@ -22,7 +22,7 @@ from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
 from addrepro.training.config import config_dir
 
-SINGLE = ("ablation", "logit_attribution", "attention", "composition")
+SINGLE = tuple(MODULES)
 ANALYSES = (*SINGLE, "over_training")
 
 

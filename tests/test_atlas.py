@@ -63,6 +63,9 @@ def brute_force_atlas(n: int, base: int, order: str, task: str) -> dict[int, dic
             places = [i for i in range(top, j - d - 1, -1) if i >= 0]
             cols = [c for i in places for c in (ad[i], bd[i])]
             lv[f"carry_depth_{d}"] = _cond_entropy(_encode(cols, base, size), y, base)
+        if task == "add" and j == n:  # partial knowledge of the top pair
+            lv["one_operand"] = _cond_entropy(ad[n - 1], y, base)
+            lv["generate_only"] = _cond_entropy((ad[n - 1] + bd[n - 1] >= base).astype(np.int64), y, base)
         lv["exact"] = _cond_entropy(a * N + b, y, base)
         out[j] = lv
     return out
@@ -87,7 +90,7 @@ def test_matches_brute_force(n, base, order, task):
         # levels not listed must be those equal to exact (0) in the brute force
         for level, loss in ref[j].items():
             if level not in levels:
-                assert level.startswith("carry_depth_") and abs(loss) < 1e-12, (j, level, loss)
+                assert level.startswith(("carry_depth_", "generate_only")) and abs(loss) < 1e-12, (j, level, loss)
                 assert level != "naive_sum"
 
 

@@ -16,6 +16,11 @@ Reported per place, as means over the validation set:
   ``carry_signed`` multiplies it by +1 when the true carry is 1 and -1 when it is 0 (positive:
   the component helps pick the right one of the two), ``carry_cin0`` / ``carry_cin1`` split it by
   the true carry.
+
+``centred=True`` reads every contribution through the centred unembedding (``W_U`` and ``b_U`` minus
+their mean over digits): a component that raises every digit's logit alike then contributes 0 to
+``correct``, which is read as "above the mean logit". Logit differences (``carry``) are the same
+either way -- the mean cancels -- so the correct-vs-naive readout is always the centred one.
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ def _summary(read: dict[str, torch.Tensor], carry: torch.Tensor) -> dict[str, to
 
 
 @torch.no_grad()
-def run(subject: Subject, top_neurons: int = 10, max_examples: int = 1024) -> dict:
+def run(subject: Subject, top_neurons: int = 10, max_examples: int = 1024, centred: bool = False) -> dict:
     spec = subject.spec
     tokens = subject.val_tokens[:max_examples]
     comps, extra, logits = residual_components(subject, tokens)
@@ -117,17 +122,23 @@ def run(subject: Subject, top_neurons: int = 10, max_examples: int = 1024) -> di
     contrib = to_logits(subject, torch.stack([comps[n] for n in names]), extra["scale"])  # (C, B, P, V)
     contrib = torch.cat([contrib, constant_logits(subject).expand(1, *contrib.shape[1:])])
     names.append("bias")
+    if centred:  # the same as centring W_U and b_U: every piece is linear in them
+        contrib = contrib - contrib.mean(-1, keepdim=True)
+        logits = logits - logits.mean(-1, keepdim=True)
     per_component = _summary(_read(contrib, targets, naive, spec.base), carry)
     actual = _summary(_read(logits[None], targets, naive, spec.base), carry)
     residual_error = (contrib.sum(0) - logits).abs().max().item()
 
     neurons = {}
     for layer, (post, w_out) in extra["neurons"].items():
-        neurons[f"L{layer}"] = _top_neurons(subject, post, w_out, extra["scale"], targets, naive, carry, top_neurons)
+        neurons[f"L{layer}"] = _top_neurons(
+            subject, post, w_out, extra["scale"], targets, naive, carry, top_neurons, centred
+        )
     return {
         "analysis": "logit_attribution",
         **subject_info(subject),
         "n_examples": len(tokens),
+        "centred": centred,
         "places": list(range(spec.n_places)),
         "components": {n: {k: v[i].tolist() for k, v in per_component.items()} for i, n in enumerate(names)},
         "actual": {k: v[0].tolist() for k, v in actual.items()},
@@ -136,7 +147,9 @@ def run(subject: Subject, top_neurons: int = 10, max_examples: int = 1024) -> di
     }
 
 
-def _top_neurons(subject: Subject, post, w_out, scale, targets, naive, carry, k: int) -> list[dict]:
+def _top_neurons(
+    subject: Subject, post, w_out, scale, targets, naive, carry, k: int, centred: bool = False
+) -> list[dict]:
     """The ``k`` neurons with the largest mean |contribution to the correct logit| over all places."""
     spec = subject.spec
     # Direct effect of neuron n: post_n W_out[n]; read through W_U per neuron without materialising
@@ -146,9 +159,11 @@ def _top_neurons(subject: Subject, post, w_out, scale, targets, naive, carry, k:
         per = post[..., None] * (w @ subject.bridge.W_U)  # (B, P, d_mlp, V)
     else:
         lnw = subject.bridge.state_dict()["ln_final.weight"]
-        centred = (w - w.mean(-1, keepdim=True)) * lnw  # (d_mlp, d)
-        per = post[..., None] * (centred @ subject.bridge.W_U) / scale[..., None]
+        w_ln = (w - w.mean(-1, keepdim=True)) * lnw  # (d_mlp, d), through the final LN's centring
+        per = post[..., None] * (w_ln @ subject.bridge.W_U) / scale[..., None]
     per = per.permute(2, 0, 1, 3)  # (d_mlp, B, P, V)
+    if centred:
+        per = per - per.mean(-1, keepdim=True)
     summary = _summary(_read(per, targets, naive, spec.base), carry)
     rank = summary["correct"].abs().mean(-1).argsort(descending=True)[:k]
     return [

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, composition, logit_attribution
+from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, neurons, patching, probes
 
 ANALYSES = {
     "ablation": ablation,
     "logit_attribution": logit_attribution,
     "attention": attention,
     "composition": composition,
+    "breakdown": breakdown,
+    "patching": patching,
+    "probes": probes,
+    "neurons": neurons,
 }

@@ -18,6 +18,14 @@ Levels, in canonical order (entries are sorted by place, then in this order):
   marginal       H(s_j).
   answer_prefix  H(s_j | answer digits emitted before s_j); depends on `order`.
   naive_sum      H(s_j | a_j, b_j); places j < n only (the carry-out has no operand pair).
+  one_operand    carry-out only: H(c_n | a_{n-1}), a predictor that knows one digit of the top
+                 pair. Given a_{n-1} = x, a is uniform on the block [x M, (x+1) M) (M = B^(n-1))
+                 and P(c_n = 1 | a) = a / N, so P(c_n = 1 | x) = (x + 1/2 - 1/(2M)) / B and the
+                 loss is (1/B) sum_x H_b((x + 1/2 - 1/(2M)) / B) -- 0.5038 in base 10 for n >= 2.
+  generate_only  carry-out only: H(c_n | [a_{n-1} + b_{n-1} >= B]). The pair generates a carry
+                 with probability (B-1)/(2B); otherwise (prob (B+1)/(2B)) it propagates one only
+                 when it sums to B-1 (prob 2/(B+1) given no generate) and a carry comes from
+                 below (p_{n-1}): loss (B+1)/(2B) * H_b(2 p_{n-1} / (B+1)).
   carry_depth_d  H(s_j | pairs j, j-1, .., j-d); at the carry-out the pairs n-1 .. n-d.
                  The prediction is unsure only if all d lower pairs sum to B-1 (prob B^-d),
                  and then the carry c_{j-d} ~ Bern(p_{j-d}) decides: B^-d * H_b(p_{j-d}).
@@ -25,6 +33,8 @@ Levels, in canonical order (entries are sorted by place, then in this order):
 
 Level-listing choice: uniform, marginal, answer_prefix, (naive_sum for j < n) and exact are
 listed at every place, even when some of them are 0, so consumers can always index them.
+one_operand and generate_only ("partial knowledge") are listed at the carry-out of task="add"
+when strictly positive (generate_only is 0 for n = 1).
 carry_depth_d is listed only where it is strictly between naive_sum and exact, i.e.
 d = 1 .. j-1 at place j (including j = n, the carry-out), and only for task="add"; depth j
 would already be 0 and is represented by `exact`. For digitwise there are no carries, so no
@@ -46,7 +56,7 @@ import numpy as np
 
 from addrepro.task.spec import ORDERS, TASKS
 
-LEVEL_ORDER_HEAD = ("uniform", "marginal", "answer_prefix", "naive_sum")
+LEVEL_ORDER_HEAD = ("uniform", "marginal", "answer_prefix", "naive_sum", "one_operand", "generate_only")
 
 # log of Glaisher-Kinkelin constant A; appears in sum_k k log k (the log hyperfactorial)
 _LOG_GLAISHER = 0.24875447703378426254
@@ -187,6 +197,21 @@ def _msb_prefix_entropy(
 
 
 # -----------------------------------------------------------------------------
+# partial knowledge of the top pair, at the carry-out
+
+
+def one_operand_carry_entropy(n: int, base: int) -> float:
+    """H(c_n | a_{n-1}): the carry-out known from one digit of the top pair (see the module doc)."""
+    inv_m = float(base) ** (-(n - 1))  # 1/M, M = B^(n-1); computed as a power so huge n stays finite
+    return sum(binary_entropy((x + 0.5 - 0.5 * inv_m) / base) for x in range(base)) / base
+
+
+def generate_only_carry_entropy(n: int, base: int) -> float:
+    """H(c_n | [a_{n-1} + b_{n-1} >= B]): the carry-out known from the top pair's generate bit only."""
+    return (base + 1) / (2 * base) * binary_entropy(2 * carry_prob(n - 1, base) / (base + 1))
+
+
+# -----------------------------------------------------------------------------
 # the atlas
 
 
@@ -200,7 +225,8 @@ def shelf_atlas(
     exact_limit: int = 20_000_000,
 ) -> list[AtlasEntry]:
     """Entries sorted by place (0..n) then by level order (uniform, marginal, answer_prefix,
-    naive_sum, carry_depth_1.., exact), which is also non-increasing loss along each nested chain.
+    naive_sum, one_operand, generate_only, carry_depth_1.., exact), which is also non-increasing loss
+    along each nested chain.
 
     exact_limit: max number of (parent, digit) cells summed exactly for the msb answer_prefix;
     above it Monte Carlo with `mc_samples` draws is used (exact_limit=0 forces MC).
@@ -257,6 +283,12 @@ def shelf_atlas(
         if not carry_out:
             E("naive_sum", binary_entropy(carry_prob(j, B)) if add else 0.0)
 
+        if add and carry_out:
+            E("one_operand", one_operand_carry_entropy(n, B))
+            generate = generate_only_carry_entropy(n, B)
+            if generate > 0:
+                E("generate_only", generate)
+
         if add:
             for d in range(1, j):  # depth j (and deeper) is 0: that is `exact`
                 E(f"carry_depth_{d}", float(B) ** (-d) * binary_entropy(carry_prob(j - d, B)))
@@ -266,7 +298,8 @@ def shelf_atlas(
 
 
 def level_sort_key(level: str) -> tuple[int, int]:
-    """Canonical level order: uniform, marginal, answer_prefix, naive_sum, carry_depth_d.., exact."""
+    """Canonical level order: uniform, marginal, answer_prefix, naive_sum, one_operand, generate_only,
+    carry_depth_d.., exact."""
     if level in LEVEL_ORDER_HEAD:
         return (LEVEL_ORDER_HEAD.index(level), 0)
     if level.startswith("carry_depth_"):

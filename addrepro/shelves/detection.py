@@ -188,6 +188,22 @@ def _match_atlas(level: float, atlas: dict[str, float] | None, rel_tol: float) -
     return best[1], best[2]
 
 
+def nearest_levels(level: float, atlas: dict[str, float] | None, k: int = 3) -> list[dict]:
+    """The ``k`` atlas levels nearest to a shelf at ``level`` (nats), by distance in log space, whether or
+    not within a matching tolerance: for a shelf that matches no level, what it is closest to and how far.
+    Zero levels are left out unless the loss is tiny (then they are at distance 0)."""
+    out = []
+    for name, loss in (atlas or {}).items():
+        if loss <= 0:
+            if level >= _ZERO_MATCH_LEVEL:
+                continue
+            dist = 0.0
+        else:
+            dist = abs(math.log(max(level, _LOSS_FLOOR) / loss))
+        out.append({"level": name, "loss": float(loss), "distance": dist})
+    return sorted(out, key=lambda c: c["distance"])[:k]
+
+
 def detect_shelves(
     steps: Sequence[float] | np.ndarray,
     losses: Sequence[float] | np.ndarray,

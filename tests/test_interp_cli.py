@@ -1,0 +1,57 @@
+"""The new analyses through ``python -m addrepro.analyze``, on one checkpoint and over a run's
+checkpoints: a job folder holding the hand-built adder, first blind to carries, then whole."""
+
+import json
+
+import adder
+import pytest
+from conftest import run_cli
+from test_breakdown import naive_adder_checkpoint
+
+pytest.importorskip("transformer_lens")
+
+from addrepro.interp import over_training  # noqa: E402
+from addrepro.rundir.checkpoints import save_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    job = tmp_path_factory.mktemp("interp") / "job"
+    blind, whole = naive_adder_checkpoint(), adder.checkpoint(val_size=512)
+    blind["step"], whole["step"] = 100, 200
+    save_checkpoint(job / "checkpoints" / "step_100.ckpt", blind)
+    save_checkpoint(job / "checkpoints" / "step_200.ckpt", whole)
+    save_checkpoint(job / "checkpoints" / "last.ckpt", whole)
+    return job
+
+
+def test_over_training_patching_and_probes(job, tmp_path):
+    small = ["data.val_size=256", "data.carry_size=8", "data.chain_size=8"]
+    proc = run_cli(
+        "addrepro.analyze",
+        [f"checkpoint={job}", "analysis=over_training", "of=patching", "patching.size=16", *small],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((job / "analysis" / "over_training_patching.json").read_text())
+    assert data["steps"] == [100, 200]
+    # Blind to carries, the model's answer does not move with the carry: nothing to restore (no value);
+    # whole, head 1 at place 1's position carries all of it.
+    assert data["series"]["place_1_carry/L0H1"][0] is None
+    assert data["series"]["place_1_carry/L0H1"][1] == pytest.approx(1.0, abs=1e-5)
+    assert data["series"]["place_1_carry/L0H0"][1] == pytest.approx(0.0, abs=1e-5)
+    assert (job / "analysis" / "over_training_patching.png").stat().st_size > 0
+
+    # probes over the same checkpoints, through the Python entry point
+    result = over_training.run(job, "probes", {"val_size": 256, "carry_size": 8, "chain_size": 8})
+    assert result["steps"] == [100, 200] and result["series"]["place_1/digit_final"][1] == 1.0
+
+
+def test_cli_probes_on_one_checkpoint(job, tmp_path):
+    args = [f"checkpoint={job}", "analysis=probes", "data.val_size=256", "data.carry_size=8", "data.chain_size=8"]
+    proc = run_cli("addrepro.analyze", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((job / "analysis" / "probes_last.json").read_text())
+    assert data["analysis"] == "probes" and data["step"] == 200
+    assert data["accuracy"]["place_2/digit"]["accuracy"][1][data["positions"][2]] == 1.0
+    assert (job / "analysis" / "probes_last.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,95 @@
+"""Neuron maps, periodicity, clustering, group ablation and attribution patching: synthetic maps with
+a planted structure, the hand-built adder's threshold neurons, and a finite-difference check."""
+
+import math
+
+import adder
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+
+from test_analyze import random_subject  # noqa: E402
+
+from addrepro.interp import ablation, neurons  # noqa: E402
+from addrepro.interp.common import load_subject, write_outputs  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_periodicity_of_planted_waves():
+    base = 10
+    s = (torch.arange(base)[:, None] + torch.arange(base)[None, :]).double()
+    waves = torch.stack([torch.cos(2 * math.pi * f * s / base + 0.3) for f in (1, 2, 3, 5)])
+    freq, share = neurons.periodicity(waves)
+    assert freq.tolist() == [1, 2, 3, 5]
+    assert share == pytest.approx([1.0] * 4, abs=1e-9)
+    mixed = waves[0] + 0.5 * waves[1]  # power 1 : 0.25
+    freq, share = neurons.periodicity(mixed)
+    assert int(freq) == 1 and float(share) == pytest.approx(1 / 1.25, abs=1e-9)
+    # a map of a + b that is not periodic mod base (a ramp) is spread over frequencies
+    assert float(neurons.periodicity(s)[1]) < 0.9
+
+
+def test_clusters_recover_planted_groups():
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.randn(3, 50, generator=g)
+    truth = torch.tensor([0, 1, 2] * 6)
+    maps = prototypes[truth] * (1 + torch.rand(18, 1, generator=g)) + 0.05 * torch.randn(18, 50, generator=g)
+    maps = torch.cat([maps, torch.full((2, 50), 3.0)])  # two dead neurons (constant maps)
+    labels = neurons.cluster_maps(maps, k=3)
+    assert labels[18:].tolist() == [-1, -1]
+    # same partition as the truth, up to renaming
+    pairs = set(zip(truth.tolist(), labels[:18].tolist(), strict=True))
+    assert len(pairs) == 3 and len({b for _, b in pairs}) == 3
+
+
+def test_adder_threshold_neurons_and_group_ablation(tmp_path):
+    subject = load_subject(adder.checkpoint(val_size=256), carry_size=8, chain_size=8)
+    result = neurons.run(subject, per_cell=2, clusters=6, max_examples=256, n_check=4)
+    maps = torch.as_tensor(result["maps"])  # (1, 64, places, 10, 10)
+    # Units place (no carry can come in): neurons 2k and 2k+1 differ by exactly [a0 + b0 >= k + 1].
+    s = torch.arange(10)[:, None] + torch.arange(10)[None, :]
+    for k in range(adder.N_THRESHOLDS):
+        diff = maps[0, 2 * k, 0] - maps[0, 2 * k + 1, 0]
+        assert torch.equal(diff, (s >= k + 1).float()), k
+    # Neurons 38..63 are never written by the adder: dead, grouped as -1, and ablating them does nothing.
+    dead = next(g for g in result["clusters"] if g["cluster"] == -1)
+    assert set(range(2 * adder.N_THRESHOLDS, adder.D_MLP)) <= set(dead["neurons"])
+    assert max(abs(v) for v in dead["zero"] + dead["mean"]) < 1e-6
+    # every live cluster's group ablation against the ablation module's per-neuron hook, for one member
+    batch = ablation.EvalBatch(subject.val_tokens, len(subject.val_tokens), {})
+    fill = ablation.position_means(subject.bridge, subject.val_tokens, {"blocks.0.mlp.hook_post"})
+    one = neurons.val_losses(
+        subject,
+        subject.val_tokens,
+        [("blocks.0.mlp.hook_post", neurons._group_hook([5], fill["blocks.0.mlp.hook_post"]))],
+    )
+    want = ablation._hooked_neuron_losses(subject, batch, 0, fill["blocks.0.mlp.hook_post"], chunk=64)[5].mean(0)
+    assert torch.allclose(one, want, atol=1e-5)
+    paths = write_outputs(result, neurons.plot(result), tmp_path / "neurons")
+    assert paths[1].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_attribution_is_the_first_order_change():
+    # The estimate for neuron n is d/d eps of the mean loss with act_n -> act_n + eps (mean_n - act_n),
+    # at eps = 0: compare with a central finite difference through hooks, in both layers.
+    subject, _ = random_subject(2, "LN", seed=5)
+    tokens = subject.val_tokens[:128]
+    names = {f"blocks.{layer}.mlp.hook_post" for layer in range(2)}
+    means = ablation.position_means(subject.bridge, subject.val_tokens, names)
+    estimate = neurons.attribution(subject, tokens, means)  # (2, d_mlp)
+    eps = 1e-2
+    for layer, n in [(0, 3), (1, 7), (1, int(estimate[1].abs().argmax()))]:
+        name = f"blocks.{layer}.mlp.hook_post"
+
+        def nudge(sign, name=name, n=n):
+            def hook(act, hook):
+                act = act.clone()
+                act[..., n] += sign * eps * (means[name][: act.shape[1], n] - act[..., n])
+                return act
+
+            return [(name, hook)]
+
+        diff = (neurons.val_losses(subject, tokens, nudge(1)) - neurons.val_losses(subject, tokens, nudge(-1))).mean()
+        assert float(estimate[layer, n]) == pytest.approx(float(diff) / (2 * eps), rel=2e-2, abs=1e-6), (layer, n)
