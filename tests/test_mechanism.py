@@ -15,7 +15,7 @@ from addrepro.metrics.mechanism import (
     ridge_probe_accuracy,
     streams_and_patterns,
 )
-from addrepro.reports.timeline import plot_timeline, shelf_exits, timeline_markdown, write_timeline
+from addrepro.reports.timeline import merge_rests, plot_timeline, shelf_exits, timeline_markdown, write_timeline
 from addrepro.shelves.detection import Shelf
 from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.sets import CarrySets
@@ -27,7 +27,7 @@ def test_attention_masses_of_the_adder_are_known_exactly():
     _, patterns = streams_and_patterns(model, tokens)
     masses = attention_masses(patterns, spec)
     for key, value in masses.items():
-        head, place, kind = key.split("/")[2], int(key.split("/")[3].split("_")[1]), key.split("/")[4]
+        head, kind = key.split("/")[2], key.split("/")[4]
         h = int(head.split("H")[1])
         # Head h reads pair j - h from the position predicting place j (adder.py): own is head 0's,
         # lower is head 1's; every other head reads another pair (or + and =) and gives 0.
@@ -123,3 +123,21 @@ def test_timeline_files_are_written(tmp_path):
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_timeline([], adder.SPEC, {}, [], tmp_path / "empty.png").exists()  # a run without metrics yet
     assert np.isfinite(paths[0].stat().st_size)
+
+
+def test_consecutive_rests_at_one_level_are_one_shelf():
+    pieces = [
+        Shelf(0, 100, 2.3, "uniform", 2.3026),
+        Shelf(200, 299, 0.07, "carry_depth_1", 0.0693),
+        Shelf(320, 619, 0.08, "carry_depth_1", 0.0693),
+        Shelf(700, 800, 0.01, None, None),
+        Shelf(900, 950, 0.01, None, None),  # unnamed shelves stay apart: nothing says they are one level
+    ]
+    merged = merge_rests(pieces)
+    assert [(s.start_step, s.end_step, s.atlas_level) for s in merged] == [
+        (0, 100, "uniform"),
+        (200, 619, "carry_depth_1"),
+        (700, 800, None),
+        (900, 950, None),
+    ]
+    assert merged[1].level == pytest.approx((0.07 * 100 + 0.08 * 300) / 400)

@@ -1,10 +1,10 @@
 """The mechanism timeline: per-place loss, attention and carry probes on one step axis, and its narrative.
 
 ``timeline.png`` aligns, per run: (1) each place's train loss (running mean) with its detected shelves,
-(2) for each head, the attention mass from the position predicting a place onto that place's own
-operands (a_j, b_j), drawn for the place it attends to most at the end, and (3) the carry-in probe
-accuracy per place — one fixed colour per place in every panel. ``timeline.md`` says, per place,
-each shelf (atlas level, steps), what changed inside the model while the place left it (the head
+(2) per place, the largest attention mass any head puts from the position predicting it onto its own
+operands (a_j, b_j) and onto those of the place below, and (3) the carry-in probe accuracy per place,
+one fixed colour per place in every panel. ``timeline.md`` says, per place (consecutive rests at one
+atlas level merged), each shelf (atlas level, steps), what changed inside the model while the place left it (the head
 whose attention on a_j, b_j and on a_{j-1}, b_{j-1} rose most, the carry probe) and the spikes.
 Every number in it is read from the logged metrics.
 """
@@ -12,7 +12,7 @@ Every number in it is read from the logged metrics.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -82,14 +82,30 @@ def operand_names(spec: TaskSpec, j: int) -> str:
     return f"a{j}, b{j}"
 
 
+def merge_rests(shelves: list[Shelf]) -> list[Shelf]:
+    """Consecutive shelves at the same atlas level as one rest: noise cuts a long rest into pieces,
+    and the loss in between stays at that level (it would otherwise be detected at another)."""
+    merged: list[Shelf] = []
+    for shelf in shelves:
+        last = merged[-1] if merged else None
+        if last is not None and shelf.atlas_level is not None and shelf.atlas_level == last.atlas_level:
+            a, b = last.end_step - last.start_step + 1, shelf.end_step - shelf.start_step + 1
+            level = (last.level * a + shelf.level * b) / (a + b)  # weighted by length
+            merged[-1] = replace(last, end_step=shelf.end_step, level=level)
+        else:
+            merged.append(shelf)
+    return merged
+
+
 def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]]) -> list[Exit]:
     """Every shelf a place left, with the largest attention rises and the carry-probe change across it."""
     keys = attention_keys(rows)
     last_step = max((r["step"] for r in rows), default=0)
     exits = []
     for j in range(spec.n_places):
-        for i, shelf in enumerate(shelves.get(j, [])):
-            following = shelves[j][i + 1] if i + 1 < len(shelves[j]) else None
+        rests = merge_rests(shelves.get(j, []))
+        for i, shelf in enumerate(rests):
+            following = rests[i + 1] if i + 1 < len(rests) else None
             if shelf.end_step >= last_step:
                 continue  # still resting there when the run ended
             until = following.start_step if following is not None else last_step
@@ -127,7 +143,7 @@ def timeline_markdown(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[
         lines.append(f"## {place_label(j, spec)}")
         if not shelves.get(j):
             lines.append("No shelf detected.")
-        for shelf in shelves.get(j, []):
+        for shelf in merge_rests(shelves.get(j, [])):
             atlas = f" (atlas {shelf.atlas_loss:.4g})" if shelf.atlas_loss is not None else ""
             line = (
                 f"- Rested at {shelf_name(shelf)}, loss {shelf.level:.4g}{atlas}, "
@@ -174,27 +190,26 @@ def plot_timeline(
             fontsize=7, ncol=3, loc="lower left", title="thick bars: shelves; dashed red: spikes", title_fontsize=7
         )
     keys = attention_keys(rows)
-    heads = sorted({h for h, _, _ in keys})
-    styles = ["-", "--", ":", "-."]
-    for n, head in enumerate(heads):
-        own = {p: k for (h, p, kind), k in keys.items() if h == head and kind == "own"}
-        if not own:
-            continue
-        # Each head drawn at the place whose operands it reads most at the end of the run.
-        place = max(own, key=lambda p: series(rows, own[p])[1][-1])
-        steps, mass = series(rows, own[place])
-        ax_attn.plot(
-            steps,
-            mass,
-            color=place_colour(place, spec),
-            ls=styles[n % len(styles)],
-            lw=1.2,
-            label=f"{head} → a{place}, b{place}",
-        )
+    for j in range(spec.n_places - 1, -1, -1):
+        for kind, style in (("own", "-"), ("lower", "--")):
+            per_head = [series(rows, k) for (_, p, kd), k in keys.items() if p == j and kd == kind]
+            per_head = [(s, v) for s, v in per_head if len(s)]
+            if not per_head:
+                continue
+            steps = per_head[0][0]
+            best = np.max(np.stack([v for _, v in per_head if len(v) == len(steps)]), axis=0)
+            label = place_label(j, spec) if kind == "own" or j == spec.n_digits else None
+            ax_attn.plot(steps, best, color=place_colour(j, spec), ls=style, lw=1.2, label=label)
     ax_attn.set_ylim(0, 1.05)
-    ax_attn.set_ylabel("attention on own operands")
-    if heads:
-        ax_attn.legend(fontsize=7, ncol=2, loc="upper left")
+    ax_attn.set_ylabel("attention (best head)")
+    if ax_attn.lines:
+        ax_attn.legend(
+            fontsize=7,
+            ncol=3,
+            loc="lower right",
+            title="solid: on a_j, b_j; dashed: on a_(j-1), b_(j-1)",
+            title_fontsize=7,
+        )
     for j in range(1, spec.n_places):
         steps, acc = series(rows, f"mech/probe/carry_in/place_{j}/acc")
         if len(steps):

@@ -40,7 +40,6 @@ from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 
-
 # Attention masses are averaged over this many validation sequences: plenty for a mean, and the
 # patterns of a large ensemble stay small.
 MECHANISM_EXAMPLES = 512
