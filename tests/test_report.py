@@ -141,8 +141,14 @@ def test_draw_job_from_hand_written_files(job, tmp_path):
     (tmp_path / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
 
     paths = draw_job(tmp_path)
-    # no naive-sum, carry or confusion data: only the loss plot, the shelves and the reference table
-    assert [p.name for p in paths] == ["place_loss.png", "shelves_detected.json", "reference_comparison.md"]
+    # no naive-sum, carry or confusion data: the loss plot, the shelves, the timeline and the reference table
+    assert [p.name for p in paths] == [
+        "place_loss.png",
+        "shelves_detected.json",
+        "timeline.png",
+        "timeline.md",
+        "reference_comparison.md",
+    ]
     assert png_size(tmp_path / "place_loss.png")[0] > 200
     table = (tmp_path / "reference_comparison.md").read_text().splitlines()
     reference = json.loads((REFERENCE_DIR / "nanda_5digit.json").read_text())

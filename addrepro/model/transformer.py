@@ -221,13 +221,17 @@ class Transformer(nn.Module):
         """
         if tokens.dim() == 2:
             tokens = tokens.expand(self.n_models, *tokens.shape)
-        t = tokens.shape[-1]
-        k, d_vocab, d_model = self.embed.W_E.shape
-        x = F.embedding(tokens + self.token_offsets, self.embed.W_E.view(k * d_vocab, d_model))  # (K, B, T, d_model)
-        x = x + self.pos_embed.W_pos[:, None, :t]
+        x = self.embed_tokens(tokens)  # (K, B, T, d_model)
         for i, block in enumerate(self.blocks):
             x = block(x, last if i == len(self.blocks) - 1 else None)
         return self.ln_final(x)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus positional embeddings ``(K, B, T, d_model)`` of tokens ``(K, B, T)``."""
+        t = tokens.shape[-1]
+        k, d_vocab, d_model = self.embed.W_E.shape
+        x = F.embedding(tokens + self.token_offsets, self.embed.W_E.view(k * d_vocab, d_model))  # (K, B, T, d_model)
+        return x + self.pos_embed.W_pos[:, None, :t]
 
     def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Logits ``(K, B, T, d_vocab_out)``; with ``last``, only at the last ``last`` positions."""

@@ -18,6 +18,7 @@ from addrepro.reports.plots import (
     smoothing_label,
     smoothing_window,
 )
+from addrepro.reports.timeline import write_timeline
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import load_rows
@@ -306,7 +307,13 @@ def draw_all(
     ]
     if confusion is not None:
         paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
+    paths += write_timeline(job_dir, rows, spec, find_shelves(rows, spec), load_spikes(job_dir))
     return [p for p in paths if p is not None]
+
+
+def load_spikes(job_dir: Path) -> list[dict]:
+    path = Path(job_dir) / "spikes.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 REFERENCE_DIR = Path(__file__).parent / "reference"

@@ -30,6 +30,7 @@ from pytorch_lightning.loggers import Logger
 from addrepro.metrics.carry import carry_metric_dict
 from addrepro.metrics.confusion import confusion_matrices
 from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
+from addrepro.metrics.mechanism import mechanism_metric_dict
 from addrepro.metrics.naive_sum import naive_sum_metric_dict
 from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
 from addrepro.model.optim import StackedAdamW
@@ -41,6 +42,10 @@ from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch,
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 
 log = logging.getLogger("addrepro")
+
+# Attention masses are averaged over this many validation sequences: plenty for a mean, and the
+# patterns of a large ensemble stay small.
+MECHANISM_EXAMPLES = 512
 
 
 class Divergence(RuntimeError):
@@ -230,6 +235,9 @@ class AdditionModule(pl.LightningModule):
         if step % mc.every_n_steps == 0 or final:
             metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
             metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec))
+            if mc.mechanism:
+                sample = self.val_tokens[:, :MECHANISM_EXAMPLES]
+                metrics.update(mechanism_metric_dict(self.model, sample, self.carry_sets, self.spec))
             self.emit(metrics, step)
             confusion = confusion_matrices(stats).cpu()
             self.confusions.append((step, confusion))
