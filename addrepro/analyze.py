@@ -79,6 +79,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
             figure = module.plot(result)
     except CheckpointError as e:
         raise AnalyzeError(str(e)) from None
+    except ValueError as e:  # an option the analysis cannot use (it names the key and what is allowed)
+        raise AnalyzeError(str(e)) from None
     paths = write_outputs(result, figure, output_stem(cfg, path, job))
     if cfg.wandb:
         log_to_wandb(job, cfg, result, paths)

@@ -55,3 +55,11 @@ def test_cli_probes_on_one_checkpoint(job, tmp_path):
     assert data["analysis"] == "probes" and data["step"] == 200
     assert data["accuracy"]["place_2/digit"]["accuracy"][1][data["positions"][2]] == 1.0
     assert (job / "analysis" / "probes_last.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bad_analysis_option_is_one_line(job, tmp_path):
+    args = [f"checkpoint={job}", "analysis=patching", "patching.kinds=[bogus]", "data.val_size=64"]
+    proc = run_cli("addrepro.analyze", args, tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "patching.kinds: 'bogus' is not one of carry, a, b" in lines[0], proc.stderr
