@@ -42,7 +42,7 @@ from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig,
 
 # Attention masses are averaged over this many validation sequences: plenty for a mean, and the
 # patterns of a large ensemble stay small.
-MECHANISM_EXAMPLES = 512
+MECHANISM_EXAMPLES = 256
 
 
 class Divergence(RuntimeError):
