@@ -89,14 +89,15 @@ def carry_probe_accuracies(model: Transformer, sets: CarrySets, spec: TaskSpec) 
     out: dict[str, torch.Tensor] = {}
     if not sets.slices:
         return out
-    resid, _ = streams_and_patterns(model, sets.tokens)  # (K, N, T, d_model)
     for j in range(1, spec.n_places):
         lo0, hi0 = sets.slices[f"carry/place_{j}/cin_0"][1:]
         lo1, hi1 = sets.slices[f"carry/place_{j}/cin_1"][1:]
-        index = torch.cat([torch.arange(lo0, hi0), torch.arange(lo1, hi1)]).to(resid.device)
-        y = torch.cat([torch.zeros(hi0 - lo0), torch.ones(hi1 - lo1)]).to(resid.device)
-        train = torch.arange(len(index), device=resid.device) % 2 == 0  # every other example
-        x = resid[:, index, query_position(spec, j)]  # (K, N, d_model)
+        tokens = torch.cat([sets.tokens[lo0:hi0], sets.tokens[lo1:hi1]])  # (N, T)
+        # The answer-predicting positions only, as in training: place j's is at its emission index.
+        resid = model.residual(tokens[:, :-1], last=spec.n_places)  # (K, N, n + 1, d_model)
+        x = resid[:, :, spec.emission_index[j]]  # (K, N, d_model)
+        y = torch.cat([torch.zeros(hi0 - lo0), torch.ones(hi1 - lo1)]).to(x.device)
+        train = torch.arange(len(y), device=x.device) % 2 == 0  # every other example
         out[f"mech/probe/carry_in/place_{j}/acc"] = ridge_probe_accuracy(x, y, train)
     return out
 

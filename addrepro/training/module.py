@@ -45,7 +45,7 @@ log = logging.getLogger("addrepro")
 
 # Attention masses are averaged over this many validation sequences: plenty for a mean, and the
 # patterns of a large ensemble stay small.
-MECHANISM_EXAMPLES = 512
+MECHANISM_EXAMPLES = 256
 
 
 class Divergence(RuntimeError):
