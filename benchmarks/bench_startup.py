@@ -82,13 +82,15 @@ def one_run(overrides: list[str], folder: Path) -> dict[str, float]:
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=path)
     args = [*overrides, f"hydra.run.dir={folder / 'job'}", "trainer.progress_bar=false"]
     start = time.perf_counter()
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, *(["-S"] if sys.flags.no_site else []), __file__, "--child", str(out), *args],
-        check=True,
         env=env,
         cwd=folder,
         capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        sys.exit(f"the job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - start
     phases = json.loads(out.read_text())
     phases["python"] = wall - phases.pop("inside")
