@@ -78,12 +78,19 @@ def child(out: Path, overrides: list[str]) -> None:
 def one_run(overrides: list[str], folder: Path) -> dict[str, float]:
     out = folder / "phases.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # keep carried wheels
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=path)
     args = [*overrides, f"hydra.run.dir={folder / 'job'}", "trainer.progress_bar=false"]
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, __file__, "--child", str(out), *args], check=True, env=env, cwd=folder, capture_output=True
+    proc = subprocess.run(
+        [sys.executable, *(["-S"] if sys.flags.no_site else []), __file__, "--child", str(out), *args],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
     )
+    if proc.returncode != 0:
+        sys.exit(f"the job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     wall = time.perf_counter() - start
     phases = json.loads(out.read_text())
     phases["python"] = wall - phases.pop("inside")

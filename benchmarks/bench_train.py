@@ -219,7 +219,8 @@ def crowded(n_jobs: int, config: str, steps: int, warmup: int) -> None:
         args = [sys.executable, __file__, "--job", config, "--steps", str(steps), "--warmup", str(warmup)]
         if threads is not None:
             args += ["--threads", str(threads)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        repo = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
         procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
         return [json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs]
 

@@ -47,11 +47,15 @@ class HostSyncs(TorchDispatchMode):
     def __enter__(self):  # noqa: ANN204
         for name, method in self.saved.items():
             setattr(torch.Tensor, name, self._watched(name, method))
+        if torch.cuda.is_available():  # on a GPU, CUDA itself also raises at any synchronising call
+            torch.cuda.set_sync_debug_mode("error")
         return super().__enter__()
 
     def __exit__(self, *exc):  # noqa: ANN002, ANN204
         for name, method in self.saved.items():
             setattr(torch.Tensor, name, method)
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
         return super().__exit__(*exc)
 
     def _watched(self, name, method):  # noqa: ANN001, ANN202
