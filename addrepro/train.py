@@ -12,9 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from addrepro.training import run
+from addrepro.training import plan as planning
 from addrepro.training.config import config_dir
-from addrepro.training.run import JobPlan, train  # noqa: F401 - the library's entry points, re-exported
+from addrepro.training.plan import JobPlan
 
 
 def draw(job_dir: Path, rows: list[dict]) -> list[Path]:
@@ -24,10 +24,19 @@ def draw(job_dir: Path, rows: list[dict]) -> list[Path]:
 
 
 def checked_plan(cfg: DictConfig) -> JobPlan | None:
-    return run.checked_plan(cfg)
+    return planning.checked_plan(cfg)
+
+
+def train(plans: list[JobPlan], draw: planning.Draw | None = None) -> list[dict]:
+    """Train ``plans`` as one stack of models; see ``addrepro.training.run.train``."""
+    from addrepro.training import run  # noqa: PLC0415 - Lightning (~5 s) loads once a job is known to start
+
+    return run.train(plans, draw)
 
 
 def run_plans(plans: list[JobPlan]) -> bool:
+    from addrepro.training import run  # noqa: PLC0415 - Lightning (~5 s) loads once a job is known to start
+
     return run.run_plans(plans, draw=draw)
 
 

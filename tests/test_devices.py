@@ -15,7 +15,7 @@ from addrepro.task.streams import InfiniteBatches
 from addrepro.train import JobPlan, train
 from addrepro.training.config import ConfigError
 from addrepro.training.devices import job_devices, job_threads
-from addrepro.training.run import jobs_at_once
+from addrepro.training.plan import jobs_at_once
 from addrepro.wandb_offline import read_run
 
 

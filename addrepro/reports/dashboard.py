@@ -27,8 +27,8 @@ from addrepro.reports.plots import place_label
 from addrepro.reports.sweep import swept_values
 from addrepro.rundir.checkpoints import CheckpointError, load_checkpoint
 from addrepro.rundir.job import is_job_dir, job_config, job_dirs
-from addrepro.rundir.loggers import grid_keys, swept_keys, wandb_group
 from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.names import grid_keys, swept_keys, wandb_group
 from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
 from addrepro.task.spec import TaskSpec
 

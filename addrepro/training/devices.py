@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.environments import LightningEnvironment
 
 from addrepro.training.config import ConfigError
 
@@ -66,13 +65,3 @@ def apply_settings(threads: int | None, matmul_precision: str) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(matmul_precision)
-
-
-def cluster_plugins() -> list:
-    """Lightning plugins that pin the cluster environment to a plain single process.
-
-    Each addrepro job trains on one device in one process. Lightning would otherwise detect Slurm
-    from the environment inside ``sbatch`` and refuse to start when the allocation has several tasks
-    (its ``--ntasks`` check), although the launcher already gave every job its own process.
-    """
-    return [LightningEnvironment()]

@@ -1,48 +1,25 @@
-"""Turn Hydra jobs into trained models: plan each job (folder, W&B identity, resume), train a stack, record status.
+"""Turn planned jobs into trained models: train a stack, record each job's status, close its W&B run.
 
-A *plan* is one job of a run or sweep. ``train`` trains plans that agree on everything but their
-seeds, learning rate and weight decay as one stack of models (see ``training.ensemble``); a single
-run is a stack of one.
+A *plan* (``training.plan``) is one job of a run or sweep. ``train`` trains plans that agree on
+everything but their seeds, learning rate and weight decay as one stack of models (see
+``training.ensemble``); a single run is a stack of one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from addrepro.rundir.atomic import remove_stale_temporaries
-from addrepro.rundir.checkpoints import (
-    CheckpointError,
-    check_compatible,
-    check_resumable,
-    checkpoint_steps,
-    find_resume_checkpoint,
-    load_checkpoint,
-)
+from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint
 from addrepro.rundir.confusion import load_confusion
-from addrepro.rundir.lock import LockError, acquire, release
-from addrepro.rundir.loggers import (
-    finish_wandb_runs,
-    grid_keys,
-    make_loggers,
-    previous_wandb_run_id,
-    run_name,
-    swept_keys,
-    swept_tags,
-    wandb_group,
-    wandb_run_id,
-)
+from addrepro.rundir.lock import release
+from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, previous_wandb_run_id, wandb_run_id
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import (
@@ -53,21 +30,13 @@ from addrepro.training.callbacks import (
     Preemption,
     SpikeSnapshots,
 )
-from addrepro.training.config import ConfigError, architecture, task_spec, typed, validate
-from addrepro.training.devices import (
-    apply_settings,
-    cluster_plugins,
-    cpu_cores,
-    job_devices,
-    job_threads,
-    visible_gpus,
-)
+from addrepro.training.config import architecture, task_spec, typed
+from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, visible_gpus
 from addrepro.training.module import AdditionModule, Divergence, Member, Settings
+from addrepro.training.plan import Draw, JobPlan, try_status
 from addrepro.training.progress import StepProgressBar
 
 log = logging.getLogger("addrepro")
-
-Draw = Callable[[Path, list[dict]], list[Path]]
 
 
 def quiet_lightning() -> None:
@@ -77,21 +46,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`training_step` returns `None`.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-
-
-@dataclass
-class JobPlan:
-    """One job of a run or sweep, ready to train: its config, folder and W&B identity."""
-
-    cfg: DictConfig
-    job_dir: Path
-    name: str
-    group: str
-    multirun: bool
-    resume_from: Path | None = None
-    slot: int = 0  # the job number in a sweep (which GPU it takes), the stack number in an ensemble
-    jobs_at_once: int = 1  # jobs of the sweep running side by side on this machine (they share its cores)
-    tags: list[str] = field(default_factory=list)  # the job's swept values, as W&B tags
 
 
 def settings(cfg: DictConfig) -> Settings:
@@ -202,113 +156,6 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     return finals
 
 
-def job_plan(cfg: DictConfig) -> JobPlan:
-    """The current Hydra job's folder, W&B run name and group; validation happens separately."""
-    hc = HydraConfig.get()
-    job_dir = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    group_dir = Path(hc.sweep.dir) if multirun else job_dir
-    swept = swept_keys(sweep_overrides(group_dir)) | set(grid_keys(hc.sweeper.get("params"))) if multirun else None
-    overrides = list(hc.overrides.task)
-    slot = int(hc.job.num) if multirun and hc.job.get("num") is not None else 0
-    return JobPlan(
-        cfg,
-        job_dir,
-        run_name(overrides, swept),
-        wandb_group(group_dir, multirun),
-        multirun,
-        slot=slot,
-        jobs_at_once=jobs_at_once(hc.launcher),
-        tags=swept_tags(overrides, swept),
-    )
-
-
-def jobs_at_once(launcher: DictConfig) -> int:
-    """How many jobs of a sweep the launcher runs side by side in this machine (``parallel``: n_jobs)."""
-    if "joblib" not in str(launcher.get("_target_", "")).lower():
-        return 1
-    n_jobs = int(launcher.get("n_jobs") or 1)
-    return cpu_cores() if n_jobs < 0 else n_jobs
-
-
-def resume_plan(plan: JobPlan) -> JobPlan:
-    """Continue the run a checkpoint belongs to: its config (plus this command's overrides), its folder."""
-    path = find_resume_checkpoint(str(plan.cfg.resume), plan.job_dir)
-    if path is None:  # resume=auto on a first start
-        return plan
-    ckpt = load_checkpoint(path)
-    check_resumable(ckpt, path)
-    # A key added to addrepro after the checkpoint was written takes this job's value (its default).
-    current = OmegaConf.create(OmegaConf.to_container(plan.cfg, resolve=False))
-    cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
-    # This command's overrides win over the stored config; their values are taken from this job's
-    # composed config, so group overrides (logger=csv) bring their whole group.
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~").replace("/", ".")
-        value = OmegaConf.select(plan.cfg, key, default=None)
-        if key in ("resume", "experiment") or key.startswith("hydra") or value is None:
-            continue
-        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        OmegaConf.update(cfg, key, value, merge=False)
-    cfg.resume = str(path)
-    validate(cfg)
-    spec = task_spec(cfg.data)
-    check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
-    name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
-    log.info("resuming %s from step %d", path, ckpt["step"])
-    return dataclasses.replace(plan, cfg=cfg, job_dir=path.parent.parent, name=name, group=group, resume_from=path)
-
-
-def sweep_overrides(sweep_dir: Path) -> list[str]:
-    """The multirun's own command-line overrides, as Hydra saved them (jobs run by submitit see no argv)."""
-    saved = sweep_dir / "multirun.yaml"
-    if saved.exists():
-        return list(OmegaConf.load(saved).hydra.overrides.task)
-    return sys.argv[1:]
-
-
-def try_status(job_dir: Path, status: str, message: str = "", **extra: object) -> None:
-    """``write_status`` where the folder may be unwritable: the error line is reported anyway."""
-    try:
-        write_status(job_dir, status, message, **extra)
-    except OSError:
-        pass
-
-
-def checked_plan(cfg: DictConfig) -> JobPlan | None:
-    """The job's plan with its run folder locked, or None after reporting in one line why it cannot
-    run: a bad config or checkpoint, a folder in use, an unwritable folder (exit 2 outside a sweep)."""
-    plan = job_plan(cfg)
-    try:
-        validate(cfg)
-        if cfg.resume:
-            plan = resume_plan(plan)
-        acquire(plan.job_dir)
-    except (ConfigError, CheckpointError) as e:
-        kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-        try_status(plan.job_dir, "failed", f"{kind}: {e}")
-        return refused(plan, f"{kind} error: {e}")
-    except LockError as e:  # the folder's status belongs to the process that holds it
-        return refused(plan, f"run folder error: {e}")
-    except OSError as e:
-        return refused(plan, f"storage error: {e}")
-    try:
-        removed = remove_stale_temporaries(plan.job_dir)  # left by a killed run; we hold the lock
-        if removed:
-            log.info("removed %d temporary file(s) of an interrupted run", len(removed))
-        write_status(plan.job_dir, "running")
-    except OSError as e:
-        release(plan.job_dir)
-        return refused(plan, f"storage error: {e}")
-    return plan
-
-
-def refused(plan: JobPlan, line: str) -> None:
-    print(f"addrepro: {line}", file=sys.stderr)
-    if not plan.multirun:
-        sys.exit(2)
-
-
 def run_plans(plans: list[JobPlan], draw: Draw | None = None) -> bool:
     """Train ``plans`` together, record each job's status and close its W&B run; True if all went well.
 
@@ -373,3 +220,13 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
             sys.exit(1)
         return False
     return True
+
+
+def cluster_plugins() -> list:
+    """Lightning plugins that pin the cluster environment to a plain single process.
+
+    Each addrepro job trains on one device in one process. Lightning would otherwise detect Slurm
+    from the environment inside ``sbatch`` and refuse to start when the allocation has several tasks
+    (its ``--ntasks`` check), although the launcher already gave every job its own process.
+    """
+    return [LightningEnvironment()]
