@@ -1,6 +1,7 @@
 """The metrics file: appended at each save, rewritten only for a new key, torn last lines dropped."""
 
-from addrepro.rundir.metrics_file import MetricsCSVLogger, load_rows
+from addrepro.rundir.csv_logger import MetricsCSVLogger
+from addrepro.rundir.metrics_file import load_rows
 
 
 def log(logger: MetricsCSVLogger, step: int, **values: float) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
-from addrepro.rundir.metrics_file import MetricsCSVLogger
+from addrepro.rundir.csv_logger import MetricsCSVLogger
 
 
 def summary_metrics(n_places: int) -> dict[str, str]:
