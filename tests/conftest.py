@@ -55,3 +55,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def fit_bare(module, max_steps: int, calls: int, root: Path | None = None) -> None:  # noqa: ANN001 - an AdditionModule
+    """Train ``module`` with a bare Trainer: no loggers, checkpoints, progress bar or callbacks."""
+    import pytorch_lightning as pl  # noqa: PLC0415 - only the tests that train in-process pay for Lightning
+
+    from addrepro.training.run import quiet_lightning  # noqa: PLC0415
+
+    quiet_lightning()
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(root) if root else None,
+    )
+    trainer.fit(module, train_dataloaders=range(calls))

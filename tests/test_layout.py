@@ -6,9 +6,8 @@ import shutil
 import subprocess
 import sys
 
-import pytorch_lightning as pl
 import torch
-from conftest import REPO
+from conftest import REPO, fit_bare
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -17,7 +16,7 @@ from addrepro.model.transformer import ModelConfig
 from addrepro.task.spec import TaskSpec
 from addrepro.training.config import GROUPS, ModelSchema, RunConfig, architecture, config_dir, task_spec
 from addrepro.training.module import AdditionModule, Member
-from addrepro.training.run import quiet_lightning, settings
+from addrepro.training.run import settings
 
 LINT = [
     sys.executable,
@@ -87,19 +86,7 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     job.mkdir()
     member = Member(seed=0, data_seed=0, lr=1e-3, weight_decay=0.1, job_dir=job)
     module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
-    quiet_lightning()
-    trainer = pl.Trainer(
-        max_steps=30,
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=str(job),
-    )
-    trainer.fit(module, train_dataloaders=range(3))
+    fit_bare(module, max_steps=30, calls=3, root=job)
     assert module.opt.step_count == 30 and any("val/loss" in r for r in module.history)
     assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.history if "train/loss" in r])).all()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [job.relative_to(tmp_path)]

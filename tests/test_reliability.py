@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, cli_env
+from conftest import FAST, REPO, cli_env, fit_bare
 
 from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.rundir.metrics_file import load_rows
@@ -462,12 +462,11 @@ def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(tmp_path
 
 def trained_module(tmp_path, lrs):
     """A real module after 10 optimiser steps of ``len(lrs)`` stacked members (no callbacks: no files)."""
-    import pytorch_lightning as pl
     from hydra import compose, initialize_config_dir
 
     from addrepro.training.config import architecture, task_spec
     from addrepro.training.module import AdditionModule, Member
-    from addrepro.training.run import quiet_lightning, settings
+    from addrepro.training.run import settings
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["data.n_digits=2", "model.width=16", *FAST])
@@ -476,18 +475,7 @@ def trained_module(tmp_path, lrs):
         Member(seed=0, data_seed=0, lr=lr, weight_decay=0.1, job_dir=tmp_path / f"m{k}") for k, lr in enumerate(lrs)
     ]
     module = AdditionModule(spec, architecture(cfg.model, spec), members, settings(cfg))
-    quiet_lightning()
-    trainer = pl.Trainer(
-        max_steps=10,
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, train_dataloaders=range(1))
+    fit_bare(module, max_steps=10, calls=1)
     return module
 
 
