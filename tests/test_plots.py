@@ -108,6 +108,26 @@ def test_place_loss_and_naive_sum_plots_label_every_axis(monkeypatch, tmp_path):
     plt.close(fig)
 
 
+def test_place_loss_plot_marks_each_spike_on_every_panel(monkeypatch, tmp_path):
+    spec = TaskSpec(n_digits=2, base=10)
+    spikes = [
+        {"step": 120, "loss": 0.9, "baseline": 0.1, "ratio": 9.0},
+        {"step": 330, "loss": 0.5, "baseline": 0.1, "ratio": 5.0},
+    ]
+
+    def marked_steps(fig):
+        panels = [ax for ax in fig.axes if ax.axison]
+        return [sorted(ln.get_xdata()[0] for ln in ax.lines if ln.get_linestyle() == "--") for ax in panels]
+
+    fig = _drawn(monkeypatch, job.plot_place_losses, _rows(spec), spec, tmp_path / "x.png", None, "", spikes)
+    assert marked_steps(fig) == [[120, 330]] * spec.n_places
+    assert "loss spike (total train loss)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    fig = _drawn(monkeypatch, job.plot_place_losses, _rows(spec), spec, tmp_path / "x.png")
+    assert marked_steps(fig) == [[]] * spec.n_places
+    plt.close(fig)
+
+
 def test_confusion_plot_has_a_colour_bar_and_a_2x2_carry_out_tile(monkeypatch, tmp_path):
     spec = TaskSpec(n_digits=2, base=10)
     confusion = np.full((3, spec.n_places, 10, 10), 0.1)

@@ -80,9 +80,15 @@ def atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
 
 
 def plot_place_losses(
-    rows: list[dict], spec: TaskSpec, path: Path, reference: dict | None = None, title: str = ""
+    rows: list[dict],
+    spec: TaskSpec,
+    path: Path,
+    reference: dict | None = None,
+    title: str = "",
+    spikes: list[dict] | None = None,
 ) -> Path:
-    """One panel per place: train (and val) loss on a log axis, atlas guides, detected shelves."""
+    """One panel per place: train (and val) loss on a log axis, atlas guides, detected shelves and
+    the steps of the run's loss spikes (``spikes.json``: spikes of the total train loss)."""
     atlas = place_atlas(spec)
     shelves = find_shelves(rows, spec)
     n = spec.n_places
@@ -116,6 +122,8 @@ def plot_place_losses(
                 shelf.atlas_level or f"{shelf.level:.3g}", ((shelf.start_step + shelf.end_step) / 2, shelf.level)
             )
         shelf_labels.append((ax, [(x, y, name) for name, (x, y) in named.items()]))
+        for spike in spikes or []:  # every panel: which places the spike touched is what one looks for
+            ax.axvline(spike["step"], color="C3", lw=0.8, ls="--", alpha=0.7)
         ax.set_yscale("log")
         ax.set_ylim(1e-4, 4.0)
         atlas_guides(ax, atlas[j], 1e-4)
@@ -133,6 +141,8 @@ def plot_place_losses(
         handles.append(Line2D([], [], color="k", ls="--", marker="x", ms=4, label=reference["label"]))
     handles.append(Line2D([], [], color="C3", lw=3, alpha=0.5, label="detected shelf (nearest atlas level)"))
     handles.append(Line2D([], [], color="0.6", lw=0.8, ls=":", label="atlas level (right)"))
+    if spikes:
+        handles.append(Line2D([], [], color="C3", lw=0.8, ls="--", alpha=0.7, label="loss spike (total train loss)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title or f"per-place loss, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -299,15 +309,16 @@ def draw_all(
     confusion: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[Path]:
     job_dir.mkdir(parents=True, exist_ok=True)
+    spikes = load_spikes(job_dir)
     paths = [
-        plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference),
+        plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference, spikes=spikes),
         write_shelves_json(rows, spec, job_dir / "shelves_detected.json"),
         plot_naive_sum(rows, spec, job_dir / "naive_sum.png"),
         plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png"),
     ]
     if confusion is not None:
         paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
-    paths += write_timeline(job_dir, rows, spec, find_shelves(rows, spec), load_spikes(job_dir))
+    paths += write_timeline(job_dir, rows, spec, find_shelves(rows, spec), spikes)
     return [p for p in paths if p is not None]
 
 
