@@ -1,7 +1,7 @@
 """Plan a Hydra job before anything trains: its folder, W&B identity and resume point, checked.
 
 Everything here runs before Lightning is imported, so a bad config, a bad checkpoint or a folder in
-use is refused in about a second with one line (``addrepro.training.run`` does the training).
+use is refused in about two seconds with one line (``addrepro.training.run`` does the training).
 """
 
 from __future__ import annotations
