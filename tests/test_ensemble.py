@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import torch
 from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
@@ -166,3 +167,35 @@ def test_ensemble_launcher_marks_only_the_diverging_job_failed(cli, tmp_path):
     assert [read_run(sweep / j).exit_code for j in ("0", "1")] == [1, 0]
     assert (sweep / "1" / "checkpoints" / "last.ckpt").exists()
     assert not (sweep / "0" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_resumed_stack_ends_with_each_members_own_files(tmp_path, one_thread):
+    """Each member's confusion matrices, spikes and metrics continue from its own files, not member 0's."""
+    extra = ("trainer.ckpt_every_n_steps=20", "trainer.ckpt_schedule=linear", "metrics.spike_factor=1.001")
+    extra += ("metrics.spike_min_excess=0",)  # any rise above the trend is a spike: the files have content
+    cfgs = [config(f"seed={s}", *extra) for s in (0, 1)]
+
+    def plans(root):
+        out = [JobPlan(c, root / f"m{i}", f"m{i}", "g", True) for i, c in enumerate(cfgs)]
+        for p in out:
+            p.job_dir.mkdir(parents=True)
+        return out
+
+    full = plans(tmp_path / "full")
+    train(full)
+    # The same stack stopped after 20 of its 40 steps (a shorter run, same numbers up to there) ...
+    cut = plans(tmp_path / "cut")
+    short = [config(f"seed={s}", *extra, "trainer.max_steps=20") for s in (0, 1)]
+    train([JobPlan(c, p.job_dir, p.name, "g", True) for c, p in zip(short, cut, strict=True)])
+    # ... then resumed from its checkpoint at step 20 to step 40.
+    step_20 = [p.job_dir / "checkpoints" / "step_20.ckpt" for p in cut]
+    train([JobPlan(p.cfg, p.job_dir, p.name, "g", True, resume_from=c) for p, c in zip(cut, step_20, strict=True)])
+    for a, b in zip(full, cut, strict=True):
+        assert load_rows(a.job_dir) == load_rows(b.job_dir)
+        ca, cb = np.load(a.job_dir / "confusion.npz"), np.load(b.job_dir / "confusion.npz")
+        assert np.array_equal(ca["steps"], cb["steps"])
+        assert np.array_equal(ca["confusion"], cb["confusion"], equal_nan=True)
+        assert (a.job_dir / "spikes.json").read_text() == (b.job_dir / "spikes.json").read_text()
+    # the members' matrices differ (the check above would not notice member 0's copied into member 1)
+    c0, c1 = (np.load(p.job_dir / "confusion.npz")["confusion"] for p in full)
+    assert not np.array_equal(c0, c1, equal_nan=True)

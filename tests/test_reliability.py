@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAST, REPO, cli_env, fit_bare
 
 from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.training.module import Divergence
 from addrepro.wandb_offline import find_runs, read_run
@@ -22,7 +24,12 @@ RUN = [
     "model.width=32",
     "trainer.max_steps=400",
     "trainer.ckpt_every_n_steps=100",
+    "trainer.ckpt_schedule=linear",
     "trainer.plots=false",
+    # A hair-trigger spike detector: any logged loss above its local trend counts, so the spike files of
+    # killed and resumed runs have content (a noisy training loss rises above its trend many times).
+    "metrics.spike_factor=1.001",
+    "metrics.spike_min_excess=0",
     *FAST,
 ]
 
@@ -245,9 +252,17 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
     assert status["status"] == "preempted" and 100 <= step < 400
     assert load_checkpoint(tmp_path / "job" / "checkpoints" / f"step_{step}.ckpt")["step"] == step
     assert not (tmp_path / "job" / "checkpoints" / "last.ckpt").exists()
-    # Every row up to the checkpoint reached the metrics file, none after it.
+    # Every row up to the checkpoint reached the metrics file, none after it; the confusion matrices
+    # and spikes up to it too.
     full_rows = load_rows(uninterrupted)
     assert load_rows(tmp_path / "job") == [r for r in full_rows if r["step"] < step]
+    saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
+    assert saved[0].tolist() == [s for s in full[0].tolist() if s < step]
+    assert np.array_equal(saved[1], full[1][: len(saved[0])], equal_nan=True)
+    spikes = json.loads((uninterrupted / "spikes.json").read_text())
+    assert len(spikes) >= 2, "no spikes to compare: the detector settings of RUN should find some"
+    before = [s for s in spikes if s["step"] < step - 5 * 5]  # not the last ones: a spike may still rise
+    assert json.loads((tmp_path / "job" / "spikes.json").read_text())[: len(before)] == before
 
     resumed = subprocess.run(
         train_cmd("hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
@@ -260,6 +275,11 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(a["optimizer"]["moments"][name][key], b["optimizer"]["moments"][name][key])
     assert load_rows(tmp_path / "job") == full_rows  # train and validation rows, each step once
+    # The files written as training went are the uninterrupted run's, and so are the reports from them.
+    saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
+    assert np.array_equal(saved[0], full[0]) and np.array_equal(saved[1], full[1], equal_nan=True)
+    for name in ("spikes.json", "timeline.md", "shelves_detected.json"):
+        assert (tmp_path / "job" / name).read_text() == (uninterrupted / name).read_text(), name
     assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
     # One W&B run continued under its id: the pre-empted part closed with 128 + signal, the whole read back.
     parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)

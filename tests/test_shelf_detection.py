@@ -314,8 +314,19 @@ def test_trend_baseline_extrapolates_a_clean_exponential_and_clips() -> None:
 
 
 def test_spike_as_dict() -> None:
-    spike = Spike(step=3, loss=1.0, baseline=0.25, ratio=4.0)
-    assert spike.as_dict() == {"step": 3, "loss": 1.0, "baseline": 0.25, "ratio": 4.0}
+    spike = Spike(step=3, loss=1.0, baseline=0.25, ratio=4.0, first_step=2)
+    assert spike.as_dict() == {"step": 3, "loss": 1.0, "baseline": 0.25, "ratio": 4.0, "first_step": 2}
+
+
+def test_a_spike_is_reported_at_its_peak_and_remembers_where_it_began() -> None:
+    losses = [1.0] * 20 + [4.0, 6.0, 5.0] + [1.0] * 5  # three points above the trend, the peak in the middle
+    steps = [10 * i for i in range(len(losses))]
+    (spike,) = detect_spikes(steps, losses)
+    assert (spike.first_step, spike.step, spike.loss) == (200, 210, 6.0)
+    monitor = SpikeMonitor()
+    alerts = [s for st, loss in zip(steps, losses, strict=True) if (s := monitor.update(st, loss)) is not None]
+    assert [(a.first_step, a.step) for a in alerts] == [(200, 200)]  # told at once, at the first point
+    assert monitor.spikes == [spike]
 
 
 # ---------------------------------------------------------------------------

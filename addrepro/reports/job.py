@@ -19,6 +19,7 @@ from addrepro.reports.plots import (
     smoothing_window,
 )
 from addrepro.reports.timeline import write_timeline
+from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import load_rows
@@ -156,8 +157,7 @@ def plot_place_losses(
 def write_shelves_json(rows: list[dict], spec: TaskSpec, path: Path) -> Path:
     shelves = find_shelves(rows, spec)
     payload = [{"place": j, **s.as_dict()} for j, found in shelves.items() for s in found]
-    path.write_text(json.dumps(payload, indent=1))
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _label_grid(fig: plt.Figure, cells: list, y_label: str) -> None:
@@ -307,18 +307,22 @@ def draw_all(
     spec: TaskSpec,
     reference: dict | None = None,
     confusion: tuple[np.ndarray, np.ndarray] | None = None,
+    plots: bool = True,
 ) -> list[Path]:
+    """The job's text reports (shelves, timeline) and, with ``plots``, its PNGs."""
     job_dir.mkdir(parents=True, exist_ok=True)
     spikes = load_spikes(job_dir)
-    paths = [
-        plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference, spikes=spikes),
-        write_shelves_json(rows, spec, job_dir / "shelves_detected.json"),
-        plot_naive_sum(rows, spec, job_dir / "naive_sum.png"),
-        plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png"),
-    ]
-    if confusion is not None:
-        paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
-    paths += write_timeline(job_dir, rows, spec, find_shelves(rows, spec), spikes)
+    shelves = find_shelves(rows, spec)
+    paths = [write_shelves_json(rows, spec, job_dir / "shelves_detected.json")]
+    if plots:
+        paths += [
+            plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference, spikes=spikes),
+            plot_naive_sum(rows, spec, job_dir / "naive_sum.png"),
+            plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png"),
+        ]
+        if confusion is not None:
+            paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
+    paths += write_timeline(job_dir, rows, spec, shelves, spikes, plot=plots)
     return [p for p in paths if p is not None]
 
 
@@ -356,17 +360,18 @@ def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: i
     return "\n".join(lines)
 
 
-def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None) -> list[Path]:  # noqa: ANN001
-    """All plots of one job, plus ``reference_comparison.md`` when the run has a reference curve."""
+def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None, plots: bool = True) -> list[Path]:  # noqa: ANN001
+    """All reports of one job (PNGs with ``plots``), plus ``reference_comparison.md`` when the run has a
+    reference curve."""
     job_dir = Path(job_dir)
     cfg = job_config(job_dir)
     spec = TaskSpec.from_config(cfg.data)
     rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion
     reference = load_reference(cfg.get("reference"))
-    paths = draw_all(job_dir, rows, spec, reference=reference, confusion=confusion)
+    paths = draw_all(job_dir, rows, spec, reference=reference, confusion=confusion, plots=plots)
     if reference is not None:
         table = job_dir / "reference_comparison.md"
-        table.write_text(f"{reference['label']}\n\n{reference_table(rows, reference, spec)}\n")
+        atomic_write_text(table, f"{reference['label']}\n\n{reference_table(rows, reference, spec)}\n")
         paths.append(table)
     return paths

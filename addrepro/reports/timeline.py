@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
+from addrepro.rundir.atomic import atomic_write_text
 from addrepro.shelves.detection import Shelf
 from addrepro.task.spec import TaskSpec
 
@@ -100,9 +101,10 @@ def merge_rests(shelves: list[Shelf]) -> list[Shelf]:
 def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]]) -> list[Exit]:
     """Every shelf a place left, with the largest attention rises and the carry-probe change across it."""
     keys = attention_keys(rows)
-    last_step = max((r["step"] for r in rows), default=0)
     exits = []
     for j in range(spec.n_places):
+        steps, _ = series(rows, f"train/loss/place_{j}")
+        last_step = float(steps.max()) if len(steps) else 0.0  # the place's own curve ends here
         rests = merge_rests(shelves.get(j, []))
         for i, shelf in enumerate(rests):
             following = rests[i + 1] if i + 1 < len(rests) else None
@@ -228,9 +230,15 @@ def plot_timeline(
 
 
 def write_timeline(
-    job_dir: Path, rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]], spikes: list[dict]
+    job_dir: Path,
+    rows: list[dict],
+    spec: TaskSpec,
+    shelves: dict[int, list[Shelf]],
+    spikes: list[dict],
+    plot: bool = True,
 ) -> list[Path]:
-    png = plot_timeline(rows, spec, shelves, spikes, Path(job_dir) / "timeline.png")
-    md = Path(job_dir) / "timeline.md"
-    md.write_text(timeline_markdown(rows, spec, shelves, spikes))
-    return [png, md]
+    """``timeline.md`` and (with ``plot``) ``timeline.png``."""
+    md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes))
+    if not plot:
+        return [md]
+    return [plot_timeline(rows, spec, shelves, spikes, Path(job_dir) / "timeline.png"), md]

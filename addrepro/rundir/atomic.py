@@ -55,6 +55,13 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> Path:
+    """``atomic_write`` of a UTF-8 text; returns ``path``."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+    return Path(path)
+
+
 RUN_SUBFOLDERS = ("", "checkpoints", "csv", "analysis")  # where a run folder's files are written
 
 

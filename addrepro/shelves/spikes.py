@@ -25,6 +25,7 @@ class Spike:
     loss: float
     baseline: float  # the trend of the `window` finite losses before this point, extrapolated to it
     ratio: float  # loss / baseline
+    first_step: int = -1  # the first point above the trend (the peak is ``step``); -1: unknown
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +103,7 @@ def detect_spikes(
         if not _is_spike(loss_arr[i], baseline[i], factor, min_excess):
             in_spike = False
             continue
-        candidate = _make_spike(steps_arr[i], loss_arr[i], baseline[i])
+        candidate = _make_spike(steps_arr[i], loss_arr[i], baseline[i], spikes[-1].first_step if in_spike else None)
         if not in_spike:
             spikes.append(candidate)
         elif candidate.loss > spikes[-1].loss:
@@ -111,9 +112,10 @@ def detect_spikes(
     return spikes
 
 
-def _make_spike(step: float, loss: float, baseline: float) -> Spike:
+def _make_spike(step: float, loss: float, baseline: float, first_step: int | None = None) -> Spike:
     ratio = float(loss / baseline) if baseline > 0 else math.inf
-    return Spike(step=int(step), loss=float(loss), baseline=float(baseline), ratio=ratio)
+    first = int(step) if first_step is None else first_step
+    return Spike(step=int(step), loss=float(loss), baseline=float(baseline), ratio=ratio, first_step=first)
 
 
 class SpikeMonitor:
@@ -143,7 +145,8 @@ class SpikeMonitor:
         if len(self._history) >= _min_history(self.window):
             baseline = trend_baseline(np.array(self._history, dtype=np.float64))
             if _is_spike(loss, baseline, self.factor, self.min_excess):
-                candidate = _make_spike(step, loss, baseline)
+                first = self.spikes[-1].first_step if self._in_spike else None
+                candidate = _make_spike(step, loss, baseline, first)
                 if not self._in_spike:
                     self.spikes.append(candidate)
                     new_spike = candidate

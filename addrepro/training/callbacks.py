@@ -29,6 +29,7 @@ from pytorch_lightning.loggers import WandbLogger
 from addrepro.rundir.atomic import atomic_write
 from addrepro.rundir.checkpoints import save_checkpoint
 from addrepro.rundir.confusion import save_confusion
+from addrepro.shelves.spikes import Spike
 from addrepro.training.module import AdditionModule, member_weights
 
 
@@ -37,6 +38,40 @@ def flush_loggers(module: AdditionModule) -> None:
     for m in module.members:
         for logger in m.loggers:
             logger.save()
+
+
+def flush_run_files(module: AdditionModule) -> None:
+    """Every member's metrics file, ``confusion.npz`` and ``spikes.json`` as they stand now.
+
+    Written together at each evaluation and before each checkpoint, so a killed run keeps all three
+    up to its last checkpoint, and a resumed run (which reads them back) ends with an uninterrupted
+    run's files.
+    """
+    flush_loggers(module)
+    window = 5 * module.settings.trainer.log_every_n_steps
+    for k, member in enumerate(module.members):
+        if k in module.failed:
+            continue
+        save_confusion(member.job_dir, [(step, c[k]) for step, c in module.confusions])
+        rows = [r for r in module.history if r["member"] == k and "train/grad_norm/global" in r]
+        spikes = [spike_record(s, rows, window) for member_k, s in module.spikes if member_k == k]
+        text = json.dumps(spikes, indent=1, sort_keys=True).encode()
+        atomic_write(member.job_dir / "spikes.json", lambda f, text=text: f.write(text))
+
+
+def spike_record(spike: Spike, rows: list[dict], window: int) -> dict:
+    """A spike with the per-place train losses at its peak and the gradient norms around it (to tell
+    an optimiser blow-up from a data fluke)."""
+    at = next((r for r in rows if r["step"] == spike.step), {})
+    return {
+        **spike.as_dict(),
+        "place_loss": {key.rsplit("_", 1)[1]: v for key, v in at.items() if key.startswith("train/loss/place_")},
+        "grad_norms": [
+            {key: v for key, v in r.items() if key == "step" or key.startswith("train/grad_norm/")}
+            for r in rows
+            if abs(r["step"] - spike.step) <= window
+        ],
+    }
 
 
 class Checkpoints(pl.Callback):
@@ -57,7 +92,7 @@ class Checkpoints(pl.Callback):
             self.save(module, f"step_{step}.ckpt", step)
 
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
-        flush_loggers(module)  # a killed run keeps its metrics up to the last evaluation
+        flush_run_files(module)  # a killed run keeps its metrics up to the last evaluation
 
     def on_member_failed(self, trainer: pl.Trainer, module: AdditionModule, k: int, message: str) -> None:
         for logger in module.members[k].loggers:  # its rows up to the divergence
@@ -70,7 +105,7 @@ class Checkpoints(pl.Callback):
     @staticmethod
     def save(module: AdditionModule, filename: str, step: int) -> None:
         states = module.resumable_states(step)
-        flush_loggers(module)
+        flush_run_files(module)
         for member, state in zip(module.members, states, strict=True):
             if state is not None:  # None: a member that diverged
                 save_checkpoint(member.job_dir / "checkpoints" / filename, state)
@@ -178,39 +213,24 @@ class ConfusionImages(pl.Callback):
 
 
 class EndOfRunFiles(pl.Callback):
-    """Files that outlive the run, per member: ``confusion.npz``, ``spikes.json``, plots; and W&B copies.
+    """The reports drawn from a member's files at the end (after ``Checkpoints`` wrote them a last
+    time), and their W&B copies.
 
-    ``draw(job_dir, rows) -> paths`` draws the plots (the reports layer passes it in).
+    ``draw(job_dir, rows, plots) -> paths`` writes the text reports, and the PNG plots when ``plots``
+    (the reports layer passes it in).
     """
 
-    def __init__(
-        self, job_dirs: list[Path], draw: Callable[[Path, list[dict]], list[Path]] | None = None, spike_window: int = 50
-    ):
-        self.job_dirs, self.draw, self.spike_window = job_dirs, draw, spike_window
+    def __init__(self, job_dirs: list[Path], draw: Callable[[Path, list[dict], bool], list[Path]] | None, plots: bool):
+        self.job_dirs, self.draw, self.plots = job_dirs, draw, plots
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
+        flush_run_files(module)  # already written by Checkpoints when it runs first; cheap to repeat
         for k, job_dir in enumerate(self.job_dirs):
-            if k in module.failed:
+            if k in module.failed or self.draw is None:
                 continue
             rows = [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k]
-            save_confusion(job_dir, [(step, c[k]) for step, c in module.confusions])
-            spikes = [
-                {
-                    **s.as_dict(),
-                    # The gradient norms around the spike, to tell an optimiser blow-up from a data fluke.
-                    "grad_norms": [
-                        {key: v for key, v in r.items() if key == "step" or key.startswith("train/grad_norm/")}
-                        for r in rows
-                        if "train/grad_norm/global" in r and abs(r["step"] - s.step) <= self.spike_window
-                    ],
-                }
-                for member, s in module.spikes
-                if member == k
-            ]
-            text = json.dumps(spikes, indent=1).encode()
-            atomic_write(job_dir / "spikes.json", lambda f, text=text: f.write(text))
-            paths = self.draw(job_dir, rows) if self.draw is not None else []
+            paths = self.draw(job_dir, rows, self.plots)
             log_files_to_wandb(module.members[k].loggers, paths, job_dir)
 
 

@@ -239,6 +239,7 @@ class MetricsConfig:
     chain_set_size: int = option(64, integer(1))  # sequences per (place, carry-chain length) set
     spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x the trend of the last window logs
     spike_factor: float = option(3.0, number(1.0, strict=True))
+    spike_min_excess: float = option(0.05, number(0.0))  # ... and above it by more than this (nats)
     # Attention mass of every head on own/lower operands and carry-probe accuracy (metrics.mechanism).
     mechanism: bool = option(True, BOOLEAN)
 

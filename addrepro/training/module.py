@@ -87,9 +87,9 @@ class AdditionModule(pl.LightningModule):
         settings: Settings,
         resume_states: list[dict | None] | None = None,
         history: list[list[dict]] | None = None,
-        confusions: list[tuple[int, Any]] | None = None,
+        confusions: list[list[tuple[int, Any]]] | None = None,
     ):
-        """``history`` (per member) and ``confusions`` (member 0's ``(step, array)``): what a resumed
+        """``history`` and ``confusions`` (per member, ``(step, (n+1, base, base))``): what a resumed
         run had logged before its checkpoint's step, so the spike detector and files continue."""
         super().__init__()
         self.automatic_optimization = False
@@ -101,8 +101,7 @@ class AdditionModule(pl.LightningModule):
         self.history: list[dict] = []  # host copies of logged rows, for plots at the end
         self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
         m = settings.metrics
-        self.spike_monitors = [SpikeMonitor(m.spike_window, m.spike_factor) for _ in members]
-        self.spikes: list[tuple[int, Spike]] = []  # (member, spike)
+        self.spike_monitors = [SpikeMonitor(m.spike_window, m.spike_factor, m.spike_min_excess) for _ in members]
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
@@ -110,7 +109,7 @@ class AdditionModule(pl.LightningModule):
         # Members of an ensemble that diverged: member -> why. They train on (their numbers never mix
         # with the others') but log and save nothing more; a single run raises Divergence instead.
         self.failed: dict[int, str] = {}
-        self.restore_history(history or [[] for _ in members], confusions or [])
+        self.restore_history(history or [[] for _ in members], confusions or [[] for _ in members])
 
     # -- setup -------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -152,7 +151,7 @@ class AdditionModule(pl.LightningModule):
         if self.resume_states:
             self.load_resume_states(self.resume_states)
 
-    def restore_history(self, history: list[list[dict]], confusions: list[tuple[int, Any]]) -> None:
+    def restore_history(self, history: list[list[dict]], confusions: list[list[tuple[int, Any]]]) -> None:
         """Rows and confusion matrices logged before the resume step; the spike detector continues."""
         for k, rows in enumerate(history):
             rows = [r for r in rows if r["step"] < self.start_step]
@@ -160,11 +159,13 @@ class AdditionModule(pl.LightningModule):
             for r in rows:
                 if "train/loss" in r:
                     self.spike_monitors[k].update(r["step"], r["train/loss"])
-        self.confusions = [
-            (int(step), torch.stack([torch.as_tensor(c)] * len(self.members)))
-            for step, c in confusions
-            if step < self.start_step
-        ]
+        # Members evaluate at the same steps; a member without a matrix at a step (none saved) gets NaN.
+        by_member = [{int(step): torch.as_tensor(c) for step, c in member} for member in confusions]
+        steps = sorted({step for member in by_member for step in member if step < self.start_step})
+        for step in steps:
+            shape = next(m[step] for m in by_member if step in m).shape
+            nan = torch.full(shape, float("nan"))
+            self.confusions.append((step, torch.stack([m.get(step, nan) for m in by_member])))
 
     @torch.no_grad()
     def load_resume_states(self, states: list[dict]) -> None:
@@ -253,8 +254,12 @@ class AdditionModule(pl.LightningModule):
             spike = monitor.update(step, row["train/loss"])
             if spike is not None:
                 found.append((k, spike))
-        self.spikes += found
         return found
+
+    @property
+    def spikes(self) -> list[tuple[int, Spike]]:
+        """``(member, spike)`` for every spike so far (a resumed run's earlier ones included), each at its peak."""
+        return [(k, s) for k, m in enumerate(self.spike_monitors) if k not in self.failed for s in m.spikes]
 
     def on_train_epoch_end(self) -> None:
         self.finish()

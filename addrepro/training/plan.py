@@ -33,8 +33,8 @@ from addrepro.training.devices import cpu_cores
 
 log = logging.getLogger("addrepro")
 
-# Draws a job's plots from its rows at the end of training; returns the files written.
-Draw = Callable[[Path, list[dict]], list[Path]]
+# Writes a job's reports from its rows at the end of training, PNGs too when asked; returns the files.
+Draw = Callable[[Path, list[dict], bool], list[Path]]  # (job folder, rows, plots)
 
 
 @dataclass

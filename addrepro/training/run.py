@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import warnings
+from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import LightningEnvironment
@@ -61,6 +62,12 @@ def earlier_history(plan: JobPlan) -> list[dict]:
         return []
 
 
+def earlier_confusion(plan: JobPlan) -> list[tuple[int, Any]]:
+    """The confusion matrices a resumed job saved before, as ``(step, (n+1, base, base))``."""
+    saved = load_confusion(plan.job_dir)
+    return list(zip(saved[0].tolist(), saved[1], strict=True)) if saved is not None else []
+
+
 def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     """Train the jobs of ``plans`` as one stack of models (one job: a single run).
 
@@ -104,8 +111,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
                 wandb_group=plan.group,
             )
         )
-    confusion = load_confusion(plans[0].job_dir) if resume_states[0] else None
-    confusions = list(zip(*confusion, strict=True)) if confusion is not None else []
+    confusions = [earlier_confusion(plan) if state else [] for plan, state in zip(plans, resume_states, strict=True)]
     module = AdditionModule(
         spec,
         architecture(cfg.model, spec),
@@ -121,7 +127,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         Preemption(checkpoints),
         SpikeSnapshots(),
         ConfusionImages(),
-        EndOfRunFiles([p.job_dir for p in plans], draw if t.plots else None, spike_window=5 * t.log_every_n_steps),
+        EndOfRunFiles([p.job_dir for p in plans], draw, t.plots),
     ]
     if t.progress_bar:
         # Redrawing the bar every step costs more than a training step of these tiny models.
