@@ -14,6 +14,7 @@ from addrepro.rundir.checkpoints import (
     check_compatible,
     checkpoint_steps,
     load_checkpoint,
+    log_spaced_steps,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -204,19 +205,19 @@ def test_check_compatible_key_on_one_side_only():
 
 
 @pytest.mark.parametrize("max_steps,every", [(3000, 1000), (3001, 1000), (2999, 1000), (10, 3), (5, 7), (1, 1)])
-def test_linear_schedule(max_steps, every):
+def test_resumable_checkpoints_every_n_steps(max_steps, every):
     expected = [s for s in range(1, max_steps + 1) if s % every == 0]
-    assert checkpoint_steps(max_steps, "linear", every, log_count=20) == expected
+    assert checkpoint_steps(max_steps, every) == expected
 
 
-def test_linear_schedule_examples():
-    assert checkpoint_steps(3000, "linear", 1000, 20) == [1000, 2000, 3000]
-    assert checkpoint_steps(10, "linear", 4, 20) == [4, 8]
+def test_resumable_checkpoint_examples():
+    assert checkpoint_steps(3000, 1000) == [1000, 2000, 3000]
+    assert checkpoint_steps(10, 4) == [4, 8]
 
 
 @pytest.mark.parametrize("max_steps,count", [(1000, 4), (3000, 20), (100000, 10), (50, 20), (7, 3)])
-def test_log_schedule(max_steps, count):
-    steps = checkpoint_steps(max_steps, "log", every=1000, log_count=count)
+def test_log_spaced_steps(max_steps, count):
+    steps = log_spaced_steps(max_steps, count)
     periodic = [s for s in steps if s != 0]
     # log-spaced from 1 to max_steps: round(max_steps^(i / (count - 1)))
     expected = sorted({round(max_steps ** (i / (count - 1))) for i in range(count)})
@@ -229,15 +230,14 @@ def test_log_schedule(max_steps, count):
         assert hi / lo <= ratio * (1 + 1 / lo) + 1e-9
 
 
-def test_log_schedule_examples():
-    assert [s for s in checkpoint_steps(1000, "log", 1, 4) if s] == [1, 10, 100, 1000]
-    assert [s for s in checkpoint_steps(10000, "log", 1, 5) if s] == [1, 10, 100, 1000, 10000]
+def test_log_spaced_examples():
+    assert [s for s in log_spaced_steps(1000, 4) if s] == [1, 10, 100, 1000]
+    assert [s for s in log_spaced_steps(10000, 5) if s] == [1, 10, 100, 1000, 10000]
     # rounding collapses duplicates when there are more points than steps
-    assert [s for s in checkpoint_steps(5, "log", 1, 20) if s] == [1, 2, 3, 4, 5]
-    assert [s for s in checkpoint_steps(100, "log", 1, 1) if s] == [1]
+    assert [s for s in log_spaced_steps(5, 20) if s] == [1, 2, 3, 4, 5]
+    assert [s for s in log_spaced_steps(100, 1) if s] == [1]
 
 
-def test_log_schedule_starts_with_the_initialisation():
+def test_log_spaced_steps_start_with_the_initialisation():
     # Step 0 is kept on purpose: the initial weights are the start of every over-training analysis.
-    steps = checkpoint_steps(1000, "log", every=1000, log_count=4)
-    assert steps == [0, 1, 10, 100, 1000]
+    assert log_spaced_steps(1000, 4) == [0, 1, 10, 100, 1000]

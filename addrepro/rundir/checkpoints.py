@@ -125,13 +125,15 @@ def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Pat
         raise CheckpointError(f"checkpoint={path} does not match the config: " + "; ".join(diffs))
 
 
-def checkpoint_steps(max_steps: int, schedule: str, every: int, log_count: int) -> list[int]:
-    """Steps at which periodic checkpoints are written (``last.ckpt`` is extra)."""
-    if schedule == "linear":
-        return list(range(every, max_steps + 1, every))
-    # Step 0 (the initialisation) and then log-spaced from step 1: dense where the early shelves
-    # form, sparse later.
-    steps = {round(math.exp(i * math.log(max_steps) / max(log_count - 1, 1))) for i in range(log_count)}
+def checkpoint_steps(max_steps: int, every: int) -> list[int]:
+    """Steps at which resumable checkpoints ``step_N.ckpt`` are written (``last.ckpt`` is extra)."""
+    return list(range(every, max_steps + 1, every))
+
+
+def log_spaced_steps(max_steps: int, count: int) -> list[int]:
+    """Step 0 (the initialisation) and ``count`` steps log-spaced from 1 to ``max_steps``: dense where
+    the early shelves form, sparse later."""
+    steps = {round(math.exp(i * math.log(max_steps) / max(count - 1, 1))) for i in range(count)}
     return sorted({0, *steps} & set(range(max_steps + 1)))
 
 

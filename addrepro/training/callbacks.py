@@ -4,8 +4,9 @@ Besides Lightning's hooks they answer the module's own, called at the optimiser 
 (several optimiser steps run inside one Lightning step):
 
 * ``on_optimizer_step_end(trainer, module, step)`` — after the update that made ``step``;
-* ``on_train_log_step(trainer, module, step, weights, new_spikes)`` — at a logging step, with the
-  stacked weights from before its update;
+* ``on_train_log_step(trainer, module, step, weights, new_spikes, new_exits)`` — at a logging step,
+  with the stacked weights from before its update (those that gave the logged losses), the spikes
+  and shelf exits found there;
 * ``on_validation_rows(trainer, module, step)`` — after the held-out rows of ``step`` were emitted;
 * ``on_confusion(trainer, module, step, confusion)`` — confusion matrices ``(K, n+1, base, base)``.
 
@@ -26,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
-from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import save_checkpoint
 from addrepro.rundir.confusion import save_confusion
 from addrepro.shelves.spikes import Spike
@@ -41,11 +42,12 @@ def flush_loggers(module: AdditionModule) -> None:
 
 
 def flush_run_files(module: AdditionModule) -> None:
-    """Every member's metrics file, ``confusion.npz`` and ``spikes.json`` as they stand now.
+    """Every member's metrics file, ``confusion.npz``, ``spikes.json`` and ``shelf_exits.json`` as they
+    stand now.
 
-    Written together at each evaluation and before each checkpoint, so a killed run keeps all three
-    up to its last checkpoint, and a resumed run (which reads them back) ends with an uninterrupted
-    run's files.
+    Written together at each evaluation and before each checkpoint, so a killed run keeps them all
+    up to its last checkpoint, and a resumed run (which reads the first two back and replays the
+    detectors over its rows) ends with an uninterrupted run's files.
     """
     flush_loggers(module)
     window = 5 * module.settings.trainer.log_every_n_steps
@@ -55,8 +57,9 @@ def flush_run_files(module: AdditionModule) -> None:
         save_confusion(member.job_dir, [(step, c[k]) for step, c in module.confusions])
         rows = [r for r in module.history if r["member"] == k and "train/grad_norm/global" in r]
         spikes = [spike_record(s, rows, window) for member_k, s in module.spikes if member_k == k]
-        text = json.dumps(spikes, indent=1, sort_keys=True).encode()
-        atomic_write(member.job_dir / "spikes.json", lambda f, text=text: f.write(text))
+        atomic_write_text(member.job_dir / "spikes.json", json.dumps(spikes, indent=1, sort_keys=True))
+        exits = [e.as_dict() for member_k, e in module.shelf_exits if member_k == k]
+        atomic_write_text(member.job_dir / "shelf_exits.json", json.dumps(exits, indent=1))
 
 
 def spike_record(spike: Spike, rows: list[dict], window: int) -> dict:
@@ -75,21 +78,27 @@ def spike_record(spike: Spike, rows: list[dict], window: int) -> dict:
 
 
 class Checkpoints(pl.Callback):
-    """Resumable checkpoints at the scheduled steps and ``last.ckpt`` at the end, one file per member.
+    """Resumable checkpoints ``step_<N>.ckpt`` at ``steps`` and ``last.ckpt`` at the end, one file per
+    member; weights-only ``weights_<N>.ckpt`` at ``weight_steps`` (for analyses over training).
 
     The metrics file is written first, so a checkpoint never covers rows that are not on disk.
     """
 
-    def __init__(self, steps: list[int]):
-        self.steps = set(steps)
+    def __init__(self, steps: list[int], weight_steps: list[int] = ()):
+        self.steps, self.weight_steps = set(steps), set(weight_steps) - set(steps)
 
     def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
-        if not module.resume_states and 0 in self.steps:
-            self.save(module, "step_0.ckpt", 0)
+        if not module.resume_states:
+            self.on_optimizer_step_end(trainer, module, 0)
 
     def on_optimizer_step_end(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
         if step in self.steps:
             self.save(module, f"step_{step}.ckpt", step)
+        elif step in self.weight_steps:
+            weights = {name: t.detach().cpu() for name, t in module.model.state_dict().items()}
+            for k in range(len(module.members)):
+                if k not in module.failed:
+                    save_weights(module, k, f"weights_{step}.ckpt", step, member_weights(weights, k))
 
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
         flush_run_files(module)  # a killed run keeps its metrics up to the last evaluation
@@ -179,7 +188,7 @@ class SpikeSnapshots(pl.Callback):
         self.awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
 
     def on_train_log_step(
-        self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list
+        self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list, new_exits: list
     ) -> None:
         for k, spike_step in self.awaiting_after:
             self.save(module, k, f"spike_{spike_step}_after.ckpt", step, member_weights(weights, k))
@@ -194,8 +203,35 @@ class SpikeSnapshots(pl.Callback):
 
     @staticmethod
     def save(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
-        payload = {**module.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
-        save_checkpoint(module.members[k].job_dir / "checkpoints" / filename, payload)
+        save_weights(module, k, filename, step, weights)
+
+
+def save_weights(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
+    """A weights-only checkpoint of member k (for analyses; it cannot be resumed)."""
+    payload = {**module.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
+    save_checkpoint(module.members[k].job_dir / "checkpoints" / filename, payload)
+
+
+class ShelfExitSnapshots(pl.Callback):
+    """The weights of the last log on a shelf and of the log where the place had clearly left it:
+    ``shelf_exit_<step>_place<j>_{before,after}.ckpt`` (weights only), where ``<step>`` is the exit's."""
+
+    def __init__(self) -> None:
+        self.on_shelf: dict[tuple[int, int], dict] = {}  # (member, place) -> stacked weights at its last log on a shelf
+
+    def on_train_log_step(
+        self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list, new_exits: list
+    ) -> None:
+        for k, e in new_exits:
+            before = self.on_shelf.pop((k, e.place), None)
+            if before is not None and before[0] == e.last_on_shelf:
+                name = f"shelf_exit_{e.step}_place{e.place}_before.ckpt"
+                save_weights(module, k, name, e.last_on_shelf, member_weights(before[1], k))
+            save_weights(module, k, f"shelf_exit_{e.step}_place{e.place}_after.ckpt", step, member_weights(weights, k))
+        for k, monitor in enumerate(module.exit_monitors):
+            for j, rest in monitor.resting.items():
+                if rest is not None and rest[2] == step and k not in module.failed:
+                    self.on_shelf[(k, j)] = (step, weights)  # a reference: one copy per step for all places
 
 
 class ConfusionImages(pl.Callback):

@@ -201,9 +201,10 @@ class TrainerConfig:
     compile: bool = option(False, BOOLEAN)
     log_every_n_steps: int = option(10, integer(1))  # train metrics every N optimiser steps
     val_every_n_steps: int = option(100, integer(1))  # held-out metrics every N steps (and at the end)
-    ckpt_every_n_steps: int = option(1000, integer(1))  # periodic checkpoints; last.ckpt is always written
-    ckpt_schedule: str = option("linear", choice(CKPT_SCHEDULES))  # log: dense early, sparse late
-    ckpt_log_count: int = option(20, integer(1))  # number of log-spaced checkpoints
+    ckpt_every_n_steps: int = option(1000, integer(1))  # resumable checkpoints; last.ckpt is always written
+    # log: also weights-only checkpoints at step 0 and ckpt_log_count log-spaced steps (dense early)
+    ckpt_schedule: str = option("log", choice(CKPT_SCHEDULES))
+    ckpt_log_count: int = option(20, integer(1))
     progress_bar: bool = option(True, BOOLEAN)
     plots: bool = option(True, BOOLEAN)  # PNG plots in the job folder at the end
 

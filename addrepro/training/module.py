@@ -35,6 +35,8 @@ from addrepro.metrics.naive_sum import naive_sum_metric_dict
 from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import ModelConfig, Transformer
+from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
+from addrepro.shelves.exits import ShelfExit, ShelfExitMonitor
 from addrepro.shelves.spikes import Spike, SpikeMonitor
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
@@ -102,6 +104,8 @@ class AdditionModule(pl.LightningModule):
         self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
         m = settings.metrics
         self.spike_monitors = [SpikeMonitor(m.spike_window, m.spike_factor, m.spike_min_excess) for _ in members]
+        levels = atlas_by_place(shelf_atlas(spec.n_digits, spec.base, spec.order, spec.task))
+        self.exit_monitors = [ShelfExitMonitor(levels) for _ in members]
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
@@ -159,6 +163,7 @@ class AdditionModule(pl.LightningModule):
             for r in rows:
                 if "train/loss" in r:
                     self.spike_monitors[k].update(r["step"], r["train/loss"])
+                    self.exit_monitors[k].update(r["step"], place_losses(r))
         # Members evaluate at the same steps; a member without a matrix at a step (none saved) gets NaN.
         by_member = [{int(step): torch.as_tensor(c) for step, c in member} for member in confusions]
         steps = sorted({step for member in by_member for step in member if step < self.start_step})
@@ -222,8 +227,8 @@ class AdditionModule(pl.LightningModule):
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)
-            new_spikes = self.check_spikes(step)
-            self.call_hooks("on_train_log_step", step, weights, new_spikes)
+            new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
+            self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
         self.call_hooks("on_optimizer_step_end", step + 1)
 
     @torch.no_grad()
@@ -255,6 +260,20 @@ class AdditionModule(pl.LightningModule):
             if spike is not None:
                 found.append((k, spike))
         return found
+
+    def check_exits(self, step: int) -> list[tuple[int, ShelfExit]]:
+        """Feed each member's per-place train losses at a logging step to its shelf-exit monitor."""
+        found = []
+        for k, monitor in enumerate(self.exit_monitors):
+            if k not in self.failed:
+                row = next(r for r in reversed(self.history) if r["member"] == k and r["step"] == step)
+                found += [(k, e) for e in monitor.update(step, place_losses(row))]
+        return found
+
+    @property
+    def shelf_exits(self) -> list[tuple[int, ShelfExit]]:
+        """``(member, exit)`` for every shelf a place has left so far."""
+        return [(k, e) for k, m in enumerate(self.exit_monitors) if k not in self.failed for e in m.exits]
 
     @property
     def spikes(self) -> list[tuple[int, Spike]]:
@@ -379,6 +398,12 @@ class AdditionModule(pl.LightningModule):
                 }
             )
         return states
+
+
+def place_losses(row: dict) -> dict[int, float]:
+    """``place -> train loss`` of a logged row."""
+    prefix = "train/loss/place_"
+    return {int(key[len(prefix) :]): v for key, v in row.items() if key.startswith(prefix)}
 
 
 def member_weights(stacked: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint
+from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint, log_spaced_steps
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.lock import release
 from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, previous_wandb_run_id, wandb_run_id
@@ -29,6 +29,7 @@ from addrepro.training.callbacks import (
     EndOfRunFiles,
     Preempted,
     Preemption,
+    ShelfExitSnapshots,
     SpikeSnapshots,
 )
 from addrepro.training.config import architecture, task_spec, typed
@@ -121,11 +122,13 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         history=history,
         confusions=confusions,
     )
-    checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_schedule, t.ckpt_every_n_steps, t.ckpt_log_count))
+    log_spaced = log_spaced_steps(t.max_steps, t.ckpt_log_count) if t.ckpt_schedule == "log" else []
+    checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_every_n_steps), log_spaced)
     callbacks: list[pl.Callback] = [
         checkpoints,
         Preemption(checkpoints),
         SpikeSnapshots(),
+        ShelfExitSnapshots(),
         ConfusionImages(),
         EndOfRunFiles([p.job_dir for p in plans], draw, t.plots),
     ]
