@@ -195,7 +195,8 @@ def test_a_resumed_stack_ends_with_each_members_own_files(tmp_path, one_thread):
         ca, cb = np.load(a.job_dir / "confusion.npz"), np.load(b.job_dir / "confusion.npz")
         assert np.array_equal(ca["steps"], cb["steps"])
         assert np.array_equal(ca["confusion"], cb["confusion"], equal_nan=True)
-        assert (a.job_dir / "spikes.json").read_text() == (b.job_dir / "spikes.json").read_text()
+        for name in ("spikes.json", "shelf_exits.json"):
+            assert (a.job_dir / name).read_text() == (b.job_dir / name).read_text(), name
     # the members' matrices differ (the check above would not notice member 0's copied into member 1)
     c0, c1 = (np.load(p.job_dir / "confusion.npz")["confusion"] for p in full)
     assert not np.array_equal(c0, c1, equal_nan=True)

@@ -114,6 +114,13 @@ def test_the_narrative_states_each_exit_with_the_logged_numbers():
     assert "  - carry-in probe at place 1: 0.5 → 0.97 (+0.47)" in text
     assert "- Rested at exact, loss 0.001 (atlas 0), steps 700–1000; still there at the end of the run." in text
     assert "- step 880: train loss 0.073, 52.1x its trend 0.0014" in text
+    assert "## Checkpoints at shelf exits" not in text  # none were saved
+    exit_ = {"place": 1, "level": "uniform", "level_loss": 2.3, "start_step": 0, "last_on_shelf": 500, "step": 560}
+    text = timeline_markdown(synthetic_rows(), spec, SHELVES, SPIKES, [exit_])
+    assert (
+        "- place 1 (10s) left uniform (rested from step 0): `checkpoints/shelf_exit_560_place1_before.ckpt` "
+        "(step 500), `checkpoints/shelf_exit_560_place1_after.ckpt` (step 560)"
+    ) in text
     assert text.index("## place 3 (carry-out)") < text.index("## place 1 (10s)")  # carry-out first
 
 

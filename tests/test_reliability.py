@@ -278,7 +278,7 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
     # The files written as training went are the uninterrupted run's, and so are the reports from them.
     saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
     assert np.array_equal(saved[0], full[0]) and np.array_equal(saved[1], full[1], equal_nan=True)
-    for name in ("spikes.json", "timeline.md", "shelves_detected.json"):
+    for name in ("spikes.json", "shelf_exits.json", "timeline.md", "shelves_detected.json", "spikes.md"):
         assert (tmp_path / "job" / name).read_text() == (uninterrupted / name).read_text(), name
     assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
     # One W&B run continued under its id: the pre-empted part closed with 128 + signal, the whole read back.

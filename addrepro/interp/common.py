@@ -27,7 +27,7 @@ from addrepro.rundir.checkpoints import load_checkpoint, resolve_checkpoint
 from addrepro.task.encoding import carries_in, operands_from_tokens
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
-from addrepro.task.streams import validation_tokens
+from addrepro.task.streams import configured_validation_tokens
 
 Hook = tuple[str, Callable]
 
@@ -87,15 +87,7 @@ def load_subject(
 
 def run_validation_tokens(ckpt: dict, spec: TaskSpec) -> torch.Tensor:
     """The held-out set the run validated on, rebuilt from the run config stored in the checkpoint."""
-    config = ckpt.get("config", {})
-    data = config.get("data", {})
-    return validation_tokens(
-        spec,
-        val_size=data.get("val_size", 2048),
-        val_seed=data.get("val_seed", 1000003),
-        train_size=data.get("train_size"),
-        data_seed=data.get("seed", config.get("seed", 0)),
-    )
+    return configured_validation_tokens(ckpt.get("config", {}), spec)
 
 
 def answer_positions(spec: TaskSpec) -> list[int]:

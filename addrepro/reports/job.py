@@ -18,6 +18,7 @@ from addrepro.reports.plots import (
     smoothing_label,
     smoothing_window,
 )
+from addrepro.reports.spike_report import write_spike_report
 from addrepro.reports.timeline import write_timeline
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.confusion import load_confusion
@@ -323,6 +324,7 @@ def draw_all(
         if confusion is not None:
             paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
     paths += write_timeline(job_dir, rows, spec, shelves, spikes, plot=plots)
+    paths.append(write_spike_report(job_dir, spikes))
     return [p for p in paths if p is not None]
 
 

@@ -11,6 +11,7 @@ Every number in it is read from the logged metrics.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -137,8 +138,16 @@ def shelf_name(shelf: Shelf) -> str:
     return shelf.atlas_level or "an unnamed level"
 
 
-def timeline_markdown(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]], spikes: list[dict]) -> str:
-    """The narrative: per place (carry-out first), each shelf and what changed as the place left it."""
+def timeline_markdown(
+    rows: list[dict],
+    spec: TaskSpec,
+    shelves: dict[int, list[Shelf]],
+    spikes: list[dict],
+    saved_exits: list[dict] = (),
+) -> str:
+    """The narrative: per place (carry-out first), each shelf and what changed as the place left it;
+    the spikes; and the checkpoints saved at shelf exits during training (``saved_exits``, from
+    ``shelf_exits.json``)."""
     exits = {(e.place, e.shelf.start_step): e for e in shelf_exits(rows, spec, shelves)}
     lines = [f"# Timeline: {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})", ""]
     for j in range(spec.n_places - 1, -1, -1):
@@ -165,6 +174,19 @@ def timeline_markdown(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[
         lines.append("None detected.")
     for s in spikes:
         lines.append(f"- step {s['step']}: train loss {s['loss']:.4g}, {s['ratio']:.3g}x its trend {s['baseline']:.4g}")
+    if spikes:
+        lines += ["", "Each is examined from the weights saved around it in `spikes.md`."]
+    if saved_exits:
+        lines += ["", "## Checkpoints at shelf exits", ""]
+        lines.append(
+            "Saved during training, to analyse exactly there (`python -m addrepro.analyze checkpoint=<file>`):"
+        )
+        for e in saved_exits:
+            stem = f"checkpoints/shelf_exit_{e['step']}_place{e['place']}"
+            lines.append(
+                f"- {place_label(e['place'], spec)} left {e['level']} (rested from step {e['start_step']}): "
+                f"`{stem}_before.ckpt` (step {e['last_on_shelf']}), `{stem}_after.ckpt` (step {e['step']})"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +260,9 @@ def write_timeline(
     plot: bool = True,
 ) -> list[Path]:
     """``timeline.md`` and (with ``plot``) ``timeline.png``."""
-    md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes))
+    exits_path = Path(job_dir) / "shelf_exits.json"
+    exits = json.loads(exits_path.read_text()) if exits_path.exists() else []
+    md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes, exits))
     if not plot:
         return [md]
     return [plot_timeline(rows, spec, shelves, spikes, Path(job_dir) / "timeline.png"), md]

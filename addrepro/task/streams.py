@@ -140,3 +140,15 @@ def validation_tokens(
     else:
         train, val = split_train_heldout(spec, train_size, val_size, data_seed)
     return (train, val) if with_train else val
+
+
+def configured_validation_tokens(config: dict, spec: TaskSpec) -> torch.Tensor:
+    """The held-out set of a run, rebuilt from its resolved config (as stored in its checkpoints)."""
+    data = config.get("data", {})
+    return validation_tokens(
+        spec,
+        val_size=data.get("val_size", 2048),
+        val_seed=data.get("val_seed", 1000003),
+        train_size=data.get("train_size"),
+        data_seed=data.get("seed", config.get("seed", 0)),
+    )

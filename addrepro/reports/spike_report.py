@@ -1,0 +1,139 @@
+"""``spikes.md``: each loss spike of a run examined from the weights saved around it.
+
+Training saves, for every spike, the weights at the logging step before it, at its first point and
+at the logging step after (``checkpoints/spike_<first step>_{before,at,after}.ckpt``). From them and
+the run's held-out set this reports, per spike: the per-place loss at the three points, the size of
+the two updates (L2 norm of the weight change), the mean L2 norm of the answer logits, the held-out
+examples whose loss rose most, and the attention masses and carry probes that changed most from
+before to after. Everything is computed from the saved weights; nothing is taken from the run's logs
+except the spike list itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from addrepro.metrics.mechanism import mechanism_metric_dict
+from addrepro.metrics.place import place_stats
+from addrepro.model.transformer import Transformer, model_from_checkpoint
+from addrepro.rundir.atomic import atomic_write_text
+from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
+from addrepro.task.encoding import decode, split_tokens
+from addrepro.task.sets import CarrySets
+from addrepro.task.spec import TaskSpec
+from addrepro.task.streams import configured_validation_tokens
+
+POINTS = ("before", "at", "after")
+MECHANISM_EXAMPLES = 256  # as during training
+
+
+def spike_checkpoints(job_dir: Path, spike: dict) -> dict[str, Path]:
+    """The saved weights around ``spike`` that exist (a run killed right after it may lack ``after``)."""
+    first = spike.get("first_step", spike["step"])
+    found = {p: checkpoint_dir(job_dir) / f"spike_{first}_{p}.ckpt" for p in POINTS}
+    return {p: path for p, path in found.items() if path.exists()}
+
+
+def update_norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """L2 norm of the change of all weights from ``a`` to ``b``."""
+    return math.sqrt(sum(float((b[n].double() - a[n].double()).square().sum()) for n in a))
+
+
+@torch.no_grad()
+def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
+    """The numbers of ``spikes.md`` for one spike, or None when its weights were not saved."""
+    paths = spike_checkpoints(job_dir, spike)
+    if "at" not in paths:
+        return None
+    ckpts = {p: load_checkpoint(path) for p, path in paths.items()}
+    models: dict[str, Transformer] = {}
+    spec: TaskSpec | None = None
+    for p, ckpt in ckpts.items():
+        models[p], spec = model_from_checkpoint(ckpt)
+    val = configured_validation_tokens(ckpts["at"].get("config", {}), spec)
+    out: dict = {"step": spike["step"], "first_step": spike.get("first_step", spike["step"]), "points": {}}
+    losses = {}
+    for p, model in models.items():
+        stats = place_stats(model, val, spec)
+        losses[p] = stats.token_loss[0]  # (V, n+1)
+        inputs, _ = split_tokens(val, spec)
+        logits = model(inputs, last=spec.n_places)[0]  # (V, n+1, base)
+        out["points"][p] = {
+            "step": ckpts[p]["step"],
+            "place_loss": {j: float(v) for j, v in enumerate(stats.loss_by_place[0].tolist())},
+            "logit_norm": float(logits.norm(dim=-1).mean()),
+        }
+    for a, b in (("before", "at"), ("at", "after")):
+        if a in ckpts and b in ckpts:
+            out[f"update_{a}_{b}"] = update_norm(ckpts[a]["model"], ckpts[b]["model"])
+    base = losses.get("before")
+    rise = losses["at"] - base if base is not None else losses["at"]  # (V, n+1)
+    per_example = rise.sum(-1)
+    order = per_example.argsort(descending=True)[:worst].tolist()
+    triples = decode(val[order], spec)
+    out["worst"] = [
+        {
+            "example": f"{a} + {b} = {c}",
+            "place": int(rise[i].argmax()),
+            "loss_before": float(base[i].sum()) if base is not None else None,
+            "loss_at": float(losses["at"][i].sum()),
+        }
+        for i, (a, b, c) in zip(order, triples, strict=True)
+    ]
+    if "before" in models and "after" in models:
+        sets = CarrySets.build(spec, 64, 8)
+        sample = val[:MECHANISM_EXAMPLES].unsqueeze(0)
+        mech = {p: mechanism_metric_dict(models[p], sample, sets, spec) for p in ("before", "after")}
+        changes = [(k, float(mech["before"][k][0]), float(mech["after"][k][0])) for k in mech["before"]]
+        changes.sort(key=lambda c: -abs(c[2] - c[1]))
+        out["mechanism"] = [{"key": k, "before": x, "after": y} for k, x, y in changes[:worst]]
+    return out
+
+
+def spikes_markdown(examined: list[tuple[dict, dict | None]]) -> str:
+    lines = ["# Loss spikes, examined from the weights saved around them", ""]
+    if not examined:
+        lines.append("No spike was detected.")
+    for spike, ex in examined:
+        lines += [f"## Step {spike['step']}: train loss {spike['loss']:.4g}, {spike['ratio']:.3g}x its trend", ""]
+        if ex is None:
+            lines += ["No weights were saved around this spike.", ""]
+            continue
+        pts = ex["points"]
+        places = sorted(pts["at"]["place_loss"], reverse=True)
+        head = "| | step | " + " | ".join(f"place {j}" for j in places) + " | logit norm |"
+        lines += ["Held-out loss per place (nats):", "", head, "|" + "---|" * (len(places) + 3)]
+        for p in POINTS:
+            if p in pts:
+                cells = " | ".join(f"{pts[p]['place_loss'][j]:.4g}" for j in places)
+                lines.append(f"| {p} | {pts[p]['step']} | {cells} | {pts[p]['logit_norm']:.4g} |")
+        lines.append("")
+        pairs = [(a, b) for a, b in (("before", "at"), ("at", "after")) if f"update_{a}_{b}" in ex]
+        if pairs:
+            lines += [
+                "Weight change (L2): " + "; ".join(f"{a} → {b}: {ex[f'update_{a}_{b}']:.4g}" for a, b in pairs),
+                "",
+            ]
+        lines += ["Held-out examples whose loss rose most (summed over places):", ""]
+        for w in ex["worst"]:
+            was = f"{w['loss_before']:.3g} → " if w["loss_before"] is not None else ""
+            lines.append(f"- `{w['example']}`: {was}{w['loss_at']:.3g} nats, most at place {w['place']}")
+        if ex.get("mechanism"):
+            lines += ["", "Largest changes inside the model, before → after:", ""]
+            for m in ex["mechanism"]:
+                lines.append(f"- `{m['key']}`: {m['before']:.3g} → {m['after']:.3g} ({m['after'] - m['before']:+.3g})")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_spike_report(job_dir: Path, spikes: list[dict]) -> Path:
+    examined = []
+    for spike in spikes:
+        try:
+            examined.append((spike, examine_spike(job_dir, spike)))
+        except CheckpointError:
+            examined.append((spike, None))
+    return atomic_write_text(Path(job_dir) / "spikes.md", spikes_markdown(examined))
