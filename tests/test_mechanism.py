@@ -148,3 +148,10 @@ def test_consecutive_rests_at_one_level_are_one_shelf():
         (900, 950, None),
     ]
     assert merged[1].level == pytest.approx((0.07 * 100 + 0.08 * 300) / 400)
+    # ... unless the curve shows the loss truly left the level in between (here: a dip to 0.01)
+    steps = np.arange(0, 1000, 10)
+    loss = np.where(steps < 200, 2.3, np.where((steps > 299) & (steps < 320), 0.01, 0.075))
+    assert len(merge_rests(pieces, steps, loss)) == 4  # the dip is 1 point: the median ignores it
+    loss = np.where(steps < 200, 2.3, np.where((steps > 250) & (steps < 330), 0.01, 0.075))
+    split = merge_rests(pieces[:3], steps, loss)
+    assert [(s.start_step, s.end_step) for s in split] == [(0, 100), (200, 299), (320, 619)]

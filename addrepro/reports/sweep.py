@@ -23,12 +23,15 @@ import matplotlib.pyplot as plt
 import yaml
 from omegaconf import OmegaConf
 
+from addrepro.reports.descent import write_descent
 from addrepro.reports.job import atlas_guides, find_shelves, place_atlas
 from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_label, smoothing_window
+from addrepro.reports.timeline import merge_rests
+from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.job import job_config, job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import read_statuses
-from addrepro.task.spec import TaskSpec
+from addrepro.task.spec import TaskSpec, place_role, role_order
 
 PNG = "sweep_place_loss.png"
 TABLE = "sweep_shelves.md"
@@ -113,6 +116,11 @@ def _linestyles(keys: list[str], values: list[dict[str, Any]]) -> list:
     return [LINESTYLES[distinct.index(str(v.get(keys[1]))) % len(LINESTYLES)] for v in values]
 
 
+def role_place(role: str, spec: TaskSpec) -> int | None:
+    """The place of ``spec`` that has ``role`` (None if its digit count has no such place)."""
+    return next((j for j in range(spec.n_places) if place_role(j, spec.n_digits) == role), None)
+
+
 def plot_sweep_place_losses(
     jobs: list[Path],
     rows: list[list[dict]],
@@ -121,13 +129,35 @@ def plot_sweep_place_losses(
     values: list[dict[str, Any]],
     path: Path,
     title: str = "",
+    per_log_base: bool | None = None,
 ) -> Path:
-    """One panel per place (carry-out first), one train-loss line per job, atlas guides if the task is shared."""
+    """``sweep_place_loss.png``: see ``sweep_place_figure``."""
+    return save(sweep_place_figure(jobs, rows, specs, keys, values, title, per_log_base), path)
+
+
+def sweep_place_figure(
+    jobs: list[Path],
+    rows: list[list[dict]],
+    specs: list[TaskSpec],
+    keys: list[str],
+    values: list[dict[str, Any]],
+    title: str = "",
+    per_log_base: bool | None = None,
+) -> plt.Figure:
+    """One panel per place role (carry-out, top digit, …, units: the same role across digit counts),
+    one train-loss line per job (running mean; the raw logs faint), atlas guides if the task is shared.
+
+    ``per_log_base``: losses divided by log(base), so bases share an axis (1 = a uniform guess);
+    None: when the jobs differ in base.
+    """
     shared = len({(s.n_digits, s.base, s.order, s.task) for s in specs}) == 1
-    n = max(s.n_places for s in specs)
-    atlas = place_atlas(specs[0]) if shared else None
+    if per_log_base is None:
+        per_log_base = len({s.base for s in specs}) > 1
+    roles = role_order([s.n_digits for s in specs])
+    atlas = place_atlas(specs[0]) if shared and not per_log_base else None
     colours, mappable = _colours(keys, values)
     styles = _linestyles(keys, values)
+    n = len(roles)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(
@@ -136,26 +166,36 @@ def plot_sweep_place_losses(
     fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
     lo = 4.0
     smoothing = "train loss, every log"
-    for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
+    legend: dict[str, Any] = {}  # label -> handle, from every panel: a job may lack the first panel's role
+    for ax, role in zip(axes.flat, roles, strict=False):
         for job, job_rows, spec, colour, style, vals in zip(jobs, rows, specs, colours, styles, values, strict=True):
-            if j >= spec.n_places:
+            j = role_place(role, spec)
+            if j is None:
                 continue
             steps, loss = series(job_rows, f"train/loss/place_{j}")
-            if len(steps):
-                # Single batches are noisy and the jobs' lines cross: each is drawn as its running mean.
-                window = smoothing_window(len(loss))
-                if window > 1:
-                    smoothing = smoothing_label(steps, window, "train loss")
-                line = running_mean(loss, window) if window > 1 else loss
-                ax.plot(steps, line, color=colour, ls=style, lw=1.1, label=job_label(vals, job))
-                positive = loss[loss > 0]
-                lo = min(lo, float(positive.min())) if positive.size else lo
+            if not len(steps):
+                continue
+            if per_log_base:
+                loss = loss / math.log(spec.base)
+            # Single batches are noisy and the jobs' lines cross: each is drawn as its running mean.
+            window = smoothing_window(len(loss))
+            if window > 1:
+                smoothing = smoothing_label(steps, window, "train loss")
+                ax.plot(steps, loss, color=colour, lw=0.5, alpha=0.15)
+            line = running_mean(loss, window) if window > 1 else loss
+            label = job_label(vals, job)
+            (handle,) = ax.plot(steps, line, color=colour, ls=style, lw=1.1, label=label)
+            legend.setdefault(label, handle)
+            positive = loss[loss > 0]
+            lo = min(lo, float(positive.min())) if positive.size else lo
+    top = 2.0 if per_log_base else 4.0
+    for ax, role in zip(axes.flat, roles, strict=False):
         ax.set_yscale("log")
         floor = max(1e-4, lo / 2)
-        ax.set_ylim(floor, 4.0)
+        ax.set_ylim(floor, top)
         if atlas is not None:
-            atlas_guides(ax, atlas[j], floor)
-        ax.set_title(place_label(j, specs[0]) if shared else f"place {j}", fontsize=9)
+            atlas_guides(ax, atlas[role_place(role, specs[0])], floor)
+        ax.set_title(place_label(role_place(role, specs[0]), specs[0]) if shared else role, fontsize=9)
         ax.grid(alpha=0.2)
         ax.tick_params(labelbottom=True)  # also above an empty cell of the grid
     for ax in axes.flat[n:]:
@@ -163,16 +203,15 @@ def plot_sweep_place_losses(
     for ax in axes[-1]:
         ax.set_xlabel("step")
     for row in axes:
-        row[0].set_ylabel("train loss (nats)")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
+        row[0].set_ylabel("train loss / log(base)" if per_log_base else "train loss (nats)")
+    if legend:
         fig.legend(
-            handles,
-            labels,
-            title=smoothing,
+            list(legend.values()),
+            list(legend),
+            title=smoothing + "; raw logs faint",
             title_fontsize=7,
             loc="outside lower center",
-            ncol=min(4, len(labels)),
+            ncol=min(4, len(legend)),
             fontsize=7,
             frameon=False,
         )
@@ -184,42 +223,44 @@ def plot_sweep_place_losses(
         bar.minorticks_off()
     if shared:
         s = specs[0]
-        head = f"{s.n_digits}-digit base {s.base} ({s.order}, {s.task}); dotted: atlas levels"
+        head = f"{s.n_digits}-digit base {s.base} ({s.order}, {s.task})"
+        head += "; dotted: atlas levels" if atlas is not None else ""
     else:
-        head = "jobs differ in task (digits/base/order): atlas guides skipped"
+        head = "places matched by role across tasks" + ("; loss in units of log(base)" if per_log_base else "")
     by = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "job"
     fig.suptitle(title or f"per-place train loss, {len(jobs)} jobs by {by} — {head}", fontsize=10)
-    return save(fig, path)
+    return fig
 
 
 def shelf_records(rows: list[dict], spec: TaskSpec) -> list[dict]:
-    """Every shelf of every place: atlas level, level, start and the step the place left it."""
+    """Every shelf of every place (consecutive rests at one atlas level merged unless the loss truly
+    left it): atlas level, level, start, the step the place left it, and the place's role."""
     out = []
     for j, shelves in find_shelves(rows, spec).items():
-        steps, _ = series(rows, f"train/loss/place_{j}")
+        steps, loss = series(rows, f"train/loss/place_{j}")
         last = int(steps.max()) if len(steps) else None
-        for s in shelves:
-            out.append({"place": j, **s.as_dict(), "left": last is not None and s.end_step < last})
+        for s in merge_rests(shelves, steps, loss):
+            left = last is not None and s.end_step < last
+            out.append({"place": j, "role": place_role(j, spec.n_digits), **s.as_dict(), "left": left})
     return out
 
 
-def _cell(records: list[dict], j: int) -> str:
+def _cell(records: list[dict], role: str) -> str:
     parts = []
     for r in records:
-        if r["place"] != j:
+        if r["role"] != role:
             continue
         name = r["atlas_level"] or f"{r['level']:.3g}"
         parts.append(f"{name}→{r['end_step']}" if r["left"] else f"{name}→(still)")
     return ", ".join(parts) or "–"
 
 
-def shelf_table(entries: list[dict], keys: list[str], n_places: int) -> str:
-    places = list(range(n_places - 1, -1, -1))
-    head = ["job", *keys, "status", *(f"place {j}" for j in places)]
+def shelf_table(entries: list[dict], keys: list[str], roles: list[str]) -> str:
+    head = ["job", *keys, "status", *roles]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         cells = [e["job"], *(_fmt(e["swept"].get(k, "")) for k in keys), e["status"]]
-        cells += [_cell(e["shelves"], j) if e["shelves"] is not None else "–" for j in places]
+        cells += [_cell(e["shelves"], role) if e["shelves"] is not None else "–" for role in roles]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -261,16 +302,20 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     if plotted:
         p_jobs, p_rows, p_specs, p_vals = (list(x) for x in zip(*plotted, strict=True))
         paths.append(plot_sweep_place_losses(p_jobs, p_rows, p_specs, keys, p_vals, sweep_dir / PNG))
-    n_places = max((e["spec"]["n_digits"] + 1 for e in entries if e["spec"]), default=1)
-    table = shelf_table(entries, keys, n_places)
+        described = [{"name": job.name, "spec": spec, "rows": rows, "swept": vals} for job, rows, spec, vals in plotted]
+        paths += write_descent(sweep_dir, described, keys)
+    roles = role_order([e["spec"]["n_digits"] for e in entries if e["spec"]] or [1])
+    table = shelf_table(entries, keys, roles)
     legend = (
-        "Shelves of each place's train loss, per job: `level→step` is the nearest atlas level (or the loss "
-        "when none is near) and the last step on the shelf; `(still)`: on it at the end of training."
+        "Shelves of each place's train loss, per job, places by role (carry-out, top digit, …, units): "
+        "`level→step` is the nearest atlas level (or the loss when none is near) and the last step on the "
+        "shelf; consecutive rests at one level count as one unless the loss left it in between; "
+        "`(still)`: on it at the end of training."
     )
-    md = sweep_dir / TABLE
-    md.write_text(
-        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n"
+    md = atomic_write_text(
+        sweep_dir / TABLE,
+        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n",
     )
-    js = sweep_dir / TABLE_JSON
-    js.write_text(json.dumps({"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}, indent=1, default=str))
+    payload = {"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}
+    js = atomic_write_text(sweep_dir / TABLE_JSON, json.dumps(payload, indent=1, default=str))
     return [*paths, md, js]

@@ -21,7 +21,7 @@ import numpy as np
 
 from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
 from addrepro.rundir.atomic import atomic_write_text
-from addrepro.shelves.detection import Shelf
+from addrepro.shelves.detection import Shelf, running_median
 from addrepro.task.spec import TaskSpec
 
 ATTN_KEY = re.compile(r"^mech/attn/L(\d+)H(\d+)/place_(\d+)/(own|lower)$")
@@ -84,13 +84,24 @@ def operand_names(spec: TaskSpec, j: int) -> str:
     return f"a{j}, b{j}"
 
 
-def merge_rests(shelves: list[Shelf]) -> list[Shelf]:
+def merge_rests(shelves: list[Shelf], steps: np.ndarray | None = None, loss: np.ndarray | None = None) -> list[Shelf]:
     """Consecutive shelves at the same atlas level as one rest: noise cuts a long rest into pieces,
-    and the loss in between stays at that level (it would otherwise be detected at another)."""
+    and the loss in between stays at that level (it would otherwise be detected at another).
+
+    Given the curve (``steps``, ``loss``), pieces stay apart when the loss truly left the level in
+    between: its running median fell below half the level or rose above twice it.
+    """
     merged: list[Shelf] = []
+    smooth = running_median(np.asarray(loss, dtype=float), 9) if loss is not None and len(loss) else None
     for shelf in shelves:
         last = merged[-1] if merged else None
         if last is not None and shelf.atlas_level is not None and shelf.atlas_level == last.atlas_level:
+            if smooth is not None and steps is not None:
+                gap = smooth[(steps > last.end_step) & (steps < shelf.start_step)]
+                level = last.atlas_loss or last.level
+                if gap.size and (gap.min() < level / 2 or gap.max() > level * 2):
+                    merged.append(shelf)
+                    continue
             a, b = last.end_step - last.start_step + 1, shelf.end_step - shelf.start_step + 1
             level = (last.level * a + shelf.level * b) / (a + b)  # weighted by length
             merged[-1] = replace(last, end_step=shelf.end_step, level=level)

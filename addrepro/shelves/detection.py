@@ -114,7 +114,7 @@ class _CostLinearTrend(BaseCost):
         return max(sse, 0.0)
 
 
-def _running_median(y: np.ndarray, width: int) -> np.ndarray:
+def running_median(y: np.ndarray, width: int) -> np.ndarray:
     """Centred running median; edges are padded by repeating the end values."""
     width = max(1, int(width))
     if width % 2 == 0:
@@ -246,7 +246,7 @@ def detect_shelves(
         return []
 
     log_loss = np.log(np.maximum(loss_arr, _LOSS_FLOOR))
-    smoothed = _running_median(log_loss, smooth)
+    smoothed = running_median(log_loss, smooth)
 
     # Segment block averages of the smoothed curve to bound PELT's cost.
     block = math.ceil(n / _MAX_SEGMENT_POINTS)
@@ -342,7 +342,7 @@ def atlas_plateaus(
             levels.append((name, value))
     if len(losses) < min_points or not levels:
         return []
-    y = _running_median(np.log(losses), smooth)
+    y = running_median(np.log(losses), smooth)
     logs = np.log([v for _, v in levels])
     distance = np.abs(y[:, None] - logs[None, :])  # (points, levels)
     nearest = distance.argmin(1)

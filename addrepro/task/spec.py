@@ -73,3 +73,26 @@ class TaskSpec:
         labels += [f"b{j}" for j in range(n - 1, -1, -1)] + ["="]
         labels += [f"c{j}" for j in self.answer_places]
         return labels
+
+
+def place_role(j: int, n_digits: int) -> str:
+    """What place j does in an n-digit sum, comparable across digit counts: ``carry-out``,
+    ``top digit``, ``top-1``, ``top-2``, …, ``tens``, ``units`` (the top digit wins over ``tens`` for
+    two digits; one digit has only ``units`` and ``carry-out``)."""
+    if j == n_digits:
+        return "carry-out"
+    if j == 0:
+        return "units"
+    if j == n_digits - 1:
+        return "top digit"
+    if j == 1:
+        return "tens"
+    return f"top-{n_digits - 1 - j}"
+
+
+def role_order(n_digits: list[int]) -> list[str]:
+    """The roles of the places of all these digit counts, carry-out first and units last."""
+    n = max(n_digits)
+    middle = [f"top-{k}" for k in range(1, n - 2)]
+    present = {place_role(j, d) for d in n_digits for j in range(d + 1)}
+    return [r for r in ["carry-out", "top digit", *middle, "tens", "units"] if r in present]

@@ -1,0 +1,126 @@
+"""The sweep report across digit counts and bases: places by role, losses per log(base), descent steps.
+
+The jobs are written by hand (config, overrides and a metrics file whose every place drops from its
+starting shelf at a known step), so every number the report gives is known in advance.
+"""
+
+import math
+
+import matplotlib.pyplot as plt
+import pytest
+import yaml
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import addrepro.train  # noqa: F401 - registers the config schema
+from addrepro.reports.descent import descents
+from addrepro.reports.job import place_atlas
+from addrepro.reports.sweep import draw_sweep, sweep_place_figure, swept_values
+from addrepro.rundir.job import job_config, job_dirs
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.task.spec import TaskSpec, place_role, role_order
+
+BASES, DIGITS, SEEDS = (4, 10), (3, 5), (0, 1)
+
+
+def drop_step(j, n_digits, base, seed):
+    """The step place j leaves its starting shelf in the hand-written job."""
+    return 100 * (n_digits - j + 1) + 10 * base + 20 * seed
+
+
+def rows_of(spec, seed):
+    atlas = place_atlas(spec)
+    rows = []
+    for step in range(0, 2000, 10):
+        row = {"step": step}
+        for j in range(spec.n_places):
+            start = atlas[j]["answer_prefix"]
+            row[f"train/loss/place_{j}"] = start if step < drop_step(j, spec.n_digits, spec.base, seed) else 1e-3
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        base_cfg = compose(config_name="train")
+    i = 0
+    for base in BASES:
+        for n in DIGITS:
+            for seed in SEEDS:
+                job = root / str(i)
+                (job / ".hydra").mkdir(parents=True)
+                cfg = base_cfg.copy()
+                cfg.data.base, cfg.data.n_digits, cfg.seed = base, n, seed
+                OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+                overrides = [f"data.base={base}", f"data.n_digits={n}", f"seed={seed}"]
+                (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+                rows = rows_of(TaskSpec(n_digits=n, base=base), seed)
+                keys = list(rows[0])
+                lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]
+                (job / "csv").mkdir()
+                (job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+                i += 1
+    return root
+
+
+def test_roles_line_up_places_across_digit_counts():
+    assert [place_role(j, 3) for j in range(3, -1, -1)] == ["carry-out", "top digit", "tens", "units"]
+    assert [place_role(j, 5) for j in range(5, -1, -1)] == ["carry-out", "top digit", "top-1", "top-2", "tens", "units"]
+    assert [place_role(j, 2) for j in range(2, -1, -1)] == ["carry-out", "top digit", "units"]
+    assert role_order([3, 5]) == ["carry-out", "top digit", "top-1", "top-2", "tens", "units"]
+    assert role_order([3]) == ["carry-out", "top digit", "tens", "units"]
+
+
+def test_the_descent_step_is_where_the_loss_leaves_its_starting_shelf():
+    spec = TaskSpec(n_digits=5, base=10)
+    found = descents(rows_of(spec, seed=1), spec)
+    assert {j: d["step"] for j, d in found.items()} == {j: drop_step(j, 5, 10, 1) for j in range(6)}
+    # A digit of base 10 heads from log 10 to the naive-sum shelf (~log 2): the threshold lies between.
+    levels = place_atlas(spec)[1]
+    assert levels["answer_prefix"] == pytest.approx(math.log(10), rel=1e-4)
+    assert math.isclose(found[1]["threshold"], math.sqrt(levels["answer_prefix"] * levels["naive_sum"]))
+    flat = [{"step": s, "train/loss/place_0": math.log(10)} for s in range(0, 500, 10)]
+    assert descents(flat, spec)[0]["step"] is None  # never left it
+
+
+def test_sweep_report_by_role_with_seeds_as_points(sweep):
+    draw_sweep(sweep)
+    table = (sweep / "sweep_descent.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| role"))
+    assert header.startswith("| role | data.n_digits | data.base | from | seeds | descent step: mean | min–max |")
+    for base in BASES:
+        for n in DIGITS:
+            for j in range(n + 1):
+                steps = [drop_step(j, n, base, s) for s in SEEDS]
+                row = f"| {place_role(j, n)} | {n} | {base} |"
+                (line,) = [line for line in table if line.startswith(row)]
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                assert cells[4:] == ["2", f"{sum(steps) / 2:.0f}", f"{min(steps)}–{max(steps)}", "0"], line
+    assert (sweep / "sweep_descent.png").read_bytes()[:4] == b"\x89PNG"
+    shelves = (sweep / "sweep_shelves.md").read_text()
+    assert (
+        "| job | data.base | data.n_digits | seed | status | carry-out | top digit | top-1 | top-2 | tens | units |"
+        in (shelves)
+    )
+
+
+def test_the_sweep_plot_has_a_panel_per_role_every_job_in_its_legend_and_losses_per_log_base(sweep):
+    jobs = job_dirs(sweep)
+    configs = [job_config(j) for j in jobs]
+    keys, values = swept_values(jobs, configs)
+    specs = [TaskSpec.from_config(c.data) for c in configs]
+    rows = [load_rows(j) for j in jobs]
+    fig = sweep_place_figure(jobs, rows, specs, keys, values)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == role_order(list(DIGITS))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(labels) == len(jobs) == len(set(labels))  # every job once, 3-digit jobs included
+    # Losses in units of log(base): every curve starts at its starting shelf over log(base)
+    units = next(ax for ax in fig.axes if ax.get_title() == "units")
+    starts = sorted({round(line.get_ydata()[0], 6) for line in units.get_lines() if len(line.get_ydata()) > 10})
+    expected = sorted({round(place_atlas(s)[0]["answer_prefix"] / math.log(s.base), 6) for s in specs})
+    assert starts == expected and all(0.99 < v <= 1.0 for v in starts)
+    plt.close(fig)
