@@ -17,10 +17,10 @@ from addrepro.training.config import config_dir
 from addrepro.training.plan import JobPlan
 
 
-def draw(job_dir: Path, rows: list[dict], plots: bool = True) -> list[Path]:
+def draw(job_dir: Path, rows: list[dict], config: dict, plots: bool = True) -> list[Path]:
     from addrepro.reports.job import draw_job  # noqa: PLC0415 - matplotlib loads once a job has trained
 
-    return draw_job(job_dir, rows=rows, plots=plots)
+    return draw_job(job_dir, rows=rows, plots=plots, config=config)
 
 
 def checked_plan(cfg: DictConfig) -> JobPlan | None:

@@ -278,8 +278,15 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
     # The files written as training went are the uninterrupted run's, and so are the reports from them.
     saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
     assert np.array_equal(saved[0], full[0]) and np.array_equal(saved[1], full[1], equal_nan=True)
-    for name in ("spikes.json", "shelf_exits.json", "timeline.md", "shelves_detected.json", "spikes.md"):
+    for name in ("spikes.json", "shelf_exits.json", "timeline.md", "shelves_detected.json"):
         assert (tmp_path / "job" / name).read_text() == (uninterrupted / name).read_text(), name
+    # The weights at every spike were saved, those of the resumed part the same bits as uninterrupted.
+    jobs = (uninterrupted, tmp_path / "job")
+    for s in json.loads((uninterrupted / "spikes.json").read_text()):
+        at = f"spike_{s['first_step']}_at.ckpt"
+        a, b = (torch.load(d / "checkpoints" / at, weights_only=True)["model"] for d in jobs)
+        assert all(torch.equal(a[n], b[n]) for n in a), at
+        assert f"## Step {s['step']}:" in (tmp_path / "job" / "spikes.md").read_text()
     assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
     # One W&B run continued under its id: the pre-empted part closed with 128 + signal, the whole read back.
     parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)

@@ -147,12 +147,13 @@ def test_draw_job_from_hand_written_files(job, tmp_path):
         "place_loss.png",
         "timeline.png",
         "timeline.md",
+        "spikes.md",
         "reference_comparison.md",
     ]
     assert png_size(tmp_path / "place_loss.png")[0] > 200
     # Without plots, the text reports alone (a run with trainer.plots=false writes these)
     texts = draw_job(tmp_path, plots=False)
-    assert [p.name for p in texts] == ["shelves_detected.json", "timeline.md", "reference_comparison.md"]
+    assert [p.name for p in texts] == ["shelves_detected.json", "timeline.md", "spikes.md", "reference_comparison.md"]
     table = (tmp_path / "reference_comparison.md").read_text().splitlines()
     reference = json.loads((REFERENCE_DIR / "nanda_5digit.json").read_text())
     assert table[0] == reference["label"]

@@ -25,7 +25,7 @@ def test_a_loss_spike_keeps_the_weights_before_at_and_after(tmp_path):
             module.model.embed.W_E.fill_(step)  # mark the weights with the step they belong to
         module.emit({"train/loss": torch.tensor([loss])}, step)
         new_spikes = module.check_spikes(step)
-        snapshots.on_train_log_step(None, module, step, module.stacked_weights(), new_spikes)
+        snapshots.on_train_log_step(None, module, step, module.stacked_weights(), new_spikes, [])
     saved = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "checkpoints").iterdir()}
     assert sorted(saved) == ["spike_400_after.ckpt", "spike_400_at.ckpt", "spike_400_before.ckpt"]
     for name, step in (("before", 390), ("at", 400), ("after", 410)):

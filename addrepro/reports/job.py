@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.lines import Line2D
+from omegaconf import OmegaConf
 
 from addrepro.reports.plots import (
     label_without_overlap,
@@ -362,11 +363,17 @@ def reference_table(rows: list[dict], reference: dict, spec: TaskSpec, window: i
     return "\n".join(lines)
 
 
-def draw_job(job_dir: Path, rows: list[dict] | None = None, confusion=None, plots: bool = True) -> list[Path]:  # noqa: ANN001
+def draw_job(
+    job_dir: Path,
+    rows: list[dict] | None = None,
+    confusion=None,  # noqa: ANN001 - (steps, matrices) as load_confusion returns them
+    plots: bool = True,
+    config: dict | None = None,
+) -> list[Path]:
     """All reports of one job (PNGs with ``plots``), plus ``reference_comparison.md`` when the run has a
-    reference curve."""
+    reference curve. ``config``: the run's resolved config (default: the job's ``.hydra/config.yaml``)."""
     job_dir = Path(job_dir)
-    cfg = job_config(job_dir)
+    cfg = OmegaConf.create(config) if config is not None else job_config(job_dir)
     spec = TaskSpec.from_config(cfg.data)
     rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion

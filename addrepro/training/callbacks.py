@@ -187,6 +187,17 @@ class SpikeSnapshots(pl.Callback):
         self.previous: tuple[int, dict] | None = None  # stacked weights at the previous logging step
         self.awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
 
+    def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        """A resumed run still saves the ``after`` weights of a spike at the last log before its checkpoint
+        (the weights at the next log are the same bits as in an uninterrupted run). The ``before``
+        weights of a spike at the first log after the checkpoint are not in it, and are not saved."""
+        if not module.resume_states:
+            return
+        for k, monitor in enumerate(module.spike_monitors):
+            rows = [r["step"] for r in module.history if r["member"] == k and "train/loss" in r]
+            if monitor.spikes and rows and monitor.spikes[-1].first_step == max(rows):
+                self.awaiting_after.append((k, monitor.spikes[-1].first_step))
+
     def on_train_log_step(
         self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list, new_exits: list
     ) -> None:
@@ -252,11 +263,13 @@ class EndOfRunFiles(pl.Callback):
     """The reports drawn from a member's files at the end (after ``Checkpoints`` wrote them a last
     time), and their W&B copies.
 
-    ``draw(job_dir, rows, plots) -> paths`` writes the text reports, and the PNG plots when ``plots``
-    (the reports layer passes it in).
+    ``draw(job_dir, rows, config, plots) -> paths`` writes the text reports, and the PNG plots when
+    ``plots`` (the reports layer passes it in).
     """
 
-    def __init__(self, job_dirs: list[Path], draw: Callable[[Path, list[dict], bool], list[Path]] | None, plots: bool):
+    def __init__(
+        self, job_dirs: list[Path], draw: Callable[[Path, list[dict], dict, bool], list[Path]] | None, plots: bool
+    ):
         self.job_dirs, self.draw, self.plots = job_dirs, draw, plots
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
@@ -266,7 +279,7 @@ class EndOfRunFiles(pl.Callback):
             if k in module.failed or self.draw is None:
                 continue
             rows = [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k]
-            paths = self.draw(job_dir, rows, self.plots)
+            paths = self.draw(job_dir, rows, module.members[k].config, self.plots)
             log_files_to_wandb(module.members[k].loggers, paths, job_dir)
 
 

@@ -34,7 +34,7 @@ from addrepro.training.devices import cpu_cores
 log = logging.getLogger("addrepro")
 
 # Writes a job's reports from its rows at the end of training, PNGs too when asked; returns the files.
-Draw = Callable[[Path, list[dict], bool], list[Path]]  # (job folder, rows, plots)
+Draw = Callable[[Path, list[dict], dict, bool], list[Path]]  # (job folder, rows, resolved config, plots)
 
 
 @dataclass
