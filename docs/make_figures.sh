@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the README's figures from scratch (2-core CPU: about 27 minutes, mostly the d_model-512/510 runs):
+# Rebuild the README's figures from scratch (2-core CPU: about 90 minutes, mostly the d_model-512/510 runs and the sweep):
 #   bash docs/make_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +29,17 @@ cp outputs/docs/small/analysis/over_training_attention.png "$out/analysis_over_t
 # 3. The Quirke & Barez preset (10k steps, ~12 minutes), for its carry-chain finding.
 $py -m addrepro.train experiment=quirke_5digit trainer.progress_bar=false hydra.run.dir=outputs/docs/quirke
 cp outputs/docs/quirke/place_loss.png "$out/quirke_place_loss.png"
+
+# 4. The Findings: a base x digit-count sweep, 3 seeds each (12 stacks of 3, ~45 minutes with one thread),
+#    and 3 seeds each of LSB order and of the digitwise task (~15 minutes).
+$py -m addrepro.train -m data.base=4,6,8,10 data.n_digits=3,4,5 seed=0,1,2 hydra/launcher=ensemble \
+    logger=csv trainer.threads=1 trainer.progress_bar=false hydra.sweep.dir=outputs/docs/base_digits
+$py -m addrepro.report outputs/docs/base_digits
+cp outputs/docs/base_digits/sweep_descent.png "$out/findings_descent_base_digits.png"
+cp outputs/docs/base_digits/sweep_place_loss.png "$out/findings_place_loss_base_digits.png"
+$py -m addrepro.train -m data.order=lsb seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
+    trainer.progress_bar=false hydra.sweep.dir=outputs/docs/lsb
+cp outputs/docs/lsb/0/timeline.png "$out/findings_lsb_timeline_seed0.png"
+$py -m addrepro.train -m data.task=digitwise seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
+    trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
+cp outputs/docs/digitwise/0/place_loss.png "$out/findings_digitwise_place_loss_seed0.png"

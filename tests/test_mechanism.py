@@ -115,6 +115,9 @@ def test_the_narrative_states_each_exit_with_the_logged_numbers():
     assert "- Rested at exact, loss 0.001 (atlas 0), steps 700–1000; still there at the end of the run." in text
     assert "- step 880: train loss 0.073, 52.1x its trend 0.0014" in text
     assert "## Checkpoints at shelf exits" not in text  # none were saved
+    # Without a next shelf, the place left once its smoothed loss was below half the level: step 600
+    (alone,) = shelf_exits(synthetic_rows(), spec, {1: SHELVES[1][:1]})
+    assert alone.until == 600 and alone.next_level is None
     exit_ = {"place": 1, "level": "uniform", "level_loss": 2.3, "start_step": 0, "last_on_shelf": 500, "step": 560}
     text = timeline_markdown(synthetic_rows(), spec, SHELVES, SPIKES, [exit_])
     assert (

@@ -85,12 +85,12 @@ def _grouped(points: list[dict]) -> dict[tuple, list[dict]]:
 
 def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Path) -> Path:
     x_key, group_key = axes_keys(keys)
-    groups = sorted({p["group"] for p in points}, key=str)
+    groups = sorted({p["group"] for p in points}, key=_order)
     cols = min(3, len(roles))
     nrows = math.ceil(len(roles) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.6), squeeze=False, layout="constrained")
     by = _grouped(points)
-    xs = sorted({p["x"] for p in points}, key=lambda v: (not isinstance(v, int | float), v))
+    xs = sorted({p["x"] for p in points}, key=_order)
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
     position = {x: (x if numeric else i) for i, x in enumerate(xs)}
     span = (max(position.values()) - min(position.values())) if len(xs) > 1 else 1
@@ -133,13 +133,19 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
     return save(fig, path)
 
 
+def _order(value: object) -> tuple:
+    """Numbers by value, before anything else by text."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value, "") if number else (1, 0, str(value))
+
+
 def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
     x_key, group_key = axes_keys(keys)
     head = ["role", group_key or "", x_key or "job", "from", "seeds", "descent step: mean", "min–max", "not yet"]
     lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
     by = _grouped(points)
     for role in roles:
-        for (r, group, x), pts in sorted(by.items(), key=lambda kv: (str(kv[0][1]), str(kv[0][2]))):
+        for (r, group, x), pts in sorted(by.items(), key=lambda kv: (_order(kv[0][1]), _order(kv[0][2]))):
             if r != role:
                 continue
             done = [p["step"] for p in pts if p["step"] is not None]

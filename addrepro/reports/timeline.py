@@ -75,7 +75,7 @@ class Exit:
 
     place: int
     shelf: Shelf
-    until: float  # the start of the next shelf, or the last logged step
+    until: float  # the start of the next shelf, else the first log clearly below this one (or the last log)
     next_level: str | None
     changes: list[Change]
 
@@ -115,7 +115,7 @@ def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]
     keys = attention_keys(rows)
     exits = []
     for j in range(spec.n_places):
-        steps, _ = series(rows, f"train/loss/place_{j}")
+        steps, loss = series(rows, f"train/loss/place_{j}")
         last_step = float(steps.max()) if len(steps) else 0.0  # the place's own curve ends here
         rests = merge_rests(shelves.get(j, []))
         for i, shelf in enumerate(rests):
@@ -123,6 +123,10 @@ def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]
             if shelf.end_step >= last_step:
                 continue  # still resting there when the run ended
             until = following.start_step if following is not None else last_step
+            if following is None:  # the loss went on falling: it had left once clearly below the level
+                level = shelf.atlas_loss or shelf.level
+                below = np.nonzero((steps > shelf.end_step) & (running_median(loss, 9) < level / 2))[0]
+                until = float(steps[below[0]]) if below.size else last_step
             changes = []
             for kind, place in (("own", j), ("lower", j - 1)):
                 best = None
