@@ -72,11 +72,11 @@ def test_carry_probe_reads_the_carry_when_the_stream_holds_it():
 
 # -- the timeline on a synthetic run ---------------------------------------------------------
 def synthetic_rows() -> list[dict]:
-    """Place 1 rests at log 10 until step 500 and is exact from 700; meanwhile L0H2 starts reading
-    a1, b1 (0.05 -> 0.61), L0H3 reads a0, b0 (0.02 -> 0.40) and the carry probe learns (0.5 -> 0.97)."""
+    """Place 1 rests at log 10 until step 500, falls by 600 and rests exact from 700; meanwhile L0H2 starts
+    reading a1, b1 (0.05 -> 0.61), L0H3 reads a0, b0 (0.02 -> 0.40) and the carry probe learns (0.5 -> 0.97)."""
     rows = []
     for step in range(0, 1001, 100):
-        late = step >= 700
+        late = step >= 600
         rows.append(
             {
                 "step": step,
@@ -103,10 +103,11 @@ SPIKES = [{"step": 880, "loss": 0.073, "ratio": 52.1, "baseline": 0.0014}]
 def test_the_narrative_states_each_exit_with_the_logged_numbers():
     spec = adder.SPEC
     exits = shelf_exits(synthetic_rows(), spec, SHELVES)
-    assert len(exits) == 1 and exits[0].until == 700 and exits[0].next_level == "exact"
+    # left where the loss was clearly below log 10 (600), before the next shelf began (700)
+    assert len(exits) == 1 and exits[0].until == 600 and exits[0].next_level == "exact"
     text = timeline_markdown(synthetic_rows(), spec, SHELVES, SPIKES)
     assert (
-        "- Rested at uniform, loss 2.303 (atlas 2.303), steps 0–500; left it between steps 500 and 700 for exact."
+        "- Rested at uniform, loss 2.303 (atlas 2.303), steps 0–500; left it between steps 500 and 600 for exact."
         in text
     )
     assert "  - L0H2 on a1, b1: 0.05 → 0.61 (+0.56)" in text

@@ -123,10 +123,10 @@ def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]
             if shelf.end_step >= last_step:
                 continue  # still resting there when the run ended
             until = following.start_step if following is not None else last_step
-            if following is None:  # the loss went on falling: it had left once clearly below the level
-                level = shelf.atlas_loss or shelf.level
-                below = np.nonzero((steps > shelf.end_step) & (running_median(loss, 9) < level / 2))[0]
-                until = float(steps[below[0]]) if below.size else last_step
+            # ... or earlier, where the loss was already clearly below this level (it went on falling)
+            level = shelf.atlas_loss or shelf.level
+            below = np.nonzero((steps > shelf.end_step) & (running_median(loss, 9) < level / 2))[0]
+            until = min(until, float(steps[below[0]])) if below.size else until
             changes = []
             for kind, place in (("own", j), ("lower", j - 1)):
                 best = None
