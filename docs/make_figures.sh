@@ -42,4 +42,4 @@ $py -m addrepro.train -m data.order=lsb seed=0,1,2 hydra/launcher=ensemble logge
 cp outputs/docs/lsb/0/timeline.png "$out/findings_lsb_timeline_seed0.png"
 $py -m addrepro.train -m data.task=digitwise seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
-cp outputs/docs/digitwise/0/place_loss.png "$out/findings_digitwise_place_loss_seed0.png"
+cp outputs/docs/digitwise/0/timeline.png "$out/findings_digitwise_timeline_seed0.png"

@@ -120,8 +120,8 @@ def shelf_exits(rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]
         rests = merge_rests(shelves.get(j, []))
         for i, shelf in enumerate(rests):
             following = rests[i + 1] if i + 1 < len(rests) else None
-            if shelf.end_step >= last_step:
-                continue  # still resting there when the run ended
+            if shelf.end_step >= last_step or shelf.atlas_level == "exact":
+                continue  # still resting there when the run ended; or exact, left only by noise or a spike
             until = following.start_step if following is not None else last_step
             # ... or earlier, where the loss was already clearly below this level (it went on falling)
             level = shelf.atlas_loss or shelf.level
@@ -177,7 +177,8 @@ def timeline_markdown(
             )
             exit_ = exits.get((j, shelf.start_step))
             if exit_ is None:
-                lines.append(line + "; still there at the end of the run.")
+                still = shelf.end_step >= max((r["step"] for r in rows if f"train/loss/place_{j}" in r), default=0)
+                lines.append(line + ("; still there at the end of the run." if still else "."))
                 continue
             then = f" for {exit_.next_level}" if exit_.next_level else ""
             lines.append(f"{line}; left it between steps {shelf.end_step} and {exit_.until:g}{then}.")
@@ -257,8 +258,10 @@ def plot_timeline(
     ax_probe.set_ylim(0.4, 1.02)
     ax_probe.set_ylabel("carry-in probe accuracy")
     ax_probe.set_xlabel("step")
-    if any(k.startswith("mech/probe/") for r in rows[:1] for k in r) or ax_probe.lines[1:]:
+    if ax_probe.get_legend_handles_labels()[0]:
         ax_probe.legend(fontsize=7, ncol=3, loc="lower right")
+    else:  # no carries to probe (the digitwise task, one digit)
+        ax_probe.text(0.5, 0.5, "no carry-in probe: the task has no carries", ha="center", transform=ax_probe.transAxes)
     for ax in (ax_loss, ax_attn, ax_probe):
         ax.grid(alpha=0.2)
     fig.suptitle(f"timeline, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
