@@ -12,12 +12,18 @@ from addrepro.task.spec import TaskSpec
 
 
 @torch.no_grad()
-def carry_metric_dict(model: torch.nn.Module, sets: CarrySets, spec: TaskSpec) -> dict[str, torch.Tensor]:
-    """Loss, accuracy, P(naive+0) and P(naive+1) at the conditioned place, per set; values ``(K,)``."""
+def carry_metric_dict(
+    model: torch.nn.Module, sets: CarrySets, spec: TaskSpec, logits: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Loss, accuracy, P(naive+0) and P(naive+1) at the conditioned place, per set; values ``(K,)``.
+
+    ``logits``: the model's answer logits ``(K, N, n+1, base)`` on ``sets.tokens``, if already computed.
+    """
     if not sets.slices:
         return {}
     inputs, targets = split_tokens(sets.tokens, spec)
-    logits = model(inputs, last=spec.n_places)
+    if logits is None:
+        logits = model(inputs, last=spec.n_places)
     k = logits.shape[0]
     stats = stats_from_logits(logits, targets.expand(k, *targets.shape), spec)
     tokens = sets.tokens.expand(k, *sets.tokens.shape)

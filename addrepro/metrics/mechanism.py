@@ -84,18 +84,24 @@ def ridge_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) 
     return (predicted == y[test].bool()).float().mean(1)
 
 
-def carry_probe_accuracies(model: Transformer, sets: CarrySets, spec: TaskSpec) -> dict[str, torch.Tensor]:
-    """Carry-in probe accuracy at every place that can receive a carry, ``(K,)`` each."""
+def carry_probe_accuracies(
+    model: Transformer, sets: CarrySets, spec: TaskSpec, resid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Carry-in probe accuracy at every place that can receive a carry, ``(K,)`` each.
+
+    ``resid``: the final residual stream at the answer-predicting positions ``(K, N, n+1, d_model)``
+    on ``sets.tokens``, if already computed (training computes it once for these and the carry metrics).
+    """
     out: dict[str, torch.Tensor] = {}
     if not sets.slices:
         return out
+    if resid is None:
+        resid = model.residual(sets.tokens[:, :-1], last=spec.n_places)  # (K, N, n + 1, d_model)
     for j in range(1, spec.n_places):
         lo0, hi0 = sets.slices[f"carry/place_{j}/cin_0"][1:]
         lo1, hi1 = sets.slices[f"carry/place_{j}/cin_1"][1:]
-        tokens = torch.cat([sets.tokens[lo0:hi0], sets.tokens[lo1:hi1]])  # (N, T)
-        # The answer-predicting positions only, as in training: place j's is at its emission index.
-        resid = model.residual(tokens[:, :-1], last=spec.n_places)  # (K, N, n + 1, d_model)
-        x = resid[:, :, spec.emission_index[j]]  # (K, N, d_model)
+        # The position that predicts place j (its emission index), as in training.
+        x = torch.cat([resid[:, lo0:hi0, spec.emission_index[j]], resid[:, lo1:hi1, spec.emission_index[j]]], 1)
         y = torch.cat([torch.zeros(hi0 - lo0), torch.ones(hi1 - lo1)]).to(x.device)
         train = torch.arange(len(y), device=x.device) % 2 == 0  # every other example
         out[f"mech/probe/carry_in/place_{j}/acc"] = ridge_probe_accuracy(x, y, train)
@@ -103,7 +109,10 @@ def carry_probe_accuracies(model: Transformer, sets: CarrySets, spec: TaskSpec) 
 
 
 @torch.no_grad()
-def mechanism_metric_dict(model: Transformer, tokens: torch.Tensor, sets: CarrySets, spec: TaskSpec) -> dict:
-    """Attention masses on ``tokens`` ``(K, V, T)`` and carry-probe accuracies on the carry sets."""
+def mechanism_metric_dict(
+    model: Transformer, tokens: torch.Tensor, sets: CarrySets, spec: TaskSpec, carry_resid: torch.Tensor | None = None
+) -> dict:
+    """Attention masses on ``tokens`` ``(K, V, T)`` and carry-probe accuracies on the carry sets
+    (``carry_resid``: see ``carry_probe_accuracies``)."""
     _, patterns = streams_and_patterns(model, tokens)
-    return {**attention_masses(patterns, spec), **carry_probe_accuracies(model, sets, spec)}
+    return {**attention_masses(patterns, spec), **carry_probe_accuracies(model, sets, spec, carry_resid)}

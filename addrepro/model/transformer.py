@@ -235,9 +235,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """Logits ``(K, B, T, d_vocab_out)``; with ``last``, only at the last ``last`` positions."""
-        x = self.residual(tokens, last)  # (K, B, T', d_model)
+        return self.logits(self.residual(tokens, last))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(K, B, T, d_vocab_out)`` of a final residual stream ``(K, B, T, d_model)``."""
         k, bsz, t, d = x.shape
-        return torch.bmm(x.reshape(k, bsz * t, d), self.unembed.W_U).view(k, bsz, t, -1)  # (K, B, T', d_vocab_out)
+        return torch.bmm(x.reshape(k, bsz * t, d), self.unembed.W_U).view(k, bsz, t, -1)
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """A single model's TransformerLens-style state dict (no leading K)."""

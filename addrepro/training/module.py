@@ -240,10 +240,14 @@ class AdditionModule(pl.LightningModule):
             self.call_hooks("on_validation_rows", step)
         if step % mc.every_n_steps == 0 or final:
             metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
-            metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec))
+            # One pass over the carry sets serves the carry metrics (its logits) and the probes (its stream).
+            resid = None
+            if self.carry_sets.slices:  # none for a task without carries
+                resid = self.model.residual(self.carry_sets.tokens[:, :-1], last=self.spec.n_places)
+                metrics.update(carry_metric_dict(self.model, self.carry_sets, self.spec, self.model.logits(resid)))
             if mc.mechanism:
                 sample = self.val_tokens[:, :MECHANISM_EXAMPLES]
-                metrics.update(mechanism_metric_dict(self.model, sample, self.carry_sets, self.spec))
+                metrics.update(mechanism_metric_dict(self.model, sample, self.carry_sets, self.spec, resid))
             self.emit(metrics, step)
             confusion = confusion_matrices(stats).cpu()
             self.confusions.append((step, confusion))
