@@ -24,14 +24,12 @@ RUN = [
     "model.width=32",
     "trainer.max_steps=400",
     "trainer.ckpt_every_n_steps=100",
-    "trainer.ckpt_schedule=linear",
     "trainer.plots=false",
-    # A hair-trigger spike detector: any logged loss above its local trend counts, so the spike files of
-    # killed and resumed runs have content (a noisy training loss rises above its trend many times).
-    "metrics.spike_factor=1.001",
-    "metrics.spike_min_excess=0",
     *FAST,
 ]
+# A hair-trigger spike detector: any logged loss above its local trend counts, so the spike files of
+# killed and resumed runs have content (a noisy training loss rises above its trend many times).
+SPIKY = ["metrics.spike_factor=1.001", "metrics.spike_min_excess=0"]
 
 
 def one_thread_env():
@@ -47,10 +45,8 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path):
     env = one_thread_env()
-    full = subprocess.run(train_cmd("hydra.run.dir=full"), cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr[-2000:]
 
     victim = subprocess.Popen(
         train_cmd("hydra.run.dir=killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -67,7 +63,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
         train_cmd("resume=killed", "hydra.run.dir=resumer"), cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "full")
+    a = load_checkpoint(uninterrupted)
     b = load_checkpoint(tmp_path / "killed")  # the resumed run continues in the killed run's folder
     assert a["step"] == b["step"] == 400
     for name in a["model"]:
@@ -77,20 +73,20 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
     def val(job):
         return [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]
 
-    assert val("killed") == val("full")
+    assert val("killed") == val(uninterrupted)
     assert [s for s, _ in val("killed")] == list(range(0, 401, 25))
-    assert load_rows(tmp_path / "killed") == load_rows(tmp_path / "full")  # every train row too, once
+    assert load_rows(tmp_path / "killed") == load_rows(uninterrupted)  # every train row too, once
     # The same W&B run id continues (offline: one run file per process, synced together).
     ids = {read_run(p).run_id for p in find_runs(tmp_path / "killed")}
     assert len(ids) == 1 and len(find_runs(tmp_path / "killed")) == 2
     # ... and read back as one run, whose history is the uninterrupted run's
-    killed, full = read_run(tmp_path / "killed"), read_run(tmp_path / "full")
+    killed, full = read_run(tmp_path / "killed"), read_run(uninterrupted)
     assert len(killed.parts) == 2 and killed.exit_code == 0
 
     def wandb_val(run):
         return [(r["trainer/global_step"], r["val/loss"]) for r in run.history if "val/loss" in r]
 
-    assert wandb_val(killed) == wandb_val(full) == val("full")
+    assert wandb_val(killed) == wandb_val(full) == val(uninterrupted)
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
@@ -214,7 +210,7 @@ def uninterrupted(tmp_path_factory):
     """The reference: RUN trained in one go, with one thread."""
     root = tmp_path_factory.mktemp("uninterrupted")
     proc = subprocess.run(
-        train_cmd("hydra.run.dir=full"), cwd=root, env=one_thread_env(), capture_output=True, text=True
+        train_cmd(*SPIKY, "hydra.run.dir=full"), cwd=root, env=one_thread_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "full"
@@ -233,7 +229,7 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
 ):
     env = one_thread_env()
     victim = subprocess.Popen(
-        train_cmd("hydra.run.dir=job"),
+        train_cmd(*SPIKY, "hydra.run.dir=job"),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -265,7 +261,7 @@ def test_preemption_signal_checkpoints_where_it_stopped_and_resume_auto_ends_bit
     assert json.loads((tmp_path / "job" / "spikes.json").read_text())[: len(before)] == before
 
     resumed = subprocess.run(
-        train_cmd("hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
+        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_checkpoint(uninterrupted), load_checkpoint(tmp_path / "job")

@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, cli_env
 
 from addrepro.model.transformer import model_from_checkpoint
-from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.checkpoints import load_checkpoint, log_spaced_steps
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import read_run
 
@@ -70,8 +70,15 @@ def test_short_run_lowers_the_loss(cli, tmp_path):
         "logger=csv",
         "hydra.run.dir=run",
         *FAST,
+        "trainer.ckpt_schedule=log",  # the default (FAST turns it off)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Weights-only checkpoints at step 0 and 20 log-spaced steps, resumable ones only at the end
+    ckpts = tmp_path / "run" / "checkpoints"
+    weights = sorted(int(p.stem.split("_")[1]) for p in ckpts.glob("weights_*.ckpt"))
+    assert weights == log_spaced_steps(150, 20) and not list(ckpts.glob("step_*.ckpt"))
+    first = torch.load(ckpts / "weights_1.ckpt", weights_only=True)
+    assert first["step"] == 1 and "optimizer" not in first and "embed.W_E" in first["model"]
     rows = [r for r in load_rows(tmp_path / "run") if "val/loss" in r]
     assert rows[0]["step"] == 0 and rows[-1]["step"] == 150
     assert rows[0]["val/loss"] > 2.0  # the untrained model (seeded init, same on every CPU): near log 10
