@@ -134,6 +134,15 @@ def test_sweep_workspace_filters_the_group_and_groups_by_the_swept_key(sweep, ca
         ["carry/place_1/cin_0/loss", "carry/place_1/cin_1/loss"],
         ["chain/place_1/len_0/loss", "chain/place_1/len_1/loss"],
     ]
+    mech = [p["config"]["metrics"] for p in by_name["Mechanism: attention and carry probes"]]
+    heads = [f"L0H{h}" for h in range(4)]  # the default model: 1 layer, 4 heads
+    assert mech == [
+        [f"mech/attn/{h}/place_2/lower" for h in heads],  # the carry-out reads the top pair
+        [f"mech/attn/{h}/place_1/own" for h in heads],
+        [f"mech/attn/{h}/place_1/lower" for h in heads],
+        [f"mech/attn/{h}/place_0/own" for h in heads],  # the units digit has no pair below
+        ["mech/probe/carry_in/place_2/acc", "mech/probe/carry_in/place_1/acc"],
+    ]
     grads = [p["config"]["metrics"] for p in by_name["Gradient norms"]]
     assert grads == [
         ["train/grad_norm/global"],

@@ -8,8 +8,9 @@ JSON beside the sweep and published to W&B once the runs are synced.
   draws one line per swept value (the mean over seeds when a sweep also varies the seed).
 * Sections, in the order a reader goes through them: per-place loss (one panel per place, carry-out
   first, log y, the atlas levels of the task in the title and as a table), per-place accuracy,
-  naive-sum and depth-sum probabilities, the carry-in and chain-length sets, gradient norms, and the
-  detected shelves (the ``shelves`` table each run logs at its end).
+  naive-sum and depth-sum probabilities, the carry-in and chain-length sets, the mechanism metrics
+  (each head's attention on own and lower operands per place, the carry-in probes), gradient norms,
+  and the detected shelves (the ``shelves`` table each run logs at its end).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SECTIONS = (
     "Per-place accuracy",
     "Naive-sum and depth-sum probabilities",
     "Carry-in and chain-length sets",
+    "Mechanism: attention and carry probes",
     "Gradient norms",
     "Detected shelves",
 )
@@ -223,6 +225,18 @@ def plan_sections(target: Target) -> list[Section]:
                 log_y=True,
             )
         )
+    logged = sorted(target.logged or set())
+    mechanism = []
+    for j in places:
+        for kind, operands in (("own", f"a{j}, b{j}"), ("lower", f"a{j - 1}, b{j - 1}")):
+            keys = [k for k in logged if k.startswith("mech/attn/") and k.endswith(f"/place_{j}/{kind}")]
+            title = f"attention on {operands} from where {place_label(j, spec)} is predicted, per head"
+            mechanism.append(Panel(title=title, y=keys, y_label="attention mass", y_range=(0.0, 1.0)))
+    probes = [k for k in logged if k.startswith("mech/probe/carry_in/")]
+    probes.sort(key=lambda k: -int(k.split("/")[3].split("_")[1]))  # carry-out first
+    mechanism.append(
+        Panel(title="carry-in probe accuracy, per place", y=probes, y_label="accuracy", y_range=(0.4, 1.0))
+    )
     layers = sorted(k for k in (target.logged or set()) if k.startswith("train/grad_norm/layer_"))
     grads = [
         Panel(title="gradient norm, all parameters", y=have(["train/grad_norm/global"]), y_label="L2 norm", log_y=True),
@@ -235,7 +249,7 @@ def plan_sections(target: Target) -> list[Section]:
         Panel(title="gradient norm by layer", y=layers or ["train/grad_norm/layer_0"], y_label="L2 norm", log_y=True),
     ]
     shelves = [Panel(title="detected shelves (per run, from its per-place train loss)", table="shelves")]
-    found = [loss, accuracy, naive, carry, grads, shelves]
+    found = [loss, accuracy, naive, carry, mechanism, grads, shelves]
     sections = [
         Section(name, [p for p in panels if p.y or p.markdown or p.table])
         for name, panels in zip(SECTIONS, found, strict=True)
