@@ -121,20 +121,6 @@ def role_place(role: str, spec: TaskSpec) -> int | None:
     return next((j for j in range(spec.n_places) if place_role(j, spec.n_digits) == role), None)
 
 
-def plot_sweep_place_losses(
-    jobs: list[Path],
-    rows: list[list[dict]],
-    specs: list[TaskSpec],
-    keys: list[str],
-    values: list[dict[str, Any]],
-    path: Path,
-    title: str = "",
-    per_log_base: bool | None = None,
-) -> Path:
-    """``sweep_place_loss.png``: see ``sweep_place_figure``."""
-    return save(sweep_place_figure(jobs, rows, specs, keys, values, title, per_log_base), path)
-
-
 def sweep_place_figure(
     jobs: list[Path],
     rows: list[list[dict]],
@@ -301,7 +287,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     paths = []
     if plotted:
         p_jobs, p_rows, p_specs, p_vals = (list(x) for x in zip(*plotted, strict=True))
-        paths.append(plot_sweep_place_losses(p_jobs, p_rows, p_specs, keys, p_vals, sweep_dir / PNG))
+        paths.append(save(sweep_place_figure(p_jobs, p_rows, p_specs, keys, p_vals), sweep_dir / PNG))
         described = [{"name": job.name, "spec": spec, "rows": rows, "swept": vals} for job, rows, spec, vals in plotted]
         paths += write_descent(sweep_dir, described, keys)
     roles = role_order([e["spec"]["n_digits"] for e in entries if e["spec"]] or [1])

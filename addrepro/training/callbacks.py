@@ -41,25 +41,36 @@ def flush_loggers(module: AdditionModule) -> None:
             logger.save()
 
 
-def flush_run_files(module: AdditionModule) -> None:
-    """Every member's metrics file, ``confusion.npz``, ``spikes.json`` and ``shelf_exits.json`` as they
-    stand now.
+class RunFiles:
+    """``confusion.npz``, ``spikes.json`` and ``shelf_exits.json`` of every member, as they stand.
 
-    Written together at each evaluation and before each checkpoint, so a killed run keeps them all
-    up to its last checkpoint, and a resumed run (which reads the first two back and replays the
-    detectors over its rows) ends with an uninterrupted run's files.
+    Written before every checkpoint (and the JSON files, when they changed, at every evaluation), so a
+    killed run keeps them up to its last checkpoint, and a resumed run — which reads the confusion
+    matrices back and replays the detectors over its rows — ends with an uninterrupted run's files.
     """
-    flush_loggers(module)
-    window = 5 * module.settings.trainer.log_every_n_steps
-    for k, member in enumerate(module.members):
-        if k in module.failed:
-            continue
-        save_confusion(member.job_dir, [(step, c[k]) for step, c in module.confusions])
-        rows = [r for r in module.history if r["member"] == k and "train/grad_norm/global" in r]
-        spikes = [spike_record(s, rows, window) for member_k, s in module.spikes if member_k == k]
-        atomic_write_text(member.job_dir / "spikes.json", json.dumps(spikes, indent=1, sort_keys=True))
-        exits = [e.as_dict() for member_k, e in module.shelf_exits if member_k == k]
-        atomic_write_text(member.job_dir / "shelf_exits.json", json.dumps(exits, indent=1))
+
+    def __init__(self) -> None:
+        self.written: dict[Path, str] = {}  # what each JSON file holds now: unchanged ones are not rewritten
+
+    def write(self, module: AdditionModule, confusion: bool = True) -> None:
+        window = 5 * module.settings.trainer.log_every_n_steps
+        for k, member in enumerate(module.members):
+            if k in module.failed:
+                continue
+            if confusion:
+                save_confusion(member.job_dir, [(step, c[k]) for step, c in module.confusions])
+            spikes = [s for member_k, s in module.spikes if member_k == k]
+            if spikes:
+                rows = [r for r in module.history if r["member"] == k and "train/grad_norm/global" in r]
+                spikes = [spike_record(s, rows, window) for s in spikes]
+            exits = [e.as_dict() for member_k, e in module.shelf_exits if member_k == k]
+            self.write_json(member.job_dir / "spikes.json", json.dumps(spikes, indent=1, sort_keys=True))
+            self.write_json(member.job_dir / "shelf_exits.json", json.dumps(exits, indent=1))
+
+    def write_json(self, path: Path, text: str) -> None:
+        if self.written.get(path) != text:
+            atomic_write_text(path, text)
+            self.written[path] = text
 
 
 def spike_record(spike: Spike, rows: list[dict], window: int) -> dict:
@@ -86,6 +97,7 @@ class Checkpoints(pl.Callback):
 
     def __init__(self, steps: list[int], weight_steps: list[int] = ()):
         self.steps, self.weight_steps = set(steps), set(weight_steps) - set(steps)
+        self.files = RunFiles()
 
     def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         if not module.resume_states:
@@ -101,7 +113,8 @@ class Checkpoints(pl.Callback):
                     save_weights(module, k, f"weights_{step}.ckpt", step, member_weights(weights, k))
 
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
-        flush_run_files(module)  # a killed run keeps its metrics up to the last evaluation
+        flush_loggers(module)  # a killed run keeps its metrics up to the last evaluation
+        self.files.write(module, confusion=False)
 
     def on_member_failed(self, trainer: pl.Trainer, module: AdditionModule, k: int, message: str) -> None:
         for logger in module.members[k].loggers:  # its rows up to the divergence
@@ -111,10 +124,10 @@ class Checkpoints(pl.Callback):
         module.finish()
         self.save(module, "last.ckpt", module.opt.step_count)
 
-    @staticmethod
-    def save(module: AdditionModule, filename: str, step: int) -> None:
+    def save(self, module: AdditionModule, filename: str, step: int) -> None:
         states = module.resumable_states(step)
-        flush_run_files(module)
+        flush_loggers(module)
+        self.files.write(module)
         for member, state in zip(module.members, states, strict=True):
             if state is not None:  # None: a member that diverged
                 save_checkpoint(member.job_dir / "checkpoints" / filename, state)
@@ -260,8 +273,9 @@ class ConfusionImages(pl.Callback):
 
 
 class EndOfRunFiles(pl.Callback):
-    """The reports drawn from a member's files at the end (after ``Checkpoints`` wrote them a last
-    time), and their W&B copies.
+    """The reports drawn from a member's files at the end, and their W&B copies. It comes after
+    ``Checkpoints`` in the callback list: Lightning calls ``on_train_end`` in that order, and the
+    files are written with ``last.ckpt``.
 
     ``draw(job_dir, rows, config, plots) -> paths`` writes the text reports, and the PNG plots when
     ``plots`` (the reports layer passes it in).
@@ -274,7 +288,6 @@ class EndOfRunFiles(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
-        flush_run_files(module)  # already written by Checkpoints when it runs first; cheap to repeat
         for k, job_dir in enumerate(self.job_dirs):
             if k in module.failed or self.draw is None:
                 continue
