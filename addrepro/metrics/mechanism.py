@@ -22,6 +22,9 @@ from addrepro.task.spec import TaskSpec
 # Ridge strength relative to the mean feature variance: enough to keep the solve well conditioned
 # on a few hundred examples of a 128-wide stream, far too little to change a clear direction.
 RIDGE = 1e-2
+# Attention masses are averaged over this many validation sequences: plenty for a mean, and the
+# patterns of a large ensemble stay small.
+MECHANISM_EXAMPLES = 256
 
 
 def operand_positions(spec: TaskSpec, j: int) -> tuple[int, int]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from addrepro.metrics.mechanism import mechanism_metric_dict
-from addrepro.metrics.place import place_stats
+from addrepro.metrics.mechanism import MECHANISM_EXAMPLES, mechanism_metric_dict
+from addrepro.metrics.place import stats_from_logits
 from addrepro.model.transformer import Transformer, model_from_checkpoint
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
@@ -27,7 +27,6 @@ from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import configured_validation_tokens
 
 POINTS = ("before", "at", "after")
-MECHANISM_EXAMPLES = 256  # as during training
 
 
 def spike_checkpoints(job_dir: Path, spike: dict) -> dict[str, Path]:
@@ -54,13 +53,13 @@ def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
     for p, ckpt in ckpts.items():
         models[p], spec = model_from_checkpoint(ckpt)
     val = configured_validation_tokens(ckpts["at"].get("config", {}), spec)
+    inputs, targets = split_tokens(val, spec)
     out: dict = {"step": spike["step"], "first_step": spike.get("first_step", spike["step"]), "points": {}}
     losses = {}
     for p, model in models.items():
-        stats = place_stats(model, val, spec)
+        logits = model(inputs, last=spec.n_places)  # (1, V, n+1, base), emission order
+        stats = stats_from_logits(logits, targets.unsqueeze(0), spec)
         losses[p] = stats.token_loss[0]  # (V, n+1)
-        inputs, _ = split_tokens(val, spec)
-        logits = model(inputs, last=spec.n_places)[0]  # (V, n+1, base)
         out["points"][p] = {
             "step": ckpts[p]["step"],
             "place_loss": {j: float(v) for j, v in enumerate(stats.loss_by_place[0].tolist())},

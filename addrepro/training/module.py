@@ -30,7 +30,7 @@ from pytorch_lightning.loggers import Logger
 from addrepro.metrics.carry import carry_metric_dict
 from addrepro.metrics.confusion import confusion_matrices
 from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
-from addrepro.metrics.mechanism import mechanism_metric_dict
+from addrepro.metrics.mechanism import MECHANISM_EXAMPLES, mechanism_metric_dict
 from addrepro.metrics.naive_sum import naive_sum_metric_dict
 from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
 from addrepro.model.optim import StackedAdamW
@@ -44,10 +44,6 @@ from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch,
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
 
 log = logging.getLogger("addrepro")
-
-# Attention masses are averaged over this many validation sequences: plenty for a mean, and the
-# patterns of a large ensemble stay small.
-MECHANISM_EXAMPLES = 256
 
 
 class Divergence(RuntimeError):
