@@ -90,3 +90,48 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     assert module.opt.step_count == 30 and any("val/loss" in r for r in module.history)
     assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.history if "train/loss" in r])).all()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [job.relative_to(tmp_path)]
+
+
+def readme_layout() -> dict[str, set[str]]:
+    """The modules the README's Layout section lists, by package ('' for addrepro/ itself)."""
+    text = (REPO / "README.md").read_text().split("## Layout", 1)[1]
+    block = text.split("```text\n", 1)[1].split("```", 1)[0]
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        words = line.split()
+        if indent == 0:
+            package = "" if words and words[0] == "addrepro/" else None
+        elif package is not None and indent == 2 and words[0].endswith("/"):
+            package = words[0].rstrip("/")
+        elif package is not None and indent == 2:  # modules of addrepro/ itself
+            listed.setdefault("", set()).update(w for w in words if w.endswith(".py"))
+            continue
+        if package is not None and indent == 4:
+            listed.setdefault(package, set()).update(w for w in words if w.endswith(".py"))
+    return listed
+
+
+def test_the_readme_layout_lists_every_module_where_it_is():
+    root = REPO / "addrepro"
+    actual: dict[str, set[str]] = {}
+    for p in root.rglob("*.py"):
+        if p.name != "__init__.py" and "__pycache__" not in p.parts:
+            actual.setdefault("" if p.parent == root else p.parent.name, set()).add(p.name)
+    assert readme_layout() == actual
+
+
+def test_a_bad_value_is_refused_before_torch_loads(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "addrepro.train", "data.base=40", "hydra.run.dir=job"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "addrepro.training.config" in imported and "torch" not in imported
+    message = "addrepro: config error: data.base=40 is invalid: must be an integer in 2..36"
+    assert proc.stderr.splitlines()[-1] == message

@@ -119,7 +119,7 @@ def test_bad_values_stop_before_training_with_one_line(tmp_path):
         "data.task=mul": "data.task='mul' is invalid: must be one of add, digitwise",
         "optimizer.lr=-1": "optimizer.lr=-1 is invalid: must be a number > 0.0",
     }
-    # The four commands run at once (each spends seconds importing before it checks): one folder each.
+    # The four commands run at once, each in its own folder.
     procs = {
         override: subprocess.Popen(
             [sys.executable, "-m", "addrepro.train", override, f"hydra.run.dir=bad{i}"],

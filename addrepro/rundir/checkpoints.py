@@ -8,7 +8,6 @@ TransformerLens naming, and — for resuming — the optimiser and data-stream s
 from __future__ import annotations
 
 import io
-import math
 import pickle
 import warnings
 from pathlib import Path
@@ -17,15 +16,18 @@ import torch
 
 from addrepro.model.transformer import ModelConfig, Transformer, model_from_checkpoint  # noqa: F401 - part of the checkpoint API
 from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.checkpoint_paths import (  # noqa: F401 - part of the checkpoint API
+    LAST,
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_steps,
+    find_resume_checkpoint,
+    log_spaced_steps,
+    resolve_checkpoint,
+    resumable_checkpoint,
+)
 
 FORMAT = "addrepro-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-LAST = "last.ckpt"
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -123,62 +125,3 @@ def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Pat
     ]
     if diffs:
         raise CheckpointError(f"checkpoint={path} does not match the config: " + "; ".join(diffs))
-
-
-def checkpoint_steps(max_steps: int, every: int) -> list[int]:
-    """Steps at which resumable checkpoints ``step_N.ckpt`` are written (``last.ckpt`` is extra)."""
-    return list(range(every, max_steps + 1, every))
-
-
-def log_spaced_steps(max_steps: int, count: int) -> list[int]:
-    """Step 0 (the initialisation) and ``count`` steps log-spaced from 1 to ``max_steps``: dense where
-    the early shelves form, sparse later."""
-    steps = {round(math.exp(i * math.log(max_steps) / max(count - 1, 1))) for i in range(count)}
-    return sorted({0, *steps} & set(range(max_steps + 1)))
-
-
-def checkpoint_dir(job_dir: str | Path) -> Path:
-    """Where a job folder keeps its checkpoints."""
-    return Path(job_dir) / "checkpoints"
-
-
-def resumable_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint of a job folder to continue from: ``last.ckpt``, else the latest ``step_N.ckpt``."""
-    ckpt_dir = checkpoint_dir(folder)
-    if (ckpt_dir / LAST).exists():
-        return ckpt_dir / LAST
-    steps = sorted(ckpt_dir.glob("step_*.ckpt"), key=lambda p: int(p.stem.split("_")[1]))
-    return steps[-1] if steps else None
-
-
-def resolve_checkpoint(value: str | Path, key: str = "checkpoint", resumable: bool = False) -> Path:
-    """The checkpoint file that the setting ``key=value`` names: the file itself, or a job folder's
-    ``checkpoints/last.ckpt`` (with ``resumable``, else its latest ``checkpoints/step_N.ckpt``).
-
-    Raises ``CheckpointError`` with one line naming ``key=value`` when there is no such file.
-    """
-    path = Path(value)
-    if not path.exists():
-        raise CheckpointError(f"{key}={path} does not exist")
-    if not path.is_dir():
-        return path
-    if resumable:
-        found = resumable_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} or checkpoints/step_N.ckpt in this folder")
-        return found
-    found = checkpoint_dir(path) / LAST
-    if not found.exists():
-        raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} in this folder")
-    return found
-
-
-def find_resume_checkpoint(resume: str, job_dir: Path) -> Path | None:
-    """``resume``: a checkpoint file, a job folder, or ``auto`` (this job's own folder, if it has one).
-
-    ``auto`` is for pre-emption: a requeued job finds what it wrote before it was stopped, and a
-    first start finds nothing and begins from scratch.
-    """
-    if resume == "auto":
-        return resumable_checkpoint(job_dir)
-    return resolve_checkpoint(resume, "resume", resumable=True)

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from addrepro.model.transformer import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
+from addrepro.model.config import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
 from addrepro.task.spec import ORDERS, TASKS, TaskSpec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -343,6 +342,10 @@ def validate(cfg: DictConfig) -> None:
 
 def check_accelerator(accelerator: str) -> None:
     """A requested device must exist here: Lightning would fail later, after the W&B run was created."""
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return
+    import torch  # noqa: PLC0415 - a config without a device to look for is checked before torch loads (~2 s)
+
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer.accelerator", accelerator, "no CUDA GPU visible on this machine (use auto or cpu)")
     if accelerator == "mps" and not torch.backends.mps.is_available():
