@@ -24,6 +24,7 @@ FAST = [
 def cli_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="0", PYTHONWARNINGS="ignore")
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

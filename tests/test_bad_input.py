@@ -111,18 +111,3 @@ def test_resuming_a_run_without_metrics_file_continues(finished):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.load(finished / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30
-
-
-def test_report_on_a_non_numeric_metrics_file_names_the_cell(cli, tmp_path):
-    proc = cli("addrepro.train", *TINY, "trainer.max_steps=10", "logger=csv", "hydra.run.dir=job")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = tmp_path / "job" / "csv" / "metrics.csv"
-    header, *rows = metrics.read_text().splitlines()
-    column = header.split(",").index("train/loss")
-    cells = rows[0].split(",")
-    cells[column] = "oops"
-    metrics.write_text("\n".join([header, ",".join(cells), *rows[1:]]) + "\n")
-    proc = cli("addrepro.report", "job")
-    assert proc.returncode == 2
-    where = metrics.relative_to(tmp_path)
-    assert error_lines(proc) == [f"addrepro.report: {where}, line 2: train/loss='oops' is not a number"]

@@ -10,13 +10,14 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from test_ensemble import config
 
+from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import InfiniteBatches
 from addrepro.train import JobPlan, train
 from addrepro.training.config import ConfigError
 from addrepro.training.devices import job_devices, job_threads
 from addrepro.training.plan import jobs_at_once
-from addrepro.wandb_offline import read_run
 
 
 def test_jobs_are_spread_over_the_visible_gpus():
@@ -64,15 +65,16 @@ def test_bf16_training_runs_finite_and_records_its_precision(cli, tmp_path):
     proc = cli("addrepro.train", "data.n_digits=2", "model.width=32", "trainer.max_steps=30", "trainer.plots=false",
                "trainer.precision=bf16-mixed", "trainer.matmul_precision=high", "trainer.progress_bar=false",
                "trainer.log_every_n_steps=5", "trainer.val_every_n_steps=10", "metrics.every_n_steps=10",
-               "data.val_size=64", "metrics.carry_set_size=8", "metrics.chain_set_size=4",
+               "data.val_size=64", "metrics.carry_set_size=8", "metrics.chain_set_size=4", "logger=csv",
                f"hydra.run.dir={tmp_path / 'job'}")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = read_run(tmp_path / "job")
-    assert run.config["trainer"]["precision"] == "bf16-mixed"
-    assert run.config["trainer"]["matmul_precision"] == "high"
-    steps, losses = run.series("train/loss")
-    assert len(steps) == 6 and all(math.isfinite(v) for v in losses)  # logged at steps 0, 5 .. 25
-    assert all(math.isfinite(v) for v in run.series("val/loss")[1])
+    config = load_checkpoint(tmp_path / "job")["config"]  # the run's config, as W&B also records it
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    assert config["trainer"]["matmul_precision"] == "high"
+    rows = load_rows(tmp_path / "job")
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)  # logged at steps 0, 5 .. 25
+    assert all(math.isfinite(r["val/loss"]) for r in rows if "val/loss" in r)
 
 
 def test_bf16_autocast_reaches_the_model(tmp_path, one_thread, monkeypatch):

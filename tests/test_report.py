@@ -187,6 +187,20 @@ def test_report_on_a_job_without_csv(job, tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "no metrics file" in err, err
 
 
+def test_report_on_a_non_numeric_metrics_file_names_the_cell(job, tmp_path, capsys, monkeypatch):
+    shutil.copytree(job, tmp_path / "job")
+    metrics = tmp_path / "job" / "csv" / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines()
+    column = header.split(",").index("train/loss")
+    cells = rows[0].split(",")
+    cells[column] = "oops"
+    metrics.write_text("\n".join([header, ",".join(cells), *rows[1:]]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["job"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["addrepro.report: job/csv/metrics.csv, line 2: train/loss='oops' is not a number"]
+
+
 def test_report_usage_without_a_folder(capsys):
     assert main([]) == 2
     assert main(["a", "b"]) == 2
