@@ -19,6 +19,9 @@ from omegaconf import OmegaConf
 
 import addrepro.train  # noqa: F401 - registers the config schema and the ${uid:} resolver
 from addrepro import report
+from addrepro.model.transformer import model_from_checkpoint
+from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import read_run
 from addrepro.wandb_sweep import command_args, expand_commands, grid_runs, load_sweep
 
@@ -102,6 +105,36 @@ def test_grid_sweep_runs_and_lines_up_in_one_wandb_group(grid_sweep):
         assert "train/loss/place_2" in run.history_keys and "val/loss" in run.history_keys
     assert all(r.history_keys == runs[0].history_keys for r in runs)  # one dashboard fits all
     assert all(r.series("train/loss")[0] == runs[0].series("train/loss")[0] for r in runs)  # same steps
+    for job, run, (width, _) in zip(jobs, runs, expected, strict=True):
+        for j in range(3):  # 2 digits: places 0 and 1, and the carry-out place 2
+            for key in (f"train/loss/place_{j}", f"train/acc/place_{j}", f"val/loss/place_{j}"):
+                assert key in run.history_keys, key
+        for key in (
+            "train/loss",
+            "train/acc",
+            "train/lr",
+            "train/grad_norm/global",
+            "train/grad_norm/attn",
+            "train/grad_norm/mlp",
+            "train/grad_norm/embed",
+            "train/grad_norm/unembed",
+            "train/grad_norm/layer_0",
+            "val/acc",
+            "val/naive/place_1/plus_1",
+            "carry/place_1/cin_1/loss",
+            "chain/place_2/len_1/loss",
+        ):
+            assert key in run.history_keys, key
+        steps, losses = run.series("train/loss/place_0")
+        assert steps and all(0 < v < 10 for v in losses)
+        # The CSV holds the same numbers as W&B.
+        rows = [r for r in load_rows(job) if "train/loss/place_0" in r]
+        assert [r["train/loss/place_0"] for r in rows] == losses
+        ckpt = load_checkpoint(job / "checkpoints" / "last.ckpt")
+        assert ckpt["step"] == 20
+        model, spec = model_from_checkpoint(ckpt)
+        assert model.cfg.d_model == width and spec.n_digits == 2
+        assert json.loads((job / "status.json").read_text())["status"] == "ok"
 
 
 def test_sweep_report_from_saved_files(grid_sweep):
