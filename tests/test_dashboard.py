@@ -6,6 +6,7 @@ runs, TensorBoard event files and CSV files are read back, and the workspace is 
 
 import json
 import math
+import re
 
 import pytest
 from conftest import FAST, run_cli
@@ -191,20 +192,22 @@ def test_swept_keys_come_from_the_sweep_config_grid_and_the_command_line(tmp_pat
     assert sweep_swept_keys(tmp_path) == ["model.width", "seed"]
 
 
-def test_a_resumed_run_has_each_step_once_in_its_tensorboard_events(tmp_path):
-    """Resumed from step 20 of a 30-step run, the events of steps 20..30 from the first life are dropped."""
+def test_a_resumed_run_has_each_step_once_in_its_tensorboard_events_and_its_progress_bar(tmp_path):
+    """Resumed from step 20 of a 30-step run, the events of steps 20..30 from the first life are dropped;
+    the progress bar counts optimiser steps (not Lightning's steps of 10) and starts at the checkpoint's."""
     small = ["data.n_digits=2", "model.width=16", "trainer.ckpt_every_n_steps=20", "trainer.plots=false", *FAST]
-    first = run_cli(
-        "addrepro.train", [*small, "trainer.max_steps=30", "logger=tensorboard", "hydra.run.dir=job"], tmp_path
-    )
+    small += ["trainer.progress_bar=true", "logger=tensorboard"]
+    first = run_cli("addrepro.train", [*small, "trainer.max_steps=30", "hydra.run.dir=job"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
+    frames = (first.stdout + first.stderr).replace("\r", "\n")
+    assert "30/30" in frames and not re.search(r"(?<!\d)3/3(?!\d)", frames)  # 30 steps, not 3 ticks
     job = tmp_path / "job"
     resumed = run_cli(
-        "addrepro.train",
-        [*small, "trainer.max_steps=40", "logger=tensorboard", f"resume={job / 'checkpoints' / 'step_20.ckpt'}"],
-        tmp_path,
+        "addrepro.train", [*small, "trainer.max_steps=40", f"resume={job / 'checkpoints' / 'step_20.ckpt'}"], tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    frames = (resumed.stdout + resumed.stderr).replace("\r", "\n")
+    assert "20/40" in frames and "40/40" in frames and not re.search(r"(?<!\d)0/40", frames)
     assert len(list((job / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per process
     events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()

@@ -116,23 +116,3 @@ def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     assert summary["1"]["status"] == "ok"
     assert "job 0 failed: config: data.base=40" in proc.stderr
     assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5
-
-
-def test_progress_bar_counts_optimiser_steps_and_resumes_where_it_stopped(cli, tmp_path):
-    small = [
-        "data.n_digits=2",
-        "model.width=32",
-        "logger=csv",
-        "trainer.plots=false",
-        *FAST,
-        "trainer.progress_bar=true",
-        "trainer.ckpt_every_n_steps=100",
-    ]
-    first = cli("addrepro.train", *small, "trainer.max_steps=205", "hydra.run.dir=job")
-    assert first.returncode == 0, first.stderr[-2000:]
-    frames = (first.stdout + first.stderr).replace("\r", "\n")
-    assert "205/205" in frames and "21/21" not in frames  # optimiser steps, not Lightning's 21 ticks
-    more = cli("addrepro.train", *small, "trainer.max_steps=300", "resume=job", "hydra.run.dir=again")
-    assert more.returncode == 0, more.stderr[-2000:]
-    frames = (more.stdout + more.stderr).replace("\r", "\n")
-    assert "205/300" in frames and "300/300" in frames  # it starts at the checkpoint's step

@@ -18,9 +18,10 @@ class StepProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         bar, module = self.train_progress_bar, trainer.lightning_module
         step = module.opt.step_count
-        bar.reset(total=module.settings.trainer.max_steps)
-        bar.set_description("step")
-        # A resumed run starts at its checkpoint's step, and its speed is measured from there.
+        # Lightning's reset above restarted the bar's clock; a resumed run starts at its checkpoint's step
+        # (never drawn at 0 first), and its speed is measured from there.
+        bar.total = module.settings.trainer.max_steps
+        bar.set_description("step", refresh=False)
         bar.initial = bar.n = bar.last_print_n = step
         self._show(step)
 
