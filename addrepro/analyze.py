@@ -3,11 +3,13 @@
 Exports the checkpoint to TransformerLens (``addrepro.model.export``) and runs one of the analyses of
 ``addrepro.interp`` (any of ``addrepro.interp.registry.ANALYSES``, or over_training of any of them
 over a run's checkpoints), writing ``<job>/analysis/<name>_<ckpt stem>.{png,json}``.
-A missing checkpoint or an unknown analysis is one error line and exit status 2.
+A missing checkpoint, an unknown analysis or a bad analysis option is one error line and exit status 2,
+the options checked before the model is exported.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -50,6 +52,21 @@ def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Pat
     return path, path.parent.parent
 
 
+def check_options(name: str, options: dict) -> None:
+    """Refuse an analysis option the analysis does not have, or (where it checks them) a value it cannot
+    use, before the model is exported (seconds of TransformerLens start-up)."""
+    module = MODULES[name]
+    known = [p for p in inspect.signature(module.run).parameters if p != "subject"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise AnalyzeError(f"{name}.{unknown[0]} is not an option of {name} (options: {', '.join(known) or 'none'})")
+    if hasattr(module, "check_options"):
+        try:
+            module.check_options(**options)
+        except ValueError as e:
+            raise AnalyzeError(str(e)) from None
+
+
 def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else job / "analysis"
     if cfg.analysis == "over_training":
@@ -63,6 +80,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     if cfg.analysis == "over_training" and cfg.of not in SINGLE:
         raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
+    name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
+    check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
 
     torch.set_num_threads(cfg.threads)
     subject_options = dict(cfg.data)

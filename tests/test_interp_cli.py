@@ -63,3 +63,16 @@ def test_cli_bad_analysis_option_is_one_line(job, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "patching.kinds: 'bogus' is not one of carry, a, b" in lines[0], proc.stderr
+
+
+def test_options_are_checked_before_the_model_is_exported():
+    from addrepro.analyze import AnalyzeError, check_options
+
+    check_options("patching", {"size": 8, "kinds": ["a", "carry"]})
+    unknown = r"^patching.sise is not an option of patching \(options: size, places, kinds\)$"
+    with pytest.raises(AnalyzeError, match=unknown):
+        check_options("patching", {"sise": 8})
+    with pytest.raises(AnalyzeError, match=r"^composition.top is not an option of composition \(options: none\)$"):
+        check_options("composition", {"top": 3})
+    with pytest.raises(AnalyzeError, match=r"^patching.kinds: 'bogus' is not one of carry, a, b$"):
+        check_options("patching", {"kinds": ["bogus"]})

@@ -178,14 +178,19 @@ def path_patch(subject: Subject, corrupt_in: torch.Tensor, clean_cache: Any, cor
     return out
 
 
+def check_options(size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None) -> None:
+    """Raise ValueError naming the option for a value ``run`` cannot use (before a model is loaded)."""
+    for kind in kinds or []:
+        if kind not in KINDS:
+            raise ValueError(f"patching.kinds: {kind!r} is not one of {', '.join(KINDS)}")
+
+
 def run(subject: Subject, size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None) -> dict:
     """Every place (or ``places``) and kind (default: carry pairs only; add ``a``, ``b``)."""
+    check_options(size, places, kinds)
     spec = subject.spec
     places = list(range(spec.n_places)) if places is None else list(places)
     kinds = ["carry"] if kinds is None else list(kinds)
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"patching.kinds: {kind!r} is not one of {', '.join(KINDS)}")
     results: dict[str, dict] = {}
     for j in places:
         for kind in kinds:
