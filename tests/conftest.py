@@ -8,6 +8,35 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The files whose tests start training commands in fresh processes, as a user does (real Hydra runs and
+# multiruns, W&B runs read back, signals, kills): each command spends ~5-9 s importing torch, Lightning
+# and W&B before it trains, which is most of the suite's time. They are marked slow (`-m "not slow"`
+# leaves them out for a quick check) and run first, longest first, so that with one worker per core the
+# workers end together (pytest-xdist keeps this order: --no-loadscope-reorder in pyproject.toml).
+SLOW_FILES = (
+    "test_resume.py",
+    "test_reliability.py",
+    "test_sweeps.py",
+    "test_train_cli.py",
+    "test_interp_cli.py",
+    "test_dashboard.py",
+    "test_analyze.py",
+    "test_bad_input.py",
+    "test_reference.py",
+    "test_ensemble.py",
+    "test_report.py",
+    "test_devices.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    for item in items:
+        if item.path.name in rank:
+            item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # Short runs: log and evaluate often enough that every key appears, write few checkpoints.
 FAST = [
     "trainer.progress_bar=false",

@@ -1,0 +1,200 @@
+"""Runs that are killed or pre-empted and resumed, against one run trained in one go: the same weights,
+optimiser moments, metrics rows, run files and W&B history."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from test_reliability import one_thread_env, train_cmd
+
+from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.confusion import load_confusion
+from addrepro.rundir.metrics_file import load_rows
+from addrepro.wandb_offline import find_runs, read_run
+
+# A hair-trigger spike detector: any logged loss above its local trend counts, so the spike files of
+# killed and resumed runs have content (a noisy training loss rises above its trend many times).
+SPIKY = ["metrics.spike_factor=1.001", "metrics.spike_min_excess=0"]
+
+
+def kill(proc, until) -> None:
+    """SIGKILL ``proc`` once ``until()`` holds (or it ended, or 3 minutes passed)."""
+    deadline = time.time() + 180
+    while not until() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(uninterrupted, tmp_path):
+    """Killed twice without warning: before its first checkpoint, then after one; resumed from elsewhere."""
+    env = one_thread_env()
+    quiet = {"cwd": tmp_path, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    ckpts = tmp_path / "killed" / "checkpoints"
+    # Killed as soon as its W&B run exists: nothing to resume from, so resume=auto starts again, continuing
+    # that W&B run; then killed after its first checkpoint.
+    kill(subprocess.Popen(train_cmd("hydra.run.dir=killed"), **quiet), lambda: find_runs(tmp_path / "killed"))
+    assert find_runs(tmp_path / "killed") and not (ckpts / "step_100.ckpt").exists()
+    victim = subprocess.Popen(train_cmd("hydra.run.dir=killed", "resume=auto"), **quiet)
+    kill(victim, lambda: (ckpts / "step_100.ckpt").exists())
+    assert not (ckpts / "last.ckpt").exists(), "killed too late to test resuming"
+
+    resumed = subprocess.run(
+        train_cmd("resume=killed", "hydra.run.dir=resumer"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(uninterrupted)
+    b = load_checkpoint(tmp_path / "killed")  # the resumed run continues in the killed run's folder
+    assert a["step"] == b["step"] == 400
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+    # Metrics continue: every evaluation step once, the same values as the uninterrupted run.
+    def val(job):
+        return [(r["step"], r["val/loss"]) for r in load_rows(tmp_path / job) if "val/loss" in r]
+
+    assert val("killed") == val(uninterrupted)
+    assert [s for s, _ in val("killed")] == list(range(0, 401, 25))
+    assert load_rows(tmp_path / "killed") == load_rows(uninterrupted)  # every train row too, once
+    # The same W&B run id continues (offline: one run file per process, synced together) and reads back as
+    # one run: the uninterrupted run's history, except that rows logged in the moments before a SIGKILL may
+    # never have reached the W&B file (the metrics file, checked above, has them all).
+    ids = {read_run(p).run_id for p in find_runs(tmp_path / "killed")}
+    assert len(ids) == 1 and len(find_runs(tmp_path / "killed")) == 3
+    killed, full = read_run(tmp_path / "killed"), read_run(uninterrupted)
+    assert len(killed.parts) == 3 and killed.exit_code == 0
+    restart = load_checkpoint(ckpts / "step_100.ckpt")["step"]
+    before = [r for r in stepped(killed) if r[0] < restart]
+    assert before == stepped(full)[: len(before)]
+    assert [r for r in stepped(killed) if r[0] >= restart] == [r for r in stepped(full) if r[0] >= restart]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: RUN trained in one go, with one thread."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(
+        train_cmd(*SPIKY, "hydra.run.dir=full"), cwd=root, env=one_thread_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "full"
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared"
+
+
+def preempt(tmp_path, env, sig, after_step: int, *args: str) -> int:
+    """Start RUN in ``job``, send ``sig`` once ``step_<after_step>.ckpt`` exists; the step it stopped at."""
+    victim = subprocess.Popen(
+        train_cmd(*SPIKY, "hydra.run.dir=job", *args),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(tmp_path / "job" / "checkpoints" / f"step_{after_step}.ckpt", victim)
+    victim.send_signal(sig)
+    _, err = victim.communicate(timeout=180)
+    assert victim.returncode == 128 + sig, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("addrepro:")]
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: preempted: {sig.name} at step "), lines
+    assert "Traceback" not in err
+    status = json.loads((tmp_path / "job" / "status.json").read_text())
+    assert status["status"] == "preempted"
+    return status["step"]
+
+
+def test_preemption_signals_checkpoint_where_they_stopped_and_resume_auto_ends_bitwise_equal(uninterrupted, tmp_path):
+    """A job pre-empted twice, as SLURM does it (SIGUSR1 before the time limit, SIGTERM on requeue)."""
+    env = one_thread_env()
+    full_rows = load_rows(uninterrupted)
+    spikes = json.loads((uninterrupted / "spikes.json").read_text())
+    assert len(spikes) >= 2, "no spikes to compare: the detector settings of RUN should find some"
+    stops = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        after = 100 if not stops else (stops[-1] // 100 + 1) * 100  # the first checkpoint of this part
+        assert after < 400, f"the first part stopped at step {stops[-1]}: too late to pre-empt again"
+        step = preempt(tmp_path, env, sig, after, *(["resume=auto"] if stops else []))
+        stops.append(step)
+        assert after <= step < 400
+        assert load_checkpoint(tmp_path / "job" / "checkpoints" / f"step_{step}.ckpt")["step"] == step
+        assert not (tmp_path / "job" / "checkpoints" / "last.ckpt").exists()
+        # Every row up to the checkpoint reached the metrics file, none after it; the confusion matrices
+        # and spikes up to it too.
+        assert load_rows(tmp_path / "job") == [r for r in full_rows if r["step"] < step]
+        saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
+        assert saved[0].tolist() == [s for s in full[0].tolist() if s < step]
+        assert np.array_equal(saved[1], full[1][: len(saved[0])], equal_nan=True)
+        before = [s for s in spikes if s["step"] < step - 5 * 5]  # not the last ones: a spike may still rise
+        assert json.loads((tmp_path / "job" / "spikes.json").read_text())[: len(before)] == before
+
+    resumed = subprocess.run(
+        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_checkpoint(uninterrupted), load_checkpoint(tmp_path / "job")
+    assert a["step"] == b["step"] == 400
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a["optimizer"]["moments"][name][key], b["optimizer"]["moments"][name][key])
+    assert load_rows(tmp_path / "job") == full_rows  # train and validation rows, each step once
+    # The files written as training went are the uninterrupted run's, and so are the reports from them.
+    saved, full = load_confusion(tmp_path / "job"), load_confusion(uninterrupted)
+    assert np.array_equal(saved[0], full[0]) and np.array_equal(saved[1], full[1], equal_nan=True)
+    for name in ("spikes.json", "shelf_exits.json", "timeline.md", "shelves_detected.json"):
+        assert (tmp_path / "job" / name).read_text() == (uninterrupted / name).read_text(), name
+    # The weights at every spike were saved, those of the resumed parts the same bits as uninterrupted.
+    jobs = (uninterrupted, tmp_path / "job")
+    for s in spikes:
+        at = f"spike_{s['first_step']}_at.ckpt"
+        a, b = (torch.load(d / "checkpoints" / at, weights_only=True)["model"] for d in jobs)
+        assert all(torch.equal(a[n], b[n]) for n in a), at
+        assert f"## Step {s['step']}:" in (tmp_path / "job" / "spikes.md").read_text()
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
+    # One W&B run continued under its id: each pre-empted part closed with 128 + signal, the whole read back.
+    parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)
+    assert len(parts) == 3 and len({read_run(p).run_id for p in parts}) == 1
+    assert [read_run(p).exit_code for p in parts] == [128 + signal.SIGUSR1, 128 + signal.SIGTERM, 0]
+
+    def steps(run):
+        return [(r["trainer/global_step"], r.get("train/loss")) for r in run.history if "trainer/global_step" in r]
+
+    assert steps(read_run(tmp_path / "job")) == steps(read_run(uninterrupted))
+
+
+def stepped(run):
+    return [
+        (r["trainer/global_step"], r.get("train/loss"), r.get("val/loss"))
+        for r in run.history
+        if "trainer/global_step" in r
+    ]
+
+
+def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(uninterrupted, tmp_path):
+    env = one_thread_env()
+    for args in (["trainer.max_steps=200"], ["resume=auto"]):  # RUN's plots are off: no PNGs to log at the end
+        proc = subprocess.run(
+            train_cmd(*SPIKY, *args, "hydra.run.dir=continued"), cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    full, continued = read_run(uninterrupted), read_run(tmp_path / "continued")
+    assert len(continued.parts) == 2
+    # What is logged at the end (the shelves table; the plots too, when drawn) carries no training step,
+    # and wandb's _step restarts in each process.
+    assert "_step" in continued.history[-1] and "trainer/global_step" not in continued.history[-1]
+    assert len(stepped(full)) > 20 and stepped(continued) == stepped(full)
+
+    def unstepped(run):
+        return sorted(k for r in run.history if "trainer/global_step" not in r for k in r if not k.startswith("_"))
+
+    assert unstepped(continued) == unstepped(full) != [] and "shelves" in unstepped(full)
