@@ -4,6 +4,7 @@ lost, nothing hangs (killed and resumed runs: test_resume.py)."""
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAST, REPO, cli_env, fit_bare
+from conftest import FAST, REPO, cli_env, fit_bare, run_cli
 
 from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.training.module import Divergence
@@ -68,9 +69,17 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path):
         assert sha(target) == good
 
 
-def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cli):
-    ok = cli("addrepro.train", *RUN, "trainer.max_steps=100", "hydra.run.dir=job")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """RUN trained for 100 steps (offline W&B), in ``<root>/job``; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("finished")
+    proc = run_cli("addrepro.train", [*RUN, "trainer.max_steps=100", "hydra.run.dir=job"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "job"
+
+
+def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(finished, tmp_path, cli):
+    shutil.copytree(finished, tmp_path / "job", symlinks=True)
     good = sha(tmp_path / "job" / "checkpoints" / "last.ckpt")
     # Continue it with an absurd learning rate: the loss turns NaN within a few steps.
     bad = cli(
@@ -88,20 +97,20 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
     assert read_run(runs[-1]).exit_code == 1  # the W&B run is marked failed
 
 
-def test_bad_checkpoints_fail_with_one_line_naming_what_differs(tmp_path, cli):
-    ok = cli("addrepro.train", *RUN, "trainer.max_steps=10", "logger=csv", "hydra.run.dir=job")
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    ckpt = tmp_path / "job" / "checkpoints" / "last.ckpt"
+def test_bad_checkpoints_fail_with_one_line_naming_what_differs(finished, tmp_path, cli):
+    job = finished  # every command is refused before it writes anything into the job's folder
+    ckpt = job / "checkpoints" / "last.ckpt"
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = {p: sha(p) for p in job.rglob("*") if p.is_file()}
     cases = {
         "resume=nowhere": ["addrepro: checkpoint error: resume=nowhere does not exist"],
         f"resume={truncated}": [f"addrepro: checkpoint error: checkpoint={truncated} cannot be read"],
-        "resume=job model.width=64 data.base=16": [
+        f"resume={job} model.width=64 data.base=16": [
             "data.base: checkpoint 10 vs config 16",
             "model.d_model: checkpoint 32 vs config 64",
         ],
-        "resume=job model.depth=2 data.order=lsb": [
+        f"resume={job} model.depth=2 data.order=lsb": [
             "data.order: checkpoint 'msb' vs config 'lsb'",
             "model.n_layers: checkpoint 1 vs config 2",
         ],
@@ -111,13 +120,14 @@ def test_bad_checkpoints_fail_with_one_line_naming_what_differs(tmp_path, cli):
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]
         assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-1500:])
         assert all(e in lines[0] for e in expected), (args, lines[0])
+    assert {p: sha(p) for p in job.rglob("*") if p.is_file()} == before
 
 
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path):
     env = {**cli_env(), "WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     start = time.time()
     proc = subprocess.run(
-        train_cmd("trainer.max_steps=10", "logger.wandb.init_timeout=3", "hydra.run.dir=job"),
+        train_cmd("trainer.max_steps=10", "logger.wandb.init_timeout=2", "hydra.run.dir=job"),
         cwd=tmp_path,
         env=env,
         capture_output=True,
