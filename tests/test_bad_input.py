@@ -12,6 +12,7 @@ import torch
 from conftest import FAST, run_cli
 
 from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_checkpoint
+from addrepro.rundir.job import make_folder, remove_refused_job_dir
 
 TINY = ["data.n_digits=2", "model.width=16", "trainer.plots=false", *FAST]
 
@@ -41,8 +42,33 @@ def test_bad_values_give_one_line_before_anything_is_created(cli, tmp_path, over
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and lines[0].startswith(f"addrepro: config error: {message}"), lines
-    # What a refused run leaves: Hydra's saved configs, its (empty) log and the failed status only.
-    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == [".hydra", "status.json", "train.log"]
+    assert list(tmp_path.iterdir()) == []  # Hydra's folder for the run is gone again
+
+
+def hydra_files(job: Path) -> None:
+    (job / ".hydra").mkdir()
+    for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"):
+        (job / name).write_text("x")
+
+
+def test_a_refused_runs_folder_goes_only_if_this_command_made_it_and_it_holds_hydras_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    made = make_folder(tmp_path / "mine" / "day" / "job")
+    assert made == tmp_path / "mine" / "day"
+    hydra_files(tmp_path / "mine" / "day" / "job")
+    assert remove_refused_job_dir(tmp_path / "mine" / "day" / "job", ".hydra", "train.log", made)
+    assert list(tmp_path.iterdir()) == [tmp_path / "mine"]  # the user's folder stays, empty or not
+    # A folder that existed before the command (a run's, say) is never removed.
+    assert make_folder(tmp_path / "mine") is None
+    hydra_files(tmp_path / "mine")
+    assert not remove_refused_job_dir(tmp_path / "mine", ".hydra", "train.log", None)
+    assert (tmp_path / "mine" / "train.log").exists()
+    # Nor one that holds anything beside Hydra's files.
+    made = make_folder(tmp_path / "new")
+    hydra_files(tmp_path / "new")
+    (tmp_path / "new" / "metrics.csv").write_text("step\n")
+    assert not remove_refused_job_dir(tmp_path / "new", ".hydra", "train.log", made)
+    assert (tmp_path / "new" / ".hydra" / "config.yaml").exists()
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +118,7 @@ def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(
     message = dict(CKPT_CASES)[name]
     lines = error_lines(proc)
     assert len(lines) == 1 and lines[0].startswith(f"addrepro: checkpoint error: {message}"), lines
-    assert not (finished / "again" / "wandb").exists()  # no W&B run resumed and marked failed
+    assert not (finished / "again").exists()  # no folder, no W&B run resumed and marked failed
 
 
 @pytest.mark.parametrize("name", ["no_model_config.ckpt"])

@@ -121,6 +121,7 @@ def test_bad_checkpoints_fail_with_one_line_naming_what_differs(finished, tmp_pa
         assert proc.returncode == 2 and len(lines) == 1, (args, proc.stderr[-1500:])
         assert all(e in lines[0] for e in expected), (args, lines[0])
     assert {p: sha(p) for p in job.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "again").exists()  # the refused runs' folders are gone
 
 
 def test_online_wandb_without_network_falls_back_to_offline(tmp_path):

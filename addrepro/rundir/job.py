@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,3 +28,55 @@ def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
     if not path.exists():
         raise FileNotFoundError(f"{job_dir} is not a job folder: no .hydra/config.yaml")
     return OmegaConf.load(path)
+
+
+def make_folder(folder: Path) -> Path | None:
+    """``mkdir -p folder``; the topmost folder it created (None if ``folder`` existed)."""
+    folder = Path(folder).absolute()
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def remove_refused_job_dir(job_dir: Path, hydra_subdir: str | None, log_name: str, created: Path | None) -> bool:
+    """Remove the folder Hydra made for a single run that was refused before it wrote anything.
+
+    Hydra saves the configs and opens the job's log before addrepro sees the config, so a refused run
+    would leave a folder that looks like a run. Only folders this command created go (``created``:
+    the topmost one, see ``make_folder``), and only when Hydra's files and the status are all they
+    hold. Returns whether anything was removed.
+    """
+    job_dir = Path(job_dir).absolute()
+    if created is None or not job_dir.is_dir() or (job_dir != created and created not in job_dir.parents):
+        return False
+    allowed = {log_name, "status.json"}
+    if hydra_subdir:
+        allowed |= {f"{hydra_subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    files = [p for p in job_dir.rglob("*") if not p.is_dir()]
+    if any(p.relative_to(job_dir).as_posix() not in allowed for p in files):
+        return False
+    _close_log_files(job_dir)
+    for p in files:
+        p.unlink()
+    for folder in sorted((p for p in job_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        folder.rmdir()
+    folder = job_dir
+    while not any(folder.iterdir()):
+        folder.rmdir()
+        if folder == created:
+            break
+        folder = folder.parent
+    return True
+
+
+def _close_log_files(folder: Path) -> None:
+    """Close and detach the logging handlers that write into ``folder`` (Hydra's job log)."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            path = getattr(handler, "baseFilename", None)
+            if path and folder in Path(path).parents:
+                handler.close()
+                lg.removeHandler(handler)

@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from addrepro.rundir.atomic import remove_stale_temporaries
 from addrepro.rundir.checkpoint_paths import CheckpointError, find_resume_checkpoint
+from addrepro.rundir.job import remove_refused_job_dir
 from addrepro.rundir.lock import LockError, acquire, release
 from addrepro.rundir.names import grid_keys, run_name, swept_keys, swept_tags, wandb_group
 from addrepro.rundir.status import write_status
 from addrepro.training.config import ConfigError, architecture, task_spec, validate
+from addrepro.training.summary import WritableOutput
 
 log = logging.getLogger("addrepro")
 
@@ -136,7 +138,11 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
         acquire(plan.job_dir)
     except (ConfigError, CheckpointError) as e:
         kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-        try_status(plan.job_dir, "failed", f"{kind}: {e}")
+        if plan.multirun:  # the sweep's summary names the failed job
+            try_status(plan.job_dir, "failed", f"{kind}: {e}")
+        else:  # nothing of the refused run is left behind
+            hc = HydraConfig.get()
+            remove_refused_job_dir(plan.job_dir, hc.output_subdir, f"{hc.job.name}.log", WritableOutput.created)
         return refused(plan, f"{kind} error: {e}")
     except LockError as e:  # the folder's status belongs to the process that holds it
         return refused(plan, f"run folder error: {e}")

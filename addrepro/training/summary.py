@@ -12,6 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from addrepro.rundir.job import make_folder
 from addrepro.rundir.status import read_statuses
 
 
@@ -36,18 +37,21 @@ class WritableOutput(Callback):
     """Before any job: the run or sweep folder must be writable, else one line and exit status 2
     (Hydra would stop with a traceback when it saves the job's configs there)."""
 
+    created: Path | None = None  # the topmost folder a single run's check created (a refused run removes it)
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(Path(str(config.hydra.run.dir)))
+        WritableOutput.created = self.check(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.check(Path(str(config.hydra.sweep.dir)))
 
     @staticmethod
-    def check(folder: Path) -> None:
+    def check(folder: Path) -> Path | None:
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            created = make_folder(folder)
             probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.", delete=True)  # noqa: SIM115
             probe.close()
         except OSError as e:
             print(f"addrepro: storage error: cannot write the output folder {folder}: {e.strerror}", file=sys.stderr)
             sys.exit(2)
+        return created
