@@ -22,6 +22,10 @@ import torch
 # every x86/ARM vector width). The CUDA kernel computes every element the same way wherever it is.
 CPU_BLOCK = 64
 
+# The kernel reads a tensor learning rate as a double on the CPU and as a float on CUDA. Every step
+# hands it one (also outside CUDA graphs), so a graph's replay and an eager step compute the same.
+LR_DTYPE = {"cpu": torch.float64, "cuda": torch.float32}
+
 
 @dataclass
 class _KernelCall:
@@ -29,6 +33,7 @@ class _KernelCall:
 
     lr: float
     weight_decay: float
+    lr_table: torch.Tensor  # (warmup_steps + 1,) the learning rate at step min(t, warmup), on the device
     params: list[torch.Tensor] = field(default_factory=list)
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
@@ -80,11 +85,46 @@ class StackedAdamW(torch.optim.Optimizer):
         # The fused kernel reads the step from a device tensor (it is never read back to the host).
         self._step_tensor = torch.zeros((), dtype=torch.float32, device=device)
         self._plan: _FusedPlan | None = None
+        self._factor_table: torch.Tensor | None = None  # warmup factors by step, for device_lr
 
     def current_lr(self) -> torch.Tensor:
         """Learning rate of each member ``(K,)`` for the next step."""
         warmup = self.param_groups[0]["warmup_steps"]
         return self.member_lr * warmup_factor(self.step_count, warmup)
+
+    # -- the step on the device alone (for a CUDA graph) -------------------------------------------
+    def sync_step_tensor(self) -> None:
+        """Make the device step counter ``step_count`` (after a resume, before ``device_step``)."""
+        self._step_tensor.fill_(self.step_count)
+
+    def _schedule_index(self) -> torch.Tensor:
+        """Where the warmup tables are read at the next step: ``min(step, warmup)``, on the device."""
+        return self._step_tensor.clamp(max=self._warmup()).long()
+
+    def _warmup(self) -> int:
+        return max(self.param_groups[0]["warmup_steps"], 0)
+
+    def device_lr(self) -> torch.Tensor:
+        """``current_lr()`` read from the device step counter: equal to it bit for bit, and no host value."""
+        if self._factor_table is None:
+            factors = [warmup_factor(s, self._warmup()) for s in range(self._warmup() + 1)]
+            self._factor_table = torch.tensor(factors, dtype=torch.float32, device=self.member_lr.device)
+        return self.member_lr * self._factor_table[self._schedule_index()]
+
+    @torch.no_grad()
+    def device_step(self) -> None:
+        """``step()`` reading and writing device memory only, so that a CUDA graph can capture it.
+
+        The step counter is the device tensor (``sync_step_tensor`` sets it), the learning rate is read
+        from a table indexed on the device, and ``step_count`` is left to the caller (a host value).
+        The update equals ``step()``'s bit for bit (tested). Needs the fused kernel (CPU or CUDA).
+        """
+        if not self.fused:
+            raise RuntimeError("device_step needs the fused AdamW kernel (a CPU or CUDA device)")
+        params = self._params_with_state()
+        index = self._schedule_index()  # a new tensor: read before the counter moves
+        self._step_tensor.add_(1)
+        self._fused_step(params, index)
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
@@ -92,26 +132,31 @@ class StackedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        factor = warmup_factor(self.step_count, group["warmup_steps"])
+        params = self._params_with_state()
+        index = min(self.step_count, self._warmup())  # the schedule's position before this step
         self.step_count += 1
-        params = [p for p in group["params"] if p.grad is not None]
         if not params:  # nothing to update (the step still counts, as in torch.optim.AdamW)
             return loss
+        if self.fused:
+            self._step_tensor.fill_(self.step_count)
+            self._fused_step(params, index)
+        else:
+            self._elementwise_step(params, warmup_factor(self.step_count - 1, self._warmup()))
+        return loss
+
+    def _params_with_state(self) -> list[torch.Tensor]:
+        """The parameters that have a gradient, their moments created at their first step."""
+        params = [p for p in self.param_groups[0]["params"] if p.grad is not None]
         for p in params:
             if not self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p)
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-        if self.fused:
-            self._fused_step(params, factor)
-        else:
-            self._elementwise_step(params, factor)
-        return loss
+        return params
 
-    def _fused_step(self, params: list[torch.Tensor], factor: float) -> None:
+    def _fused_step(self, params: list[torch.Tensor], index: int | torch.Tensor) -> None:
+        """The kernel calls of one step; the step counter is set, ``index`` is the schedule's position."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        self._step_tensor.fill_(self.step_count)
         plan = self._fused_plan(params)
         # Gradients are new tensors every step: cut them (one split per parameter), nothing else.
         pieces = [
@@ -127,7 +172,7 @@ class StackedAdamW(torch.optim.Optimizer):
                 call.exp_avg_sqs,
                 [],
                 call.steps,
-                lr=call.lr * factor,
+                lr=call.lr_table[index],
                 beta1=beta1,
                 beta2=beta2,
                 weight_decay=call.weight_decay,
@@ -148,6 +193,7 @@ class StackedAdamW(torch.optim.Optimizer):
         if self._plan is not None and self._plan.key == key:
             return self._plan
         settings = list(zip(self.lr, self.weight_decay, strict=True))
+        warmup = self._warmup()
         calls: dict[tuple[float, float], _KernelCall] = {}
         grad_split: list[list[int] | None] = []
         for i, p in enumerate(params):
@@ -158,7 +204,13 @@ class StackedAdamW(torch.optim.Optimizer):
             state = self.state[p]
             cuts = [t.split(sizes) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
             for j, (start, _) in enumerate(runs):
-                call = calls.setdefault(settings[start], _KernelCall(*settings[start]))
+                if settings[start] not in calls:
+                    lr, wd = settings[start]
+                    table = [lr * warmup_factor(s, warmup) for s in range(warmup + 1)]
+                    calls[settings[start]] = _KernelCall(
+                        lr, wd, torch.tensor(table, dtype=LR_DTYPE[p.device.type], device=p.device)
+                    )
+                call = calls[settings[start]]
                 call.params.append(cuts[0][j])
                 call.exp_avgs.append(cuts[1][j])
                 call.exp_avg_sqs.append(cuts[2][j])
