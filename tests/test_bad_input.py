@@ -30,6 +30,7 @@ CONFIG_CASES = [
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
+    CONFIG_CASES.append((["trainer.cuda_graph=true"], "trainer.cuda_graph=True is invalid: needs a CUDA GPU, and none"))
 
 
 def error_lines(proc) -> list[str]:

@@ -93,13 +93,21 @@ class StackedAdamW(torch.optim.Optimizer):
         return self.member_lr * warmup_factor(self.step_count, warmup)
 
     # -- the step on the device alone (for a CUDA graph) -------------------------------------------
+    @property
+    def step_tensor(self) -> torch.Tensor:
+        """Updates taken so far, on the device (float32): what ``device_step`` counts with."""
+        return self._step_tensor
+
     def sync_step_tensor(self) -> None:
         """Make the device step counter ``step_count`` (after a resume, before ``device_step``)."""
         self._step_tensor.fill_(self.step_count)
 
     def _schedule_index(self) -> torch.Tensor:
-        """Where the warmup tables are read at the next step: ``min(step, warmup)``, on the device."""
-        return self._step_tensor.clamp(max=self._warmup()).long()
+        """Where the warmup tables are read at the next step: ``min(step, warmup)``, ``(1,)`` on the device.
+
+        One element, not a 0-dim tensor: indexing with a 0-dim integer tensor reads it on the host.
+        """
+        return self._step_tensor.clamp(max=self._warmup()).long().view(1)
 
     def _warmup(self) -> int:
         return max(self.param_groups[0]["warmup_steps"], 0)
@@ -109,7 +117,7 @@ class StackedAdamW(torch.optim.Optimizer):
         if self._factor_table is None:
             factors = [warmup_factor(s, self._warmup()) for s in range(self._warmup() + 1)]
             self._factor_table = torch.tensor(factors, dtype=torch.float32, device=self.member_lr.device)
-        return self.member_lr * self._factor_table[self._schedule_index()]
+        return self.member_lr * self._factor_table[self._schedule_index()]  # (K,) * (1,)
 
     @torch.no_grad()
     def device_step(self) -> None:
@@ -172,7 +180,7 @@ class StackedAdamW(torch.optim.Optimizer):
                 call.exp_avg_sqs,
                 [],
                 call.steps,
-                lr=call.lr_table[index],
+                lr=call.lr_table[index].reshape(()),
                 beta1=beta1,
                 beta2=beta2,
                 weight_decay=call.weight_decay,

@@ -198,6 +198,8 @@ class TrainerConfig:
     threads: int | None = option(None, integer(1, null=True))
     # torch.compile forward+backward (on CUDA replayed as CUDA graphs); no gain measured on CPU.
     compile: bool = option(False, BOOLEAN)
+    # The whole step (batch, forward, backward, metrics, AdamW) as one CUDA graph replay; CUDA only.
+    cuda_graph: bool = option(False, BOOLEAN)
     log_every_n_steps: int = option(10, integer(1))  # train metrics every N optimiser steps
     val_every_n_steps: int = option(100, integer(1))  # held-out metrics every N steps (and at the end)
     ckpt_every_n_steps: int = option(1000, integer(1))  # resumable checkpoints; last.ckpt is always written
@@ -338,6 +340,23 @@ def validate(cfg: DictConfig) -> None:
     if m.attn_only and m.d_mlp is not None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
     check_accelerator(cfg.trainer.accelerator)
+    check_cuda_graph(cfg.trainer)
+
+
+def check_cuda_graph(trainer: DictConfig) -> None:
+    """``trainer.cuda_graph`` needs a CUDA device, and replaces ``trainer.compile``."""
+    if not trainer.cuda_graph:
+        return
+    if trainer.compile:
+        raise ConfigError("trainer.cuda_graph", True, "cannot be combined with trainer.compile=true (choose one)")
+    if trainer.accelerator not in ("auto", "gpu", "cuda"):
+        raise ConfigError(
+            "trainer.cuda_graph", True, f"needs a CUDA GPU, not trainer.accelerator={trainer.accelerator}"
+        )
+    import torch  # noqa: PLC0415 - only this switch needs a device to look for
+
+    if not torch.cuda.is_available():
+        raise ConfigError("trainer.cuda_graph", True, "needs a CUDA GPU, and none is visible on this machine")
 
 
 def check_accelerator(accelerator: str) -> None:

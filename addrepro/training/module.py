@@ -42,6 +42,7 @@ from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
+from addrepro.training.whole_step import WholeStep
 
 log = logging.getLogger("addrepro")
 
@@ -150,6 +151,12 @@ class AdditionModule(pl.LightningModule):
             self.train_stats = lambda tokens: place_stats(self.model, tokens, self.spec)
         if self.resume_states:
             self.load_resume_states(self.resume_states)
+        self.whole_step = None
+        if self.settings.trainer.cuda_graph:
+            generators = [s.generator for s in self.streams]
+            self.whole_step = WholeStep(
+                self.model, self.spec, self.opt, self.next_batch, generators, self.first_nonfinite, self.grad_keys
+            )
 
     def restore_history(self, history: list[list[dict]], confusions: list[list[tuple[int, Any]]]) -> None:
         """Rows and confusion matrices logged before the resume step; the spike detector continues."""
@@ -203,6 +210,9 @@ class AdditionModule(pl.LightningModule):
         t, step = self.settings.trainer, self.opt.step_count
         if step % t.val_every_n_steps == 0 or step % self.settings.metrics.every_n_steps == 0:
             self.validate(step)
+        if self.whole_step is not None:
+            self.train_whole_step(step)
+            return
         stats = self.train_stats(self.next_batch())
         lightning_opt = self.optimizers()
         lightning_opt.zero_grad(set_to_none=True)
@@ -223,6 +233,17 @@ class AdditionModule(pl.LightningModule):
         lightning_opt.step()
         if logging:
             self.emit(metrics, step)
+            new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
+            self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
+        self.call_hooks("on_optimizer_step_end", step + 1)
+
+    def train_whole_step(self, step: int) -> None:
+        """``train_one_step`` as one CUDA graph replay (``trainer.cuda_graph``; see ``whole_step``)."""
+        logging = step % self.settings.trainer.log_every_n_steps == 0
+        weights = self.stacked_weights() if logging and self.wants("on_train_log_step") else None
+        self.whole_step.step()
+        if logging:
+            self.emit(self.whole_step.metrics(), step)
             new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
             self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
         self.call_hooks("on_optimizer_step_end", step + 1)
