@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                 # CPU (and CUDA when available)
     python benchmarks/bench_train.py --steps 300 --device cpu --ensemble 8
+    python benchmarks/bench_train.py --device cuda --compile --configs "nanda (w128, b64)"
 
 For each configuration it measures, in one process and one after the other:
   plain     a plain PyTorch loop written here: the same architecture as a standard nn.Module,
@@ -12,9 +13,21 @@ For each configuration it measures, in one process and one after the other:
   addrepro  the real path (LightningModule + Trainer, per-place train metrics every 10 steps to
             CSV, held-out and shelf metrics every 100 steps — the defaults);
   addrepro-lean  the same with held-out/shelf metrics only at the end (per-place train metrics on);
+  plain+compile  the plain loop through torch.compile (with --compile; compile time not counted);
+  plain+graph  (CUDA) the plain loop's whole step, batch to AdamW(capturable=True), replayed from one
+            CUDA graph: what the hardware allows for this model;
   lean+compile  addrepro-lean with trainer.compile=true (with --compile; compile time not counted);
-  ensemble  K stacked models in one addrepro run (model-steps/s = K x steps/s).
+  lean+graph  addrepro-lean with trainer.cuda_graph=true (CUDA; on a CPU with --whole-step, uncaptured);
+  ensemble xK  K stacked models in one addrepro run (model-steps/s = K x steps/s), K <= 64;
+  graph xK P   the same with trainer.cuda_graph=true, in float32 (fp32), with TF32 matrix products
+            (tf32, trainer.matmul_precision=high) and under bfloat16 autocast (bf16); CUDA: K = 8, 64, 256.
 Ratios are against the plain loop measured in the same run.
+
+    python benchmarks/bench_train.py --sweep 16 --device cuda
+
+``--sweep N`` times ``python -m addrepro.train -m seed=0,..,N-1`` (the default config: W&B offline, plots)
+from the command to its exit: with the ensemble launcher (on CUDA also with trainer.cuda_graph=true) and
+with the ``parallel`` launcher running all N jobs at once. ``--sweep-args`` adds overrides to every job.
 
     python benchmarks/bench_train.py --crowded 2     # N jobs at once against one job alone
 
@@ -89,11 +102,20 @@ class PlainModel(nn.Module):
 
 
 def plain_loop(
-    spec: TaskSpec, width: int, batch: int, steps: int, warmup: int, device: str, answers_only: bool = False
+    spec: TaskSpec,
+    width: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    answers_only: bool = False,
+    compiled: bool = False,
 ) -> float:
-    """Steps per second of a plain training loop (``answers_only``: last layer at the answer positions)."""
+    """Steps per second of a plain training loop (``answers_only``: last layer at the answer positions;
+    ``compiled``: the model through ``torch.compile``, compiled during the warm-up steps)."""
     torch.manual_seed(0)
     model = PlainModel(spec, width).to(device)
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
     g = torch.Generator(device=device).manual_seed(0)
     n_answer = spec.n_places
@@ -103,11 +125,48 @@ def plain_loop(
             _sync(device)
             start = time.perf_counter()
         inputs, targets = split_tokens(encode(*sample_operands(spec, batch, g, device), spec), spec)
-        logits = model(inputs, n_answer if answers_only else None)[:, -n_answer:]
+        logits = forward(inputs, n_answer if answers_only else None)[:, -n_answer:]
         loss = F.cross_entropy(logits.reshape(-1, spec.base), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+def plain_graph_loop(spec: TaskSpec, width: int, batch: int, steps: int, warmup: int) -> float:
+    """Steps per second of the plain loop with its whole step (batch, forward, backward, AdamW with
+    ``capturable=True``) captured in one CUDA graph and replayed: what the hardware allows."""
+    device = "cuda"
+    torch.manual_seed(0)
+    model = PlainModel(spec, width).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), capturable=True)
+    g = torch.Generator(device=device).manual_seed(0)
+    n_answer = spec.n_places
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        inputs, targets = split_tokens(encode(*sample_operands(spec, batch, g, device), spec), spec)
+        logits = model(inputs)[:, -n_answer:]
+        F.cross_entropy(logits.reshape(-1, spec.base), targets.reshape(-1)).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(g)
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(warmup):
+        graph.replay()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
     _sync(device)
     return steps / (time.perf_counter() - start)
 
@@ -135,14 +194,15 @@ def addrepro_run(
         def __init__(self) -> None:
             self.start = self.end = None
 
-        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
-            if self.start is None and trainer.global_step >= warmup:
+        # addrepro's own step counter: the whole-step path does not advance Lightning's global_step.
+        def on_train_batch_end(self, trainer, module, *args) -> None:  # noqa: ANN001, ANN002
+            if self.start is None and module.opt.step_count >= warmup:
                 _sync(device)
-                self.start, self.start_step = time.perf_counter(), trainer.global_step
+                self.start, self.start_step = time.perf_counter(), module.opt.step_count
 
-        def on_train_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+        def on_train_end(self, trainer, module) -> None:  # noqa: ANN001
             _sync(device)
-            self.end, self.end_step = time.perf_counter(), trainer.global_step
+            self.end, self.end_step = time.perf_counter(), module.opt.step_count
 
     total = warmup + steps
     overrides = [
@@ -169,6 +229,8 @@ def addrepro_run(
         for p in plans:
             p.job_dir.mkdir()
         _train_with_callback(plans, clock)
+    if clock.start is None or clock.end_step == clock.start_step:
+        return math.nan  # too few steps to time: the clock reads between calls of trainer.steps_per_call
     return (clock.end_step - clock.start_step) / (clock.end - clock.start)
 
 
@@ -233,14 +295,47 @@ def crowded(n_jobs: int, config: str, steps: int, warmup: int) -> None:
         print(f"{n_jobs:>4} {label:>12} {sum(rates):20.1f} {sum(rates) / alone:12.2f}x", flush=True)
 
 
+def sweep_wall(n_jobs: int, launcher: str, device: str, extra: list[str]) -> float:
+    """Wall seconds of ``python -m addrepro.train -m seed=0,..,n-1`` with ``launcher``, start-up included."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p)}
+    env.setdefault("WANDB_MODE", "offline")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [sys.executable, "-m", "addrepro.train", "-m", "seed=" + ",".join(map(str, range(n_jobs)))]
+        args += [f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp}/sweep", "trainer.progress_bar=false"]
+        args += [f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", *extra]
+        if launcher == "parallel":
+            args.append(f"hydra.launcher.n_jobs={n_jobs}")
+        start = time.perf_counter()
+        proc = subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {launcher} sweep failed:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+PRECISIONS = {  # the ensembles' arithmetic: full float32, TF32 matrix products, bfloat16 autocast
+    "fp32": ("trainer.matmul_precision=highest",),
+    "tf32": ("trainer.matmul_precision=high",),
+    "bf16": ("trainer.precision=bf16-mixed",),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--ensemble", type=int, default=None, help="members (default: 8 on CPU, 64 on GPU)")
+    parser.add_argument(
+        "--ensemble", type=int, nargs="*", default=None, help="members (default: 8 on CPU; 8 64 256 on GPU)"
+    )
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--compile", action="store_true", help="also time trainer.compile=true (compiles first)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile paths (compiles first)")
+    parser.add_argument(
+        "--whole-step", action="store_true", help="also time trainer.cuda_graph=true on a CPU (uncaptured)"
+    )
+    parser.add_argument("--sweep", type=int, default=None, help="N: wall time of an N-job seed sweep, per launcher")
+    parser.add_argument("--sweep-args", nargs="*", default=[], help="overrides for --sweep's jobs")
     parser.add_argument("--crowded", type=int, default=None, help="N jobs at once against one alone (CPU)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # a --crowded job: one lean run
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -258,32 +353,60 @@ def main() -> int:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     spec = TaskSpec(n_digits=5)
     print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(
-        f"{'device':36} {'config':20} {'path':16} {'steps/s':>9} {'model-steps/s':>14} {'vs plain':>9} "
-        f"{'vs plain-answers':>17}"
-    )
+    if args.sweep is not None:
+        for device in devices:
+            runs = [("ensemble", []), ("parallel", [])]
+            if device == "cuda":
+                runs.insert(0, ("ensemble", ["trainer.cuda_graph=true"]))
+            for launcher, extra in runs:
+                wall = sweep_wall(args.sweep, launcher, device, [*extra, *args.sweep_args])
+                what = f"{args.sweep}-job seed sweep, {launcher} launcher{' + cuda_graph' if extra else ''}"
+                print(f"{machine(device):36} {what:56} {wall:7.1f} s wall", flush=True)
+        return 0
+    head = f"{'device':36} {'config':20} {'path':20} {'steps/s':>9} {'model-steps/s':>14}"
+    print(f"{head} {'vs plain':>9} {'vs answers':>11}")
     for device in devices:
-        k = args.ensemble or (64 if device == "cuda" else 8)
         for name in args.configs:
-            c = CONFIGS[name]
-            plain = plain_loop(spec, c["width"], c["batch"], args.steps, args.warmup, device)
-            single = (c["width"], c["batch"], args.steps, args.warmup, device, 1)
-            rows = [("plain", plain, 1)]
-            answers = plain_loop(spec, c["width"], c["batch"], args.steps, args.warmup, device, answers_only=True)
-            rows.append(("plain-answers", answers, 1))
-            rows.append(("addrepro", addrepro_run(*single, False), 1))
-            rows.append(("addrepro-lean", addrepro_run(*single, True), 1))
-            if args.compile:
-                rows.append(("lean+compile", addrepro_run(*single, True, True), 1))
-            steps = max(args.steps // k * 4, 20)
-            rows.append((f"ensemble x{k}", addrepro_run(c["width"], c["batch"], steps, 10, device, k, True), k))
-            for path, rate, members in rows:
-                print(
-                    f"{machine(device):36} {name:20} {path:16} {rate:9.1f} {rate * members:14.1f} "
-                    f"{rate * members / plain:8.2f}x {rate * members / answers:16.2f}x",
-                    flush=True,
-                )
+            measure_config(spec, name, device, args)
     return 0
+
+
+def measure_config(spec: TaskSpec, name: str, device: str, args: argparse.Namespace) -> None:
+    """Every path of one config on one device, printed as each is measured."""
+    w, b = CONFIGS[name]["width"], CONFIGS[name]["batch"]
+    plain = plain_loop(spec, w, b, args.steps, args.warmup, device)
+    answers = plain_loop(spec, w, b, args.steps, args.warmup, device, answers_only=True)
+
+    def report(path: str, rate: float, members: int = 1) -> None:
+        print(
+            f"{machine(device):36} {name:20} {path:20} {rate:9.1f} {rate * members:14.1f} "
+            f"{rate * members / plain:8.2f}x {rate * members / answers:10.2f}x",
+            flush=True,
+        )
+
+    report("plain", plain)
+    report("plain-answers", answers)
+    if args.compile:
+        report("plain+compile", plain_loop(spec, w, b, args.steps, args.warmup, device, compiled=True))
+    if device == "cuda":
+        report("plain+graph", plain_graph_loop(spec, w, b, args.steps, args.warmup))
+    single = (w, b, args.steps, args.warmup, device, 1)
+    report("addrepro", addrepro_run(*single, False))
+    report("addrepro-lean", addrepro_run(*single, True))
+    if args.compile:
+        report("lean+compile", addrepro_run(*single, True, True))
+    whole = device == "cuda" or args.whole_step
+    if whole:
+        report("lean+graph", addrepro_run(*single, True, extra=("trainer.cuda_graph=true",)))
+    steps = max(args.steps // 4, 40)
+    for k in args.ensemble or ([8, 64, 256] if device == "cuda" else [8]):
+        if k <= 64:
+            report(f"ensemble x{k}", addrepro_run(w, b, steps, 10, device, k, True), k)
+        for label, extra in PRECISIONS.items() if whole else ():
+            if device == "cpu" and label != "fp32":
+                continue  # TF32 is an NVIDIA matrix format; bf16 on a CPU is another question
+            run = ("trainer.cuda_graph=true", *extra)
+            report(f"graph x{k} {label}", addrepro_run(w, b, steps, 10, device, k, True, extra=run), k)
 
 
 if __name__ == "__main__":

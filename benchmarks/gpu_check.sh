@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# The GPU check in one command (about 5 minutes on one GPU): throughput of the real training path
-# against the plain loop (single run, compiled run, ensemble of 64) for both benchmark configs, the
-# compiled path's equality test and the host-sync test on the GPU, and the start-up split of a 10-step
-# job with W&B offline and plots. Needs a CUDA build of torch and `pip install -e ".[test]"`.
+# The GPU check in one command, in parts that each write <part>.txt to the results folder and a line
+# (status, seconds) to summary.txt; a failing part does not stop the others. Needs a CUDA build of
+# torch and `pip install -e ".[test]"`. Parts, in order (about 12 minutes in all on an H100-class GPU):
+#   tests        the GPU tests: the whole-step CUDA graph path (trainer.cuda_graph) against the eager
+#                loop, the compiled path, and no host synchronisation in the hot loop
+#   bench_nanda  benchmarks/bench_train.py for the Nanda config: plain loop, plain loop compiled and as
+#                one CUDA graph, addrepro eager, compiled and whole-step graph, ensembles of 8, 64
+#                and 256 (fp32, TF32, bf16)
+#   preset       the nanda_5digit preset, seeds 0-2 as one stack with trainer.cuda_graph=true, its
+#                plots and docs/compare_seeds.py's tables (the README's CPU table is the comparison)
+#   sweep        wall time of a 16-job seed sweep: ensemble launcher with and without the graph,
+#                and the parallel launcher
+#   bench_large  benchmarks/bench_train.py for width 512 / batch 256 (ensembles of 8 and 64)
+#   startup      the start-up split of a 10-step job (W&B offline and plots)
 #
-#   bash benchmarks/gpu_check.sh [results folder]        # default ./gpu_check_results
-#   DEVICE=cpu STEPS=20 bash benchmarks/gpu_check.sh     # a dry run of the same script on a CPU
+#   bash benchmarks/gpu_check.sh [results folder]                 # default ./gpu_check_results
+#   PARTS="tests bench_nanda" bash benchmarks/gpu_check.sh        # some parts only
+#   DEVICE=cpu STEPS=20 bash benchmarks/gpu_check.sh              # a dry run of every part on a CPU
 #
 # A GPU machine without a package index but with torch and Lightning (and their usual company: numpy,
 # matplotlib, pyyaml, requests, httpx, click, protobuf, psutil, packaging, pytest) lacks the wheels
@@ -13,7 +24,7 @@
 # copy the repository with .whl/ over, and the check installs them first. Training itself imports
 # neither W&B nor ruptures (shelf detection, at plot time): a run with logger=csv trainer.plots=false
 # needs only the first line of wheels (and antlr4).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(
     hydra-core==1.3.8 omegaconf==2.3.1                       # the config (antlr4 is built below: sdist only)
@@ -37,14 +48,48 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=offline
 device=${DEVICE:-cuda}
 steps=${STEPS:-2000}
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
-python3 benchmarks/bench_train.py --device "$device" --compile --configs "nanda (w128, b64)" \
-    --steps "$steps" --warmup "$((steps / 20))" 2>&1 | tee "$out/bench_nanda.txt"
-python3 benchmarks/bench_train.py --device "$device" --compile --configs "large (w512, b256)" \
-    --steps "$((steps / 2))" --warmup "$((steps / 40))" 2>&1 | tee "$out/bench_large.txt"
-ADDREPRO_TEST_DEVICE=$device python3 -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_hot_loop.py \
-    2>&1 | tee "$out/test_compile.txt"
-python3 benchmarks/bench_startup.py --runs 2 2>&1 | tee "$out/bench_startup.txt"
+parts=${PARTS:-tests bench_nanda preset sweep bench_large startup}
+if [[ $device == cuda ]]; then accelerator=gpu; preset_steps=3000; sweep_jobs=16; sweep_args=(); else
+    accelerator=cpu; preset_steps=$steps; sweep_jobs=2; sweep_args=(trainer.max_steps="$steps"); fi
+
+part() {  # part <name> <command...>: run it, keep its output, note status and seconds
+    local name=$1 start=$SECONDS
+    shift
+    echo "== $name" | tee "$out/$name.txt"
+    "$@" 2>&1 | tee -a "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$out/summary.txt"
+}
+
+preset() {
+    local dir
+    dir=$(mktemp -d)/nanda  # the runs themselves stay out of the results folder
+    python3 -m addrepro.train -m experiment=nanda_5digit seed=0,1,2 hydra/launcher=ensemble logger=csv \
+        trainer.accelerator=$accelerator trainer.cuda_graph=$([[ $device == cuda ]] && echo true || echo false) \
+        trainer.max_steps="$preset_steps" trainer.progress_bar=false hydra.sweep.dir="$dir" || return 1
+    python3 docs/compare_seeds.py "$dir/0" "$dir/1" "$dir/2" || return 1
+    cp "$dir/0/place_loss.png" "$out/preset_place_loss_seed0.png"
+    cp "$dir/0/csv/metrics.csv" "$out/preset_metrics_seed0.csv"
+}
+
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
+    | tee "$out/summary.txt"
+for p in $parts; do
+    case $p in
+    tests) part tests env ADDREPRO_TEST_DEVICE="$device" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/test_whole_step.py tests/test_compile.py tests/test_hot_loop.py ;;
+    bench_nanda) part bench_nanda python3 benchmarks/bench_train.py --device "$device" --compile \
+        --configs "nanda (w128, b64)" --steps "$steps" --warmup "$((steps / 20))" --whole-step ;;
+    preset) part preset preset ;;
+    sweep) part sweep python3 benchmarks/bench_train.py --device "$device" --sweep "$sweep_jobs" \
+        --sweep-args "${sweep_args[@]}" ;;
+    bench_large) part bench_large python3 benchmarks/bench_train.py --device "$device" --compile \
+        --configs "large (w512, b256)" --steps "$((steps / 2))" --warmup "$((steps / 40))" --whole-step \
+        --ensemble 8 64 ;;
+    startup) part startup python3 benchmarks/bench_startup.py --runs 2 ;;
+    *) echo "unknown part $p (tests bench_nanda preset sweep bench_large startup)" >&2; exit 2 ;;
+    esac
+done

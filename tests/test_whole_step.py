@@ -21,6 +21,7 @@ from addrepro.training.config import ConfigError, validate
 
 DEVICE = os.environ.get("ADDREPRO_TEST_DEVICE", "cpu")
 ACCELERATOR = "gpu" if DEVICE == "cuda" else "cpu"
+STEPS = 300 if DEVICE == "cuda" else 40  # a few hundred steps where they are cheap
 
 CASES = {
     "single, warmup": [["seed=3", "optimizer.warmup_steps=7"]],
@@ -35,8 +36,9 @@ CASES = {
 }
 
 
-def run(tmp_path, name: str, members: list[list[str]], *overrides: str) -> list[JobPlan]:
-    cfgs = [config(*m, f"trainer.accelerator={ACCELERATOR}", "trainer.steps_per_call=7", *overrides) for m in members]
+def run(tmp_path, name: str, members: list[list[str]], *overrides: str, steps: int = STEPS) -> list[JobPlan]:
+    common = [f"trainer.accelerator={ACCELERATOR}", f"trainer.max_steps={steps}", "trainer.steps_per_call=7"]
+    cfgs = [config(*m, *common, *overrides) for m in members]
     plans = [JobPlan(c, tmp_path / f"{name}{k}", f"{name}{k}", "g", len(cfgs) > 1) for k, c in enumerate(cfgs)]
     for p in plans:
         p.job_dir.mkdir()
@@ -50,8 +52,17 @@ def assert_same(graph_rows: list[dict], eager_rows: list[dict]) -> None:
         return
     assert [r.keys() for r in graph_rows] == [r.keys() for r in eager_rows]
     for g, e in zip(graph_rows, eager_rows, strict=True):
-        for key in e:  # a few hundred kernels replayed instead of launched: the same arithmetic
-            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (e["step"], key)
+        for key in e:  # the same kernels, replayed; CUDA's atomic adds (embedding gradients) vary the sums' order
+            assert g[key] == pytest.approx(e[key], rel=1e-3, abs=1e-5), (e["step"], key)
+
+
+def assert_same_weights(graph: dict, eager: dict) -> None:
+    assert graph.keys() == eager.keys()
+    for key, w in eager.items():
+        if DEVICE == "cpu":
+            assert torch.equal(graph[key], w), key
+        else:
+            torch.testing.assert_close(graph[key], w, rtol=1e-3, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -61,18 +72,14 @@ def test_the_whole_step_logs_and_saves_what_the_eager_loop_does(tmp_path, one_th
     graph = run(tmp_path, "graph", CASES[case], "trainer.cuda_graph=true")
     eager = run(tmp_path, "eager", CASES[case])
     (ws,) = built  # the whole-step path really ran, for all members at once
-    assert ws.eager_steps + ws.replays == 40
+    assert ws.eager_steps + ws.replays == STEPS
     if DEVICE == "cuda":
-        assert ws.eager_steps == whole_step.WARMUP_STEPS and ws.replays == 40 - whole_step.WARMUP_STEPS
+        assert ws.eager_steps == whole_step.WARMUP_STEPS and ws.replays == STEPS - whole_step.WARMUP_STEPS
     for g, e in zip(graph, eager, strict=True):
         rows = load_rows(e.job_dir)
         assert {"train/loss/place_3", "train/grad_norm/global", "train/lr", "val/loss"} <= {k for r in rows for k in r}
         assert_same(load_rows(g.job_dir), rows)
-        weights_g, weights_e = final_weights(g.job_dir), final_weights(e.job_dir)
-        for key, w in weights_e.items():
-            torch.testing.assert_close(
-                weights_g[key], w, rtol=0 if DEVICE == "cpu" else 1e-4, atol=0 if DEVICE == "cpu" else 1e-6
-            )
+        assert_same_weights(final_weights(g.job_dir), final_weights(e.job_dir))
     if len(eager) > 1:
         losses = {[r["val/loss"] for r in load_rows(e.job_dir) if "val/loss" in r][-1] for e in eager}
         assert len(losses) == len(eager)  # the members really differ
@@ -87,16 +94,32 @@ def recorded(init, built: list):  # noqa: ANN001, ANN201
 
 
 def test_a_resumed_whole_step_run_continues_exactly(tmp_path, one_thread):
-    (full,) = run(tmp_path, "full", CASES["single, warmup"], "trainer.cuda_graph=true", "trainer.ckpt_every_n_steps=20")
+    every = f"trainer.ckpt_every_n_steps={STEPS // 2}"
+    (full,) = run(tmp_path, "full", CASES["single, warmup"], "trainer.cuda_graph=true", every)
     shutil.copytree(full.job_dir, tmp_path / "resumed")
-    cfg = config(*CASES["single, warmup"][0], f"trainer.accelerator={ACCELERATOR}", "trainer.steps_per_call=7")
-    cfg.trainer.cuda_graph, cfg.trainer.ckpt_every_n_steps = True, 20
-    step_20 = tmp_path / "resumed" / "checkpoints" / "step_20.ckpt"
-    cfg.resume = str(step_20)
-    train([JobPlan(cfg, tmp_path / "resumed", "resumed", "g", False, resume_from=step_20)])
-    assert load_rows(tmp_path / "resumed") == load_rows(full.job_dir)
-    for key, w in final_weights(full.job_dir).items():
-        assert torch.equal(final_weights(tmp_path / "resumed")[key], w), key
+    middle = tmp_path / "resumed" / "checkpoints" / f"step_{STEPS // 2}.ckpt"
+    cfg = config(*CASES["single, warmup"][0], f"trainer.accelerator={ACCELERATOR}", f"trainer.max_steps={STEPS}")
+    cfg.trainer.cuda_graph, cfg.trainer.steps_per_call, cfg.resume = True, 7, str(middle)
+    cfg.trainer.ckpt_every_n_steps = STEPS // 2
+    train([JobPlan(cfg, tmp_path / "resumed", "resumed", "g", False, resume_from=middle)])
+    assert_same(load_rows(tmp_path / "resumed"), load_rows(full.job_dir))
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(full.job_dir))
+
+
+def test_a_diverging_member_is_stopped_as_on_the_eager_path(tmp_path, one_thread):
+    members = [["seed=0", "optimizer.lr=1e-3"], ["seed=1", "optimizer.lr=1e30"]]  # member 1 turns NaN
+    finals = {}
+    for name, extra in (("graph", ["trainer.cuda_graph=true"]), ("eager", [])):
+        cfgs = [config(*m, f"trainer.accelerator={ACCELERATOR}", "trainer.steps_per_call=7", *extra) for m in members]
+        plans = [JobPlan(c, tmp_path / f"{name}{k}", f"job{k}", "g", True) for k, c in enumerate(cfgs)]
+        for p in plans:
+            p.job_dir.mkdir()
+        finals[name] = train(plans)
+        finals[name + " rows"] = load_rows(plans[0].job_dir)
+    message = finals["graph"][1]["diverged"]
+    assert "non-finite" in message and "first non-finite loss at step" in message, message
+    assert message.replace("graph1", "eager1") == finals["eager"][1]["diverged"]
+    assert_same(finals["graph rows"], finals["eager rows"])  # the other member trained on, unchanged
 
 
 def test_the_whole_step_never_reads_the_host_not_even_at_logging_steps(tmp_path, one_thread, monkeypatch):
@@ -115,7 +138,7 @@ def test_the_whole_step_never_reads_the_host_not_even_at_logging_steps(tmp_path,
 
     monkeypatch.setattr(whole_step.WholeStep, "run", checked)
     monkeypatch.setattr(whole_step.WholeStep, "__init__", cpu_only(whole_step.WholeStep.__init__))
-    run(tmp_path, "m", CASES["stack of 8"][:2], "trainer.cuda_graph=true", "trainer.max_steps=12")
+    run(tmp_path, "m", CASES["stack of 8"][:2], "trainer.cuda_graph=true", steps=12)
     assert steps == list(range(1, 12))  # logging steps (5, 10) included
     assert flagged == []
 
