@@ -35,9 +35,12 @@ class HostSyncs(TorchDispatchMode):
     data (``lift_fresh``: ``torch.tensor([...])`` and list indices, which on CUDA are then copied to
     the device with a blocking copy) and copies to another device. ``.tolist()`` and ``.numpy()`` of
     a CPU tensor read memory without an operator (on CUDA they copy to the host, caught above), so they
-    are watched on the tensor class."""
+    are watched on the tensor class. Operations whose output shape depends on the values (``nonzero``,
+    boolean-mask indexing, ``unique``) read the values on the host on CUDA, and are flagged too."""
 
     HOST_READS = ("tolist", "numpy")
+    # Outputs whose shape depends on the values: CUDA must read them on the host to allocate the result.
+    DATA_SHAPED = ("nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave")
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,8 +71,10 @@ class HostSyncs(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy"):
+        if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy") or name in self.DATA_SHAPED:
             self.seen.append(name)
+        elif name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.seen.append("index with a boolean mask")
         elif name in ("_to_copy", "copy_") and isinstance(args[0], torch.Tensor):
             source = args[1] if name == "copy_" else args[0]
             target = args[0].device if name == "copy_" else kwargs.get("device", args[0].device)
@@ -81,7 +86,8 @@ class HostSyncs(TorchDispatchMode):
 def test_sync_check_flags_host_reads_and_host_built_indices():
     x = torch.arange(12.0).view(3, 4)
     for op in (lambda: x[:, [3, 2, 1, 0]], lambda: x.sum().item(), lambda: torch.tensor([1, 2]),
-               lambda: bool(x.any()), lambda: x.to("meta"), lambda: x.sum().tolist(), lambda: x.numpy()):  # fmt: skip
+               lambda: bool(x.any()), lambda: x.to("meta"), lambda: x.sum().tolist(), lambda: x.numpy(),
+               lambda: x[x > 3], lambda: x.nonzero(), lambda: x.unique()):  # fmt: skip
         with HostSyncs() as check:
             op()
         assert check.seen, op
