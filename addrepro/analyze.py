@@ -56,10 +56,17 @@ def check_options(name: str, options: dict) -> None:
     """Refuse an analysis option the analysis does not have, or (where it checks them) a value it cannot
     use, before the model is exported (seconds of TransformerLens start-up)."""
     module = MODULES[name]
-    known = [p for p in inspect.signature(module.run).parameters if p != "subject"]
-    unknown = sorted(set(options) - set(known))
+    params = {k: p for k, p in inspect.signature(module.run).parameters.items() if k != "subject"}
+    unknown = sorted(set(options) - set(params))
     if unknown:
-        raise AnalyzeError(f"{name}.{unknown[0]} is not an option of {name} (options: {', '.join(known) or 'none'})")
+        raise AnalyzeError(f"{name}.{unknown[0]} is not an option of {name} (options: {', '.join(params) or 'none'})")
+    for key, value in options.items():
+        default = params[key].default
+        # Every integer option is a count or a size (examples, neurons, clusters, components).
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be true or false")
+        if type(default) is int and not (type(value) is int and value >= 1):
+            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer >= 1")
     if hasattr(module, "check_options"):
         try:
             module.check_options(**options)

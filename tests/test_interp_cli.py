@@ -76,3 +76,18 @@ def test_options_are_checked_before_the_model_is_exported():
         check_options("composition", {"top": 3})
     with pytest.raises(AnalyzeError, match=r"^patching.kinds: 'bogus' is not one of carry, a, b$"):
         check_options("patching", {"kinds": ["bogus"]})
+    bad_values = [
+        ("patching", "size", 0, "patching.size=0 is invalid: must be an integer >= 1"),
+        ("attention", "max_examples", "many", "attention.max_examples='many' is invalid: must be an integer >= 1"),
+        ("ablation", "top_k", 2.5, "ablation.top_k=2.5 is invalid: must be an integer >= 1"),
+        ("neurons", "clusters", True, "neurons.clusters=True is invalid: must be an integer >= 1"),
+        ("logit_attribution", "centred", "yes", "logit_attribution.centred='yes' is invalid: must be true or false"),
+        ("patching", "places", [1, -2], "patching.places=[1, -2] is invalid: must be a list of places"),
+    ]
+    for analysis, key, value, message in bad_values:
+        with pytest.raises(AnalyzeError) as info:
+            check_options(analysis, {key: value})
+        assert str(info.value).startswith(message), str(info.value)
+    check_options("neurons", {"per_cell": 4, "clusters": 2, "max_examples": 64, "n_check": 3})
+    check_options("logit_attribution", {"centred": True, "top_neurons": 5})
+    check_options("patching", {"places": [0, 3]})
