@@ -53,7 +53,9 @@ def assert_same(graph_rows: list[dict], eager_rows: list[dict]) -> None:
     assert [r.keys() for r in graph_rows] == [r.keys() for r in eager_rows]
     for g, e in zip(graph_rows, eager_rows, strict=True):
         for key in e:  # the same kernels, replayed; CUDA's atomic adds (embedding gradients) vary the sums' order
-            assert g[key] == pytest.approx(e[key], rel=1e-3, abs=1e-5), (e["step"], key)
+            # an accuracy moves in steps of one example: allow three of the smallest batch here (32)
+            tolerance = {"abs": 3 / 32} if "/acc" in key else {"rel": 1e-3, "abs": 1e-5}
+            assert g[key] == pytest.approx(e[key], **tolerance), (e["step"], key)
 
 
 def assert_same_weights(graph: dict, eager: dict) -> None:

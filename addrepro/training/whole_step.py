@@ -20,6 +20,7 @@ replay. On a CPU the same step runs eagerly: that is how the tests check it agai
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -56,6 +57,7 @@ class WholeStep:
         self.keys: list[str] = []  # the metric of each row of ``buffer``
         self.buffer: torch.Tensor | None = None  # (M, K) the train metrics of the last step
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream
         self.eager_steps = 0
         self.replays = 0
         opt.sync_step_tensor()
@@ -66,7 +68,8 @@ class WholeStep:
             self.run()
             self.eager_steps += 1
         elif self.graph is None and self.eager_steps < WARMUP_STEPS:
-            side = torch.cuda.Stream()
+            self.side = self.side or torch.cuda.Stream()
+            side = self.side
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.run()
@@ -85,8 +88,10 @@ class WholeStep:
 
     def record(self) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
-        for generator in self.generators:
-            graph.register_generator_state(generator)
+        with warnings.catch_warnings():  # newer torch registers generators by itself and warns here
+            warnings.simplefilter("ignore")
+            for generator in self.generators:
+                graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             self.run()
         return graph
