@@ -221,8 +221,8 @@ class AdditionModule(pl.LightningModule):
         # Remember, on the device, the first step whose loss was not finite (reported at the next log).
         bad = ~stats.loss.detach().isfinite()
         self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
-        logging = step % t.log_every_n_steps == 0
-        if logging:
+        metrics = weights = None
+        if step % t.log_every_n_steps == 0:
             metrics = place_metric_dict(stats, "train")
             metrics.update({f"train/{k}": v for k, v in grad_norms(self.model, self.grad_keys).items()})
             metrics["train/lr"] = self.opt.current_lr()
@@ -231,19 +231,19 @@ class AdditionModule(pl.LightningModule):
         # With trainer.compile on CUDA the gradients live in the CUDA graph's memory: everything that
         # reads them (grad norms above, the optimiser here) must do so before the next forward pass.
         lightning_opt.step()
-        if logging:
-            self.emit(metrics, step)
-            new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
-            self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
-        self.call_hooks("on_optimizer_step_end", step + 1)
+        self.after_update(step, metrics, weights)
 
     def train_whole_step(self, step: int) -> None:
         """``train_one_step`` as one CUDA graph replay (``trainer.cuda_graph``; see ``whole_step``)."""
         logging = step % self.settings.trainer.log_every_n_steps == 0
         weights = self.stacked_weights() if logging and self.wants("on_train_log_step") else None
         self.whole_step.step()
-        if logging:
-            self.emit(self.whole_step.metrics(), step)
+        self.after_update(step, self.whole_step.metrics() if logging else None, weights)
+
+    def after_update(self, step: int, metrics: dict[str, torch.Tensor] | None, weights: dict | None) -> None:
+        """After update ``step``: emit its train ``metrics`` (at a logging step) and call the callbacks."""
+        if metrics is not None:
+            self.emit(metrics, step)
             new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
             self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
         self.call_hooks("on_optimizer_step_end", step + 1)
