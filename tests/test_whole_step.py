@@ -29,7 +29,7 @@ CASES = {
     "finite data": [["seed=5", "data.train_size=300", "data.batch_size=32"]],
     "finite data, full batch": [["seed=6", "data.train_size=120", "data.batch_size=null", "data.val_size=32"]],
     "bf16-mixed": [["seed=7", "trainer.precision=bf16-mixed"]],
-    # Eight members; neighbours with equal settings share a kernel call, the others do not.
+    # Eight members in four (lr, weight decay) settings: members sharing one share a kernel call.
     "stack of 8": [
         [f"seed={k}", f"optimizer.lr={(1e-3, 3e-3)[k // 4]}", f"optimizer.weight_decay={k % 2}"] for k in range(8)
     ],

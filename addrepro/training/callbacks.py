@@ -304,7 +304,9 @@ class EndOfRunFiles(pl.Callback):
             )
             for k in members
         ]
-        for k, paths in zip(members, draw_jobs(self.draw, jobs, cpu_cores()), strict=True):
+        # Text reports alone take a fraction of a second: not worth starting processes for.
+        workers = cpu_cores() if self.plots else 1
+        for k, paths in zip(members, draw_jobs(self.draw, jobs, workers), strict=True):
             log_files_to_wandb(module.members[k].loggers, paths, self.job_dirs[k])
 
 
