@@ -194,15 +194,15 @@ def addrepro_run(
         def __init__(self) -> None:
             self.start = self.end = None
 
-        # addrepro's own step counter: the whole-step path does not advance Lightning's global_step.
+        # trainer.global_step counts optimiser steps on every path (a host integer: no sync).
         def on_train_batch_end(self, trainer, module, *args) -> None:  # noqa: ANN001, ANN002
-            if self.start is None and module.opt.step_count >= warmup:
+            if self.start is None and trainer.global_step >= warmup:
                 _sync(device)
-                self.start, self.start_step = time.perf_counter(), module.opt.step_count
+                self.start, self.start_step = time.perf_counter(), trainer.global_step
 
         def on_train_end(self, trainer, module) -> None:  # noqa: ANN001
             _sync(device)
-            self.end, self.end_step = time.perf_counter(), module.opt.step_count
+            self.end, self.end_step = time.perf_counter(), trainer.global_step
 
     total = warmup + steps
     overrides = [

@@ -80,7 +80,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() 
 for p in $parts; do
     case $p in
     tests) part tests env ADDREPRO_TEST_DEVICE="$device" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_whole_step.py tests/test_compile.py tests/test_hot_loop.py ;;
+        tests/test_step.py tests/test_compile.py tests/test_hot_loop.py ;;
     bench_nanda) part bench_nanda python3 benchmarks/bench_train.py --device "$device" --compile \
         --configs "nanda (w128, b64)" --steps "$steps" --warmup "$((steps / 20))" --whole-step ;;
     preset) part preset preset ;;

@@ -91,7 +91,7 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def fit_bare(module, max_steps: int, calls: int, root: Path | None = None) -> None:  # noqa: ANN001 - an AdditionModule
+def fit_bare(module, max_steps: int, root: Path | None = None) -> None:  # noqa: ANN001 - an AdditionModule
     """Train ``module`` with a bare Trainer: no loggers, checkpoints, progress bar or callbacks."""
     import pytorch_lightning as pl  # noqa: PLC0415 - only the tests that train in-process pay for Lightning
 
@@ -100,7 +100,7 @@ def fit_bare(module, max_steps: int, calls: int, root: Path | None = None) -> No
     quiet_lightning()
     trainer = pl.Trainer(
         max_steps=max_steps,
-        max_epochs=1,
+        max_epochs=-1,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -109,4 +109,4 @@ def fit_bare(module, max_steps: int, calls: int, root: Path | None = None) -> No
         limit_val_batches=0,
         default_root_dir=str(root) if root else None,
     )
-    trainer.fit(module, train_dataloaders=range(calls))
+    trainer.fit(module)

@@ -61,7 +61,7 @@ def test_tensorboard_events_hold_the_csv_keys_and_values(sweep):
         job = sweep / str(i)
         events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
-        tags = set(events.Tags()["scalars"])
+        tags = {t for t in events.Tags()["scalars"] if not t.startswith("final/")}  # final/: the HParams tab's
         csv_keys = set().union(*load_rows(job)) - {"step"}
         assert tags == csv_keys
         for j in range(N_DIGITS + 1):
@@ -71,6 +71,24 @@ def test_tensorboard_events_hold_the_csv_keys_and_values(sweep):
                 assert [s for s, _ in logged] == [s for s, _ in expected]
                 # Event files store float32.
                 assert all(math.isclose(a, b, rel_tol=1e-6) for (_, a), (_, b) in zip(logged, expected, strict=True))
+
+
+def test_tensorboard_hparams_show_the_swept_value_beside_the_final_metrics(sweep):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for i, width in enumerate(WIDTHS):
+        job = sweep / str(i)
+        events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        assert start.session_start_info.hparams["model.width"].number_value == width
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        shown = {m.name.tag for m in experiment.metric_infos}
+        assert {"final/val/loss", f"final/val/loss/place_{N_DIGITS}", "final/val/acc"} <= shown
+        for key in ("val/loss", "val/loss/place_0", "val/acc"):
+            (final,) = [e.value for e in events.Scalars(f"final/{key}")]
+            assert math.isclose(final, _csv_series(job, key)[-1][1], rel_tol=1e-6)
 
 
 def test_wandb_runs_carry_their_swept_values_as_tags_and_min_summaries(sweep):

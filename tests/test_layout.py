@@ -86,15 +86,15 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     job.mkdir()
     member = Member(seed=0, data_seed=0, lr=1e-3, weight_decay=0.1, job_dir=job)
     module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
-    fit_bare(module, max_steps=30, calls=3, root=job)
+    fit_bare(module, max_steps=30, root=job)
     assert module.opt.step_count == 30 and any("val/loss" in r for r in module.history)
     assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.history if "train/loss" in r])).all()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [job.relative_to(tmp_path)]
 
 
 def readme_layout() -> dict[str, set[str]]:
-    """The modules the README's Layout section lists, by package ('' for addrepro/ itself)."""
-    text = (REPO / "README.md").read_text().split("## Layout", 1)[1]
+    """The modules the layout page lists, by package ('' for addrepro/ itself)."""
+    text = (REPO / "docs" / "layout.md").read_text().split("# Layout", 1)[1]
     block = text.split("```text\n", 1)[1].split("```", 1)[0]
     listed: dict[str, set[str]] = {}
     package = None
@@ -113,7 +113,7 @@ def readme_layout() -> dict[str, set[str]]:
     return listed
 
 
-def test_the_readme_layout_lists_every_module_where_it_is():
+def test_the_layout_page_lists_every_module_where_it_is():
     root = REPO / "addrepro"
     actual: dict[str, set[str]] = {}
     for p in root.rglob("*.py"):

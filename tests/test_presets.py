@@ -61,7 +61,7 @@ def test_nanda_5digit_matches_the_published_setup(preset, d):
 def test_nanda_finite_uses_750_pairs():
     cfg, _, module = build("nanda_5digit_finite")
     assert cfg.data.train_size == 750 and cfg.model.width == 512 and cfg.optimizer.lr == 1e-4
-    module.on_fit_start()
+    module.build_data()
     stream = module.streams[0]
     assert len(stream.train_tokens) == 750
     assert len(torch.unique(stream.train_tokens, dim=0)) == 750

@@ -301,7 +301,7 @@ def trained_module(tmp_path, lrs):
         Member(seed=0, data_seed=0, lr=lr, weight_decay=0.1, job_dir=tmp_path / f"m{k}") for k, lr in enumerate(lrs)
     ]
     module = AdditionModule(spec, architecture(cfg.model, spec), members, settings(cfg))
-    fit_bare(module, max_steps=10, calls=1)
+    fit_bare(module, max_steps=10)
     return module
 
 

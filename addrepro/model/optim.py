@@ -74,33 +74,33 @@ class StackedAdamW(torch.optim.Optimizer):
         params = list(params)
         if len(lr) != len(weight_decay):
             raise ValueError("lr and weight_decay need one value per member")
-        defaults = dict(lr=max(lr), betas=tuple(betas), eps=eps, warmup_steps=warmup_steps)
+        defaults = dict(lr=lr[0], betas=tuple(betas), eps=eps, warmup_steps=warmup_steps)
         super().__init__(params, defaults)
         device = params[0].device
         self.lr, self.weight_decay = [float(x) for x in lr], [float(x) for x in weight_decay]
         self.member_lr = torch.tensor(lr, dtype=torch.float32, device=device)
         self.member_wd = torch.tensor(weight_decay, dtype=torch.float32, device=device)
         self.fused = device.type in ("cpu", "cuda") if fused is None else fused
-        self.step_count = 0  # optimiser steps taken; a host integer, so the schedule needs no sync
-        # The fused kernel reads the step from a device tensor (it is never read back to the host).
+        # The one step counter: updates taken so far, on the device. The step reads and advances it
+        # there, so a step never waits for the host and a CUDA graph can capture it.
         self._step_tensor = torch.zeros((), dtype=torch.float32, device=device)
         self._plan: _FusedPlan | None = None
-        self._factor_table: torch.Tensor | None = None  # warmup factors by step, for device_lr
+        factors = [warmup_factor(s, self._warmup()) for s in range(self._warmup() + 1)]
+        self._factor_table = torch.tensor(factors, dtype=torch.float32, device=device)  # by step, for current_lr
 
-    def current_lr(self) -> torch.Tensor:
-        """Learning rate of each member ``(K,)`` for the next step."""
-        warmup = self.param_groups[0]["warmup_steps"]
-        return self.member_lr * warmup_factor(self.step_count, warmup)
-
-    # -- the step on the device alone (for a CUDA graph) -------------------------------------------
     @property
     def step_tensor(self) -> torch.Tensor:
-        """Updates taken so far, on the device (float32): what ``device_step`` counts with."""
+        """Updates taken so far, on the device (float32)."""
         return self._step_tensor
 
-    def sync_step_tensor(self) -> None:
-        """Make the device step counter ``step_count`` (after a resume, before ``device_step``)."""
-        self._step_tensor.fill_(self.step_count)
+    @property
+    def step_count(self) -> int:
+        """Updates taken so far, read from the device (a host sync: for checkpoints and tests, not per step)."""
+        return int(self._step_tensor.item())
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._step_tensor.fill_(value)
 
     def _schedule_index(self) -> torch.Tensor:
         """Where the warmup tables are read at the next step: ``min(step, warmup)``, ``(1,)`` on the device.
@@ -112,44 +112,35 @@ class StackedAdamW(torch.optim.Optimizer):
     def _warmup(self) -> int:
         return max(self.param_groups[0]["warmup_steps"], 0)
 
-    def device_lr(self) -> torch.Tensor:
-        """``current_lr()`` read from the device step counter: equal to it bit for bit, and no host value."""
-        if self._factor_table is None:
-            factors = [warmup_factor(s, self._warmup()) for s in range(self._warmup() + 1)]
-            self._factor_table = torch.tensor(factors, dtype=torch.float32, device=self.member_lr.device)
-        return self.member_lr * self._factor_table[self._schedule_index()]  # (K,) * (1,)
+    def current_lr(self) -> torch.Tensor:
+        """Learning rate of each member ``(K,)`` for the next step, on the device (no host value)."""
+        return self._lr_at(self._schedule_index())
 
-    @torch.no_grad()
-    def device_step(self) -> None:
-        """``step()`` reading and writing device memory only, so that a CUDA graph can capture it.
+    def _lr_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self.member_lr * self._factor_table[index]  # (K,) * (1,)
 
-        The step counter is the device tensor (``sync_step_tensor`` sets it), the learning rate is read
-        from a table indexed on the device, and ``step_count`` is left to the caller (a host value).
-        The update equals ``step()``'s bit for bit (tested). Needs the fused kernel (CPU or CUDA).
-        """
-        if not self.fused:
-            raise RuntimeError("device_step needs the fused AdamW kernel (a CPU or CUDA device)")
-        params = self._params_with_state()
-        index = self._schedule_index()  # a new tensor: read before the counter moves
-        self._step_tensor.add_(1)
-        self._fused_step(params, index)
+    def host_lr(self, step: int) -> float:
+        """Member 0's learning rate at ``step`` (what the parameter group shows to Lightning's callbacks)."""
+        return self.lr[0] * warmup_factor(step, self._warmup())
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        """One update of every member, reading and writing device memory only (a CUDA graph can capture it).
+
+        The learning rate is read from a table indexed by the device step counter; the counter advances
+        whether or not any parameter has a gradient (as in ``torch.optim.AdamW``).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self._params_with_state()
-        index = min(self.step_count, self._warmup())  # the schedule's position before this step
-        self.step_count += 1
-        if not params:  # nothing to update (the step still counts, as in torch.optim.AdamW)
-            return loss
-        if self.fused:
-            self._step_tensor.fill_(self.step_count)
+        index = self._schedule_index()  # a new tensor: read before the counter moves
+        self._step_tensor.add_(1)
+        if params and self.fused:
             self._fused_step(params, index)
-        else:
-            self._elementwise_step(params, warmup_factor(self.step_count - 1, self._warmup()))
+        elif params:
+            self._elementwise_step(params, index)
         return loss
 
     def _params_with_state(self) -> list[torch.Tensor]:
@@ -161,7 +152,7 @@ class StackedAdamW(torch.optim.Optimizer):
                 self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
         return params
 
-    def _fused_step(self, params: list[torch.Tensor], index: int | torch.Tensor) -> None:
+    def _fused_step(self, params: list[torch.Tensor], index: torch.Tensor) -> None:
         """The kernel calls of one step; the step counter is set, ``index`` is the schedule's position."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
@@ -227,14 +218,17 @@ class StackedAdamW(torch.optim.Optimizer):
         self._plan = _FusedPlan(key, list(calls.values()), grad_split)
         return self._plan
 
-    def _elementwise_step(self, params: list[torch.Tensor], factor: float) -> None:
+    def _elementwise_step(self, params: list[torch.Tensor], index: torch.Tensor) -> None:
+        """The fused kernel's update as tensor operations (devices without the kernel); the step counter
+        has advanced, ``index`` is the schedule's position before it."""
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
-        t = self.step_count
-        lr = self.member_lr * factor  # (K,)
+        # The bias corrections in double precision, then rounded once, as the kernel does (MPS has no doubles).
+        t = self._step_tensor.to(torch.float32 if self._step_tensor.device.type == "mps" else torch.float64)
+        lr = self._lr_at(index)  # (K,)
         decay = 1 - lr * self.member_wd  # (K,)
-        step_size = lr / (1 - beta1**t)  # (K,)
-        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        step_size = lr / (1 - torch.pow(beta1, t)).float()  # (K,)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt().float()
         for p in params:
             shape = (-1,) + (1,) * (p.dim() - 1)
             exp_avg, exp_avg_sq = self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]
@@ -252,8 +246,9 @@ class StackedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        self.step_count = state_dict.pop("step_count")
+        step_count = state_dict.pop("step_count")
         super().load_state_dict(state_dict)
+        self.step_count = step_count
 
 
 def _runs(settings: list[tuple[float, float]]) -> list[tuple[int, int]]:

@@ -109,6 +109,33 @@ _live_runs: list = []  # W&B runs opened by this process and not yet finished
 _live_tensorboard: list[TensorBoardLogger] = []  # TensorBoard writers opened by this process and not yet closed
 
 
+def log_final_hparams(loggers: list[Logger], config: dict, final: dict[str, float]) -> None:
+    """TensorBoard's HParams tab: the run's config values beside its final held-out metrics.
+
+    The metrics go under ``final/`` tags: TensorBoard writes them as scalars at step 0, which under
+    their own names would put a final value at the start of the training curves.
+    """
+    params = flat_params(config)
+    metrics = {f"final/{key}": value for key, value in final.items() if key.startswith("val/")}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger) and metrics:
+            logger.log_hyperparams(params, metrics=metrics)
+
+
+def flat_params(config: dict, prefix: str = "") -> dict[str, object]:
+    """``{"model.width": 128, ...}``: the scalar values of a nested config (lists as text)."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif value is not None:
+            out[name] = str(value)
+    return out
+
+
 def wandb_run_id(loggers: list[Logger]) -> str | None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):

@@ -33,6 +33,7 @@ from pytorch_lightning.loggers import WandbLogger
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import save_checkpoint
 from addrepro.rundir.confusion import save_confusion
+from addrepro.rundir.loggers import log_final_hparams
 from addrepro.shelves.spikes import Spike
 from addrepro.training.devices import cpu_cores
 from addrepro.training.module import AdditionModule, member_weights
@@ -126,7 +127,7 @@ class Checkpoints(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
-        self.save(module, "last.ckpt", module.opt.step_count)
+        self.save(module, "last.ckpt", module.global_step)
 
     def save(self, module: AdditionModule, filename: str, step: int) -> None:
         states = module.resumable_states(step)
@@ -292,9 +293,12 @@ class EndOfRunFiles(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         module.finish()
+        members = [k for k in range(len(self.job_dirs)) if k not in module.failed]
+        for k in members:
+            final = next((r for r in reversed(module.history) if r["member"] == k and "val/loss" in r), {})
+            log_final_hparams(module.members[k].loggers, module.members[k].config, final)
         if self.draw is None:
             return
-        members = [k for k in range(len(self.job_dirs)) if k not in module.failed]
         jobs = [
             (
                 self.job_dirs[k],

@@ -17,6 +17,7 @@ TransformerLens names. The one mapping between them is ``architecture``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import secrets
 from collections.abc import Callable
@@ -341,6 +342,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
     check_accelerator(cfg.trainer.accelerator)
     check_cuda_graph(cfg.trainer)
+    check_callbacks(cfg.get("callbacks"))
+
+
+def check_callbacks(callbacks: Any) -> None:
+    """``callbacks``: a mapping of names to nodes whose ``_target_`` names an importable class."""
+    if callbacks is None:
+        return
+    if not OmegaConf.is_dict(callbacks):
+        raise ConfigError("callbacks", callbacks, "must be a mapping of names to {_target_: <class>, ...}")
+    for name, node in callbacks.items():
+        key = f"callbacks.{name}"
+        target = node.get("_target_") if OmegaConf.is_dict(node) else None
+        if not isinstance(target, str) or "." not in target:
+            raise ConfigError(
+                f"{key}._target_", target, "must name a callback class, e.g. pytorch_lightning.callbacks.EarlyStopping"
+            )
+        module, _, attr = target.rpartition(".")
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ConfigError(f"{key}._target_", target, f"module {module.split('.')[0]!r} is not installed")
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError as e:
+            raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})") from None
+        if not callable(found):
+            raise ConfigError(f"{key}._target_", target, f"{module} has no class {attr}")
 
 
 def check_cuda_graph(trainer: DictConfig) -> None:
@@ -375,7 +401,8 @@ def typed(cfg: DictConfig) -> TrainConfig:
     """A validated config as the schema's dataclasses (interpolations resolved)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     groups = {g: schema(**plain[g]) for g, (_, schema) in GROUPS.items()}
-    groups["logger"] = LoggerConfig(wandb=WandbConfig(**plain["logger"]["wandb"]), csv=plain["logger"]["csv"])
+    logger = {key: value for key, value in plain["logger"].items() if key != "wandb"}
+    groups["logger"] = LoggerConfig(wandb=WandbConfig(**plain["logger"]["wandb"]), **logger)
     run = RunConfig(**{f.name: plain[f.name] for f in dataclasses.fields(RunConfig)})
     return TrainConfig(run=run, **groups)
 

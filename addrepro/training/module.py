@@ -2,9 +2,13 @@
 
 Why it is shaped this way:
 
-* Each Lightning "batch" is a tick that runs ``trainer.steps_per_call`` optimiser steps; batches are
-  drawn on the device inside the step, so there is no DataLoader. These models are so small that
-  Lightning's per-step overhead would cost more than a step.
+* The optimiser step is one function (``training.step.TrainStep``), run as it is or replayed as a
+  CUDA graph. Each Lightning "batch" is a tick of ``trainer.steps_per_call`` optimiser steps (see
+  ``Ticks``); batches are drawn on the device inside the step, so there is no DataLoader. These models
+  are so small that Lightning's per-batch overhead would cost more than a step.
+* ``trainer.global_step`` counts optimiser steps on every path and ``max_steps`` ends training; an
+  epoch ends at each held-out evaluation, whose metrics (member 0's) are in ``trainer.callback_metrics``,
+  so Lightning's ``EarlyStopping`` and ``ModelCheckpoint(monitor=...)`` work as documented.
 * The K models of a stack (an ensemble of jobs that differ only in seeds, learning rate and weight
   decay) are one model with a leading K dimension; each member keeps its own loggers and folder.
 * Metrics stay on the device as ``(K,)`` tensors and are copied to the host once per logging step.
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ from pytorch_lightning.loggers import Logger
 
 from addrepro.metrics.carry import carry_metric_dict
 from addrepro.metrics.confusion import confusion_matrices
-from addrepro.metrics.grad_norms import grad_norm_keys, grad_norms
+from addrepro.metrics.grad_norms import grad_norm_keys
 from addrepro.metrics.mechanism import MECHANISM_EXAMPLES, mechanism_metric_dict
 from addrepro.metrics.naive_sum import naive_sum_metric_dict
 from addrepro.metrics.place import compiled_place_stats, place_metric_dict, place_stats
@@ -42,7 +48,7 @@ from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import DataConfig, MetricsConfig, OptimizerConfig, TrainerConfig
-from addrepro.training.whole_step import WholeStep
+from addrepro.training.step import TrainStep
 
 log = logging.getLogger("addrepro")
 
@@ -106,6 +112,9 @@ class AdditionModule(pl.LightningModule):
         self.resume_states = resume_states if resume_states and any(resume_states) else None
         self.start_step = self.resume_states[0]["step"] if self.resume_states else 0
         self.finished = False
+        self.last_evaluated: int | None = None  # the step of the last held-out evaluation
+        self.publishing = False  # inside training_step: evaluations reach trainer.callback_metrics
+        self.train_step: TrainStep | None = None  # made when the fit starts, on the job's device
         self.last_train_loss: float | None = None  # member 0's, shown by the progress bar
         # Members of an ensemble that diverged: member -> why. They train on (their numbers never mix
         # with the others') but log and save nothing more; a single run raises Divergence instead.
@@ -125,6 +134,11 @@ class AdditionModule(pl.LightningModule):
         )
 
     def on_fit_start(self) -> None:
+        self.build_data()
+        self.build_step()
+
+    def build_data(self) -> None:
+        """The members' training streams, the validation and carry sets, on the module's device."""
         d, device = self.settings.data, self.device
         self.streams, val_sets = [], []
         for m in self.members:
@@ -140,23 +154,41 @@ class AdditionModule(pl.LightningModule):
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
         mc = self.settings.metrics
         self.carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size).to(device)
+
+    def build_step(self) -> None:
+        """The training step, after the resumed state is loaded; Lightning's step counter set to match."""
         if self.settings.trainer.compile:
             # Compiled code is cached per code object, and every fit compiles the same function for
             # a new model: without a reset, a process that trains more stacks than dynamo's recompile
             # limit (the ensemble launcher, a reused worker, a benchmark) would fail. One process
             # trains one stack at a time, so nothing compiled for an earlier stack is needed again.
             torch._dynamo.reset()
-            self.train_stats = compiled_place_stats(self.model, self.spec)
+            stats = compiled_place_stats(self.model, self.spec)
         else:
-            self.train_stats = lambda tokens: place_stats(self.model, tokens, self.spec)
+            stats = partial(place_stats, self.model, spec=self.spec)
         if self.resume_states:
             self.load_resume_states(self.resume_states)
-        self.whole_step = None
-        if self.settings.trainer.cuda_graph:
-            generators = [s.generator for s in self.streams]
-            self.whole_step = WholeStep(
-                self.model, self.spec, self.opt, self.next_batch, generators, self.first_nonfinite, self.grad_keys
-            )
+        self.opt.param_groups[0]["lr"] = self.opt.host_lr(self.start_step)
+        self.train_step = TrainStep(
+            self.model,
+            stats,
+            self.opt,
+            self.next_batch,
+            [s.generator for s in self.streams],
+            self.first_nonfinite,
+            self.grad_keys,
+            capture=self.settings.trainer.cuda_graph,
+        )
+        lightning_steps(self.trainer, self.start_step)
+
+    def on_fit_end(self) -> None:
+        self.release_step()
+
+    def release_step(self) -> None:
+        """Free a CUDA graph and its memory pool now (also after a failed or pre-empted fit), so the next
+        stack of a process starts from the memory the previous one found."""
+        if self.train_step is not None:
+            self.train_step.release()
 
     def restore_history(self, history: list[list[dict]], confusions: list[list[tuple[int, Any]]]) -> None:
         """Rows and confusion matrices logged before the resume step; the spike detector continues."""
@@ -186,7 +218,7 @@ class AdditionModule(pl.LightningModule):
                 self.opt.state[p] = {
                     key: torch.stack([m[key] for m in moments]).to(p.device) for key in ("exp_avg", "exp_avg_sq")
                 }
-        self.opt.step_count = states[0]["optimizer"]["step_count"]
+        self.opt.step_count = states[0]["optimizer"]["step_count"]  # the device counter
         for stream, st in zip(self.streams, states, strict=True):
             notice = stream.load_state_dict(st["data"], st["step"])
             if notice is not None:
@@ -197,63 +229,70 @@ class AdditionModule(pl.LightningModule):
         return self.optimizers().optimizer
 
     # -- the hot loop ------------------------------------------------------------------------
+    def train_dataloader(self) -> Ticks:
+        return Ticks(self)
+
     def training_step(self, batch: int, batch_idx: int) -> None:
-        t = self.settings.trainer
-        remaining = t.max_steps - self.opt.step_count
-        for _ in range(min(t.steps_per_call, remaining)):
-            self.train_one_step()
+        """``batch`` optimiser steps (a tick, see ``Ticks``)."""
+        self.publishing = True  # Lightning takes self.log here, not in the hooks where finish() may run
+        try:
+            if self.last_evaluated is None:
+                self.evaluate_if_due(self.global_step)  # the model as training starts (or resumes)
+            for _ in range(batch):
+                self.optimizer_step_once()
+        finally:
+            self.publishing = False
+        # Lightning counts one batch for its loggers' step after this; it is made the optimiser step.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step - 1
 
     def next_batch(self) -> torch.Tensor:
         return stacked_batch(self.streams)  # (K, B, T)
 
-    def train_one_step(self) -> None:
-        t, step = self.settings.trainer, self.opt.step_count
-        if step % t.val_every_n_steps == 0 or step % self.settings.metrics.every_n_steps == 0:
-            self.validate(step)
-        if self.whole_step is not None:
-            self.train_whole_step(step)
-            return
-        stats = self.train_stats(self.next_batch())
-        lightning_opt = self.optimizers()
-        lightning_opt.zero_grad(set_to_none=True)
-        # Summing member losses keeps every member's gradient exactly its own mean loss's gradient.
-        self.manual_backward(stats.loss.sum())
-        # Remember, on the device, the first step whose loss was not finite (reported at the next log).
-        bad = ~stats.loss.detach().isfinite()
-        self.first_nonfinite = torch.where(bad & (self.first_nonfinite < 0), step, self.first_nonfinite)
-        metrics = weights = None
-        if step % t.log_every_n_steps == 0:
-            metrics = place_metric_dict(stats, "train")
-            metrics.update({f"train/{k}": v for k, v in grad_norms(self.model, self.grad_keys).items()})
-            metrics["train/lr"] = self.opt.current_lr()
-            # One copy per stacked tensor (not per member), for the spike snapshots of callbacks.
-            weights = self.stacked_weights() if self.wants("on_train_log_step") else None
-        # With trainer.compile on CUDA the gradients live in the CUDA graph's memory: everything that
-        # reads them (grad norms above, the optimiser here) must do so before the next forward pass.
-        lightning_opt.step()
-        self.after_update(step, metrics, weights)
-
-    def train_whole_step(self, step: int) -> None:
-        """``train_one_step`` as one CUDA graph replay (``trainer.cuda_graph``; see ``whole_step``)."""
-        logging = step % self.settings.trainer.log_every_n_steps == 0
+    def optimizer_step_once(self) -> None:
+        """One optimiser step of the stack, then its rows, the callbacks' hooks and any evaluation due."""
+        t, step = self.settings.trainer, self.global_step
+        logging = step % t.log_every_n_steps == 0
+        # One copy per stacked tensor (not per member), for the spike snapshots of callbacks: the weights
+        # that gave this step's logged losses.
         weights = self.stacked_weights() if logging and self.wants("on_train_log_step") else None
-        self.whole_step.step()
-        self.after_update(step, self.whole_step.metrics() if logging else None, weights)
+        metrics = self.train_step(logging)
+        lightning_steps(self.trainer, step + 1)
+        self.opt.param_groups[0]["lr"] = self.opt.host_lr(step + 1)  # what Lightning's LearningRateMonitor reads
+        self.after_update(step, metrics, weights)
+        if step + 1 == t.max_steps:
+            self.finish()
+        else:
+            self.evaluate_if_due(step + 1)
+
+    def evaluate_if_due(self, step: int) -> None:
+        if step % self.settings.trainer.val_every_n_steps == 0 or step % self.settings.metrics.every_n_steps == 0:
+            self.validate(step)
 
     def after_update(self, step: int, metrics: dict[str, torch.Tensor] | None, weights: dict | None) -> None:
         """After update ``step``: emit its train ``metrics`` (at a logging step) and call the callbacks."""
         if metrics is not None:
-            self.emit(metrics, step)
+            row = self.emit(metrics, step)
+            if row is not None:
+                self.publish({key: row[key] for key in PUBLISHED_TRAIN_KEYS if key in row})
             new_spikes, new_exits = self.check_spikes(step), self.check_exits(step)
             self.call_hooks("on_train_log_step", step, weights, new_spikes, new_exits)
         self.call_hooks("on_optimizer_step_end", step + 1)
 
+    def publish(self, row: dict[str, float]) -> None:
+        """Member 0's values into ``trainer.callback_metrics`` (for EarlyStopping, ModelCheckpoint and the
+        progress bar), not to the loggers: they already have them."""
+        if self.publishing and row:
+            self.log_dict(row, on_step=True, on_epoch=False, logger=False, batch_size=1)
+
     @torch.no_grad()
     def validate(self, step: int, final: bool = False) -> None:
         t, mc = self.settings.trainer, self.settings.metrics
+        self.last_evaluated = step
         stats = place_stats(self.model, self.val_tokens, self.spec)
         if step % t.val_every_n_steps == 0 or final:
-            self.emit(place_metric_dict(stats, "val"), step)
+            row = self.emit(place_metric_dict(stats, "val"), step)
+            if row is not None:
+                self.publish(row)
             self.call_hooks("on_validation_rows", step)
         if step % mc.every_n_steps == 0 or final:
             metrics = naive_sum_metric_dict(stats, self.val_tokens, self.spec, "val")
@@ -265,7 +304,9 @@ class AdditionModule(pl.LightningModule):
             if mc.mechanism:
                 sample = self.val_tokens[:, :MECHANISM_EXAMPLES]
                 metrics.update(mechanism_metric_dict(self.model, sample, self.carry_sets, self.spec, resid))
-            self.emit(metrics, step)
+            row = self.emit(metrics, step)
+            if row is not None:
+                self.publish(row)
             confusion = confusion_matrices(stats).cpu()
             self.confusions.append((step, confusion))
             self.call_hooks("on_confusion", step, confusion)
@@ -301,13 +342,13 @@ class AdditionModule(pl.LightningModule):
         """``(member, spike)`` for every spike so far (a resumed run's earlier ones included), each at its peak."""
         return [(k, s) for k, m in enumerate(self.spike_monitors) if k not in self.failed for s in m.spikes]
 
-    def on_train_epoch_end(self) -> None:
-        self.finish()
-
     def finish(self) -> None:
-        """The final evaluation, once (callbacks' end-of-run files come after it)."""
+        """The final evaluation, once: at ``max_steps``, or where a callback stopped training (callbacks'
+        end-of-run files come after it)."""
         if not self.finished:
-            self.validate(self.opt.step_count, final=True)
+            step = self.global_step
+            if self.last_evaluated != step or step == self.settings.trainer.max_steps:
+                self.validate(step, final=True)
             self.finished = True
 
     # -- hooks to the callbacks that write files -----------------------------------------------
@@ -331,11 +372,13 @@ class AdditionModule(pl.LightningModule):
         self.call_hooks("on_member_failed", k, message)
 
     # -- leaving the device ------------------------------------------------------------------
-    def emit(self, metrics: dict[str, torch.Tensor], step: int) -> None:
-        """Copy ``(K,)`` metrics to the host in one transfer and send member k's values to its loggers."""
+    def emit(self, metrics: dict[str, torch.Tensor], step: int) -> dict[str, float] | None:
+        """Copy ``(K,)`` metrics to the host in one transfer and send member k's values to its loggers;
+        member 0's row (None if it has failed)."""
         keys = list(metrics)
         values = torch.stack([metrics[k].detach().float() for k in keys] + [self.first_nonfinite.float()])
         values = values.cpu().tolist()  # (M + 1, K)
+        first_row = None
         for k, member in enumerate(self.members):
             if k in self.failed:
                 continue
@@ -354,8 +397,11 @@ class AdditionModule(pl.LightningModule):
             self.history.append({"member": k, "step": step, **row})
             for logger in member.loggers:
                 logger.log_metrics(row, step=step)
-        if "train/loss" in metrics:  # for the progress bar, a host value (self.log would copy it back to the device)
+            if k == 0:
+                first_row = row
+        if "train/loss" in metrics:  # for the progress bar, a host value
             self.last_train_loss = values[keys.index("train/loss")][0]
+        return first_row
 
     def stacked_weights(self) -> dict[str, torch.Tensor]:
         """A copy of every stacked tensor ``(K, ...)`` (members are sliced only when one is saved)."""
@@ -412,13 +458,48 @@ class AdditionModule(pl.LightningModule):
                     **self.checkpoint_header(k, step),
                     "model": member_weights(weights, k),
                     "optimizer": {
-                        "step_count": self.opt.step_count,
+                        "step_count": step,
                         "moments": {name: member_weights(m, k) for name, m in moments.items()},
                     },
                     "data": self.streams[k].state_dict(),
                 }
             )
         return states
+
+
+# The train values published to ``trainer.callback_metrics`` at each logging step (every evaluation
+# publishes all of its values): a few keys, since each ``self.log`` costs more than a GPU step.
+PUBLISHED_TRAIN_KEYS = ("train/loss", "train/acc")
+
+
+class Ticks:
+    """Lightning's batches: each is a number of optimiser steps to take, ``trainer.steps_per_call`` or
+    fewer before an evaluation or the end. An epoch ends at each held-out evaluation
+    (``trainer.val_every_n_steps``), so Lightning's epoch-end callbacks see its metrics."""
+
+    def __init__(self, module: AdditionModule):
+        self.module = module
+
+    def __iter__(self) -> Iterator[int]:
+        t = self.module.settings.trainer
+        step = self.module.global_step
+        end = min((step // t.val_every_n_steps + 1) * t.val_every_n_steps, t.max_steps)
+        while step < end:
+            n = min(t.steps_per_call, end - step)
+            yield n
+            step += n
+
+
+def lightning_steps(trainer: pl.Trainer, step: int) -> None:
+    """Make ``trainer.global_step`` ``step``.
+
+    Lightning advances it when its optimiser wrapper steps; here the AdamW update is inside the step
+    function that a CUDA graph replays, so the same counter is set after each step, and once at the
+    start of a resumed run (Lightning restores it only from its own checkpoint format; addrepro's
+    checkpoints are one per member).
+    """
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+    progress.ready = progress.completed = step
 
 
 def place_losses(row: dict) -> dict[int, float]:

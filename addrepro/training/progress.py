@@ -1,46 +1,62 @@
-"""The progress bar, in optimiser steps.
+"""The progress bar: optimiser steps out of ``trainer.max_steps``, one bar for the whole run.
 
-Lightning counts its own steps, and each runs ``trainer.steps_per_call`` optimiser steps, so its bar
-would read 300/300 for a 3000-step run. This bar counts optimiser steps, starts where a resumed run
-stopped and redraws about once per logging step (a redraw costs more than a step of these models).
+Lightning's own bar counts batches per epoch; here a batch is a tick of several optimiser steps and
+an epoch the stretch between two evaluations, so it would restart at every evaluation. This is a
+Lightning ``ProgressBar`` of its own instead: it reads ``trainer.global_step``, starts where a resumed
+run stopped and redraws once per ``refresh_steps`` (a redraw costs more than a step of these models).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar
+from tqdm import tqdm
 
 
-class StepProgressBar(TQDMProgressBar):
-    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        bar, module = self.train_progress_bar, trainer.lightning_module
-        step = module.opt.step_count
-        # Lightning's reset above restarted the bar's clock; a resumed run starts at its checkpoint's step
-        # (never drawn at 0 first), and its speed is measured from there.
-        bar.total = module.settings.trainer.max_steps
-        bar.set_description("step", refresh=False)
-        bar.initial = bar.n = bar.last_print_n = step
-        self._show(step)
+class StepProgressBar(ProgressBar):
+    def __init__(self, refresh_steps: int = 10):
+        super().__init__()
+        self.refresh_steps = refresh_steps
+        self.enabled = True
+        self.bar: tqdm | None = None
+        self.drawn_at = 0
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self.drawn_at = trainer.global_step
+        self.bar = tqdm(
+            total=trainer.max_steps,
+            initial=step,  # a resumed run starts at its checkpoint's step, and its speed is measured from there
+            desc="step",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0.1,
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        batch_idx = args[-1]
-        step, total = pl_module.opt.step_count, self.train_progress_bar.total
-        if (batch_idx + 1) % self.refresh_rate == 0 or step >= total:
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
-            self._show(step)
+        step = trainer.global_step
+        if self.bar is not None and (step - self.drawn_at >= self.refresh_steps or step >= trainer.max_steps):
+            self.bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            self.bar.update(step - self.drawn_at)
+            self.drawn_at = step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # a failed or pre-empted run leaves no half-drawn bar behind
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
         loss = getattr(pl_module, "last_train_loss", None)
-        if loss is not None:
-            metrics["loss"] = f"{loss:.4g}"
-        return metrics
-
-    def _show(self, step: int) -> None:
-        bar = self.train_progress_bar
-        bar.n = step
-        if not bar.disable:
-            bar.refresh()
+        return {"loss": f"{loss:.4g}"} if loss is not None else {}

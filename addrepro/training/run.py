@@ -8,14 +8,16 @@ everything but their seeds, learning rate and weight decay as one stack of model
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint, log_spaced_steps
 from addrepro.rundir.confusion import load_confusion
@@ -133,28 +135,36 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         EndOfRunFiles([p.job_dir for p in plans], draw, t.plots),
     ]
     if t.progress_bar:
-        # Redrawing the bar every step costs more than a training step of these tiny models.
-        callbacks.append(StepProgressBar(refresh_rate=max(1, t.log_every_n_steps // t.steps_per_call)))
+        # First, so the bar is closed before the end-of-run files are drawn. Redrawing the bar every
+        # step would cost more than a training step of these tiny models.
+        callbacks.insert(0, StepProgressBar(refresh_steps=t.log_every_n_steps))
+    user = user_callbacks(cfg, plans[0].job_dir)
     trainer = pl.Trainer(
         max_steps=t.max_steps,
-        max_epochs=1,
+        max_epochs=-1,  # an epoch is the stretch between two evaluations; max_steps ends training
         accelerator=accelerator,
         devices=devices,
         precision=t.precision,
         plugins=cluster_plugins(),
-        logger=False,
-        enable_checkpointing=False,
+        # Lightning's own logging (a user's callback, LearningRateMonitor) goes to member 0's loggers,
+        # once per tick of trainer.steps_per_call optimiser steps, at the tick's first step.
+        logger=members[0].loggers or False,
+        log_every_n_steps=1,
+        enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in user),
         enable_model_summary=False,
         enable_progress_bar=t.progress_bar,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(plans[0].job_dir),
-        callbacks=callbacks,
+        callbacks=callbacks + user,
     )
     if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
         log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
         return [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
-    trainer.fit(module, train_dataloaders=range(math.ceil((t.max_steps - module.start_step) / t.steps_per_call)))
+    try:
+        trainer.fit(module)
+    finally:
+        module.release_step()
     finals = []
     for k in range(len(plans)):
         if k in module.failed:  # a member of an ensemble that diverged while the others trained on
@@ -229,6 +239,20 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
             sys.exit(1)
         return False
     return True
+
+
+def user_callbacks(cfg: DictConfig, job_dir: Path) -> list[pl.Callback]:
+    """The callbacks of the config's ``callbacks`` node (``+callbacks.<name>._target_=<class>`` or the
+    ``callbacks`` group), instantiated in name order. A ``ModelCheckpoint`` without a ``dirpath`` writes
+    to ``<job>/checkpoints/lightning`` (Lightning's format, beside addrepro's own checkpoints)."""
+    made = []
+    for name, node in sorted((cfg.get("callbacks") or {}).items()):
+        callback = instantiate(node)
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(job_dir / "checkpoints" / "lightning")
+        made.append(callback)
+        log.info("callback %s: %s", name, type(callback).__name__)
+    return made
 
 
 def cluster_plugins() -> list:
