@@ -58,7 +58,7 @@ def child(out: Path, overrides: list[str]) -> None:
         return wrapper
 
     run.make_loggers = timed("wandb", run.make_loggers)
-    run.finish_wandb_runs = timed("wandb", run.finish_wandb_runs)
+    run.close_loggers = timed("wandb", run.close_loggers)
     entry.draw = timed("plots", entry.draw)
     pl.Trainer.fit = timed("fit", pl.Trainer.fit)
     sys.argv = ["addrepro.train", *overrides]

@@ -105,8 +105,8 @@ def test_non_logging_steps_never_synchronise(tmp_path, one_thread, monkeypatch, 
     original = AdditionModule.optimizer_step_once
 
     def optimizer_step_once(self):
-        t, step = self.settings.trainer, self.global_step
-        evaluates = [(step + 1) % every == 0 for every in (t.val_every_n_steps, self.settings.metrics.every_n_steps)]
+        t, step = self.config.trainer, self.global_step
+        evaluates = [(step + 1) % every == 0 for every in (t.val_every_n_steps, self.config.metrics.every_n_steps)]
         if step % t.log_every_n_steps == 0 or any(evaluates) or step + 1 == t.max_steps:
             return original(self)  # logging steps and evaluations after the update copy metrics to the host
         with HostSyncs() as check:

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 import addrepro.train  # noqa: F401 - registers the config schema and the ${uid:} resolver
 from addrepro.model.transformer import ModelConfig
 from addrepro.task.spec import TaskSpec
-from addrepro.training.config import GROUPS, ModelSchema, RunConfig, architecture, config_dir, task_spec
-from addrepro.training.module import AdditionModule, Member
-from addrepro.training.run import settings
+from addrepro.training.config import GROUPS, ModelSchema, RunConfig, architecture, config_dir, task_spec, typed
+from addrepro.training.module import AdditionModule
+from addrepro.training.recorder import Member
 
 LINT = [
     sys.executable,
@@ -85,10 +85,10 @@ def test_the_lightning_module_writes_no_files(tmp_path, monkeypatch):
     job = tmp_path / "job"
     job.mkdir()
     member = Member(seed=0, data_seed=0, lr=1e-3, weight_decay=0.1, job_dir=job)
-    module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
+    module = AdditionModule(spec, architecture(cfg.model, spec), [member], typed(cfg))
     fit_bare(module, max_steps=30, root=job)
-    assert module.opt.step_count == 30 and any("val/loss" in r for r in module.history)
-    assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.history if "train/loss" in r])).all()
+    assert module.opt.step_count == 30 and any("val/loss" in r for r in module.recorder.history)
+    assert torch.isfinite(torch.tensor([r["train/loss"] for r in module.recorder.history if "train/loss" in r])).all()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [job.relative_to(tmp_path)]
 
 

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401 - registers the ${uid:} resolver used by the configs
 from addrepro.reports.job import load_reference
-from addrepro.training.config import architecture, task_spec, validate
-from addrepro.training.module import AdditionModule, Member
-from addrepro.training.run import settings
+from addrepro.training.config import architecture, task_spec, typed, validate
+from addrepro.training.module import AdditionModule
+from addrepro.training.recorder import Member
 
 
 def build(experiment: str):
@@ -20,7 +20,7 @@ def build(experiment: str):
     validate(cfg)
     spec = task_spec(cfg.data)
     member = Member(seed=0, data_seed=0, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, job_dir=REPO)
-    module = AdditionModule(spec, architecture(cfg.model, spec), [member], settings(cfg))
+    module = AdditionModule(spec, architecture(cfg.model, spec), [member], typed(cfg))
     return cfg, spec, module
 
 
@@ -61,8 +61,8 @@ def test_nanda_5digit_matches_the_published_setup(preset, d):
 def test_nanda_finite_uses_750_pairs():
     cfg, _, module = build("nanda_5digit_finite")
     assert cfg.data.train_size == 750 and cfg.model.width == 512 and cfg.optimizer.lr == 1e-4
-    module.build_data()
-    stream = module.streams[0]
+    module.stack.build_data(module.device)
+    stream = module.stack.streams[0]
     assert len(stream.train_tokens) == 750
     assert len(torch.unique(stream.train_tokens, dim=0)) == 750
     assert stream.full_batch and stream.next() is stream.train_tokens

@@ -15,7 +15,7 @@ import torch
 from conftest import FAST, REPO, cli_env, fit_bare, run_cli
 
 from addrepro.rundir.checkpoints import load_checkpoint
-from addrepro.training.module import Divergence
+from addrepro.training.recorder import Divergence
 from addrepro.wandb_offline import find_runs, read_run
 
 RUN = [
@@ -290,9 +290,9 @@ def trained_module(tmp_path, lrs):
     """A real module after 10 optimiser steps of ``len(lrs)`` stacked members (no callbacks: no files)."""
     from hydra import compose, initialize_config_dir
 
-    from addrepro.training.config import architecture, task_spec
-    from addrepro.training.module import AdditionModule, Member
-    from addrepro.training.run import settings
+    from addrepro.training.config import architecture, task_spec, typed
+    from addrepro.training.module import AdditionModule
+    from addrepro.training.recorder import Member
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["data.n_digits=2", "model.width=16", *FAST])
@@ -300,7 +300,7 @@ def trained_module(tmp_path, lrs):
     members = [
         Member(seed=0, data_seed=0, lr=lr, weight_decay=0.1, job_dir=tmp_path / f"m{k}") for k, lr in enumerate(lrs)
     ]
-    module = AdditionModule(spec, architecture(cfg.model, spec), members, settings(cfg))
+    module = AdditionModule(spec, architecture(cfg.model, spec), members, typed(cfg))
     fit_bare(module, max_steps=10)
     return module
 
@@ -323,5 +323,5 @@ def test_a_member_with_non_finite_state_gets_no_checkpoint_the_others_do(tmp_pat
     states = module.resumable_states(10)
     assert states[0] is not None and states[1] is None
     message = "step 10: non-finite weights in embed.W_E (seed 0, m1); the last good checkpoint is kept"
-    assert module.failed == {1: message}
+    assert module.recorder.failed == {1: message}
     assert all(t.isfinite().all() for t in states[0]["model"].values())

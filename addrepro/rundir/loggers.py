@@ -58,7 +58,6 @@ def make_loggers(
         tb = TensorBoardLogger(
             save_dir=str(job_dir), name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
         )
-        _live_tensorboard.append(tb)
         loggers.append(tb)
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
@@ -80,7 +79,6 @@ def make_loggers(
         # trainer/global_step), so each repeats that x axis.
         for key, summary in summary_metrics(cfg.data.n_digits + 1).items():
             run.define_metric(key, summary=summary, step_metric="trainer/global_step", step_sync=True)
-        _live_runs.append(run)
         loggers.append(WandbLogger(experiment=run))
     return loggers
 
@@ -103,10 +101,6 @@ def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wand
             f"addrepro: W&B online unavailable ({type(e).__name__}: {reason}); logging offline instead", file=sys.stderr
         )
         return start("offline")
-
-
-_live_runs: list = []  # W&B runs opened by this process and not yet finished
-_live_tensorboard: list[TensorBoardLogger] = []  # TensorBoard writers opened by this process and not yet closed
 
 
 def log_final_hparams(loggers: list[Logger], config: dict, final: dict[str, float]) -> None:
@@ -143,23 +137,20 @@ def wandb_run_id(loggers: list[Logger]) -> str | None:
     return None
 
 
-def finish_wandb_runs(exit_code: int, preempting: bool = False, job_dir: Path | None = None) -> None:
-    """Close this job's W&B runs (marked failed with a non-zero exit code) and TensorBoard writers
+def close_loggers(loggers: list[Logger], exit_code: int = 0, preempting: bool = False) -> None:
+    """Finish a job's W&B run (marked failed with a non-zero exit code) and close its TensorBoard writer,
     before the next job starts.
 
     ``preempting``: the run stopped to be resumed later under the same id (W&B shows it as preempted).
-    ``job_dir``: only the runs of that job folder (a member of an ensemble that failed alone).
     """
-    wanted = Path(job_dir).resolve() if job_dir is not None else None
-    chosen = [r for r in _live_runs if wanted is None or Path(r.settings.root_dir).resolve() == wanted]
-    for run in chosen:
-        _live_runs.remove(run)
-        if preempting:
-            run.mark_preempting()
-        run.finish(exit_code=exit_code)
-    if wanted is None:
-        while _live_tensorboard:
-            _live_tensorboard.pop().finalize("success" if exit_code == 0 else "failed")
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if preempting:
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.finalize("success" if exit_code == 0 else "failed")
 
 
 def previous_wandb_run_id(job_dir: Path) -> str | None:

@@ -8,10 +8,11 @@ Besides Lightning's hooks they answer the module's own, called at the optimiser 
   with the stacked weights from before its update (those that gave the logged losses), the spikes
   and shelf exits found there;
 * ``on_validation_rows(trainer, module, step)`` — after the held-out rows of ``step`` were emitted;
-* ``on_confusion(trainer, module, step, confusion)`` — confusion matrices ``(K, n+1, base, base)``.
-
-Lightning calls a callback's ``on_train_end`` before the module's; the module's final evaluation
-runs in ``on_train_epoch_end``, so the end-of-run files see it.
+* ``on_confusion(trainer, module, step, confusion)`` — confusion matrices ``(K, n+1, base, base)``;
+* ``on_member_failed(trainer, module, k, message)`` — member k of a stack diverged and stops;
+* at the end of a run, in this order (``AdditionModule.on_train_end``), after the final evaluation:
+  ``on_last_checkpoint(trainer, module)`` (``last.ckpt``), then ``on_end_of_run_files(trainer, module)``
+  (plots and reports, drawn from what the checkpoint covers).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from addrepro.rundir.confusion import save_confusion
 from addrepro.rundir.loggers import log_final_hparams
 from addrepro.shelves.spikes import Spike
 from addrepro.training.devices import cpu_cores
-from addrepro.training.module import AdditionModule, member_weights
+from addrepro.training.module import AdditionModule
+from addrepro.training.stack import member_weights
 
 
 def flush_loggers(module: AdditionModule) -> None:
@@ -58,17 +60,17 @@ class RunFiles:
         self.written: dict[Path, str] = {}  # what each JSON file holds now: unchanged ones are not rewritten
 
     def write(self, module: AdditionModule, confusion: bool = True) -> None:
-        window = 5 * module.settings.trainer.log_every_n_steps
+        window = 5 * module.config.trainer.log_every_n_steps
         for k, member in enumerate(module.members):
-            if k in module.failed:
+            if k in module.recorder.failed:
                 continue
             if confusion:
-                save_confusion(member.job_dir, [(step, c[k]) for step, c in module.confusions])
-            spikes = [s for member_k, s in module.spikes if member_k == k]
+                save_confusion(member.job_dir, [(step, c[k]) for step, c in module.recorder.confusions])
+            spikes = [s for member_k, s in module.recorder.spikes if member_k == k]
             if spikes:
-                rows = [r for r in module.history if r["member"] == k and "train/grad_norm/global" in r]
+                rows = [r for r in module.recorder.history if r["member"] == k and "train/grad_norm/global" in r]
                 spikes = [spike_record(s, rows, window) for s in spikes]
-            exits = [e.as_dict() for member_k, e in module.shelf_exits if member_k == k]
+            exits = [e.as_dict() for member_k, e in module.recorder.shelf_exits if member_k == k]
             self.write_json(member.job_dir / "spikes.json", json.dumps(spikes, indent=1, sort_keys=True))
             self.write_json(member.job_dir / "shelf_exits.json", json.dumps(exits, indent=1))
 
@@ -114,7 +116,7 @@ class Checkpoints(pl.Callback):
         elif step in self.weight_steps:
             weights = {name: t.detach().cpu() for name, t in module.model.state_dict().items()}
             for k in range(len(module.members)):
-                if k not in module.failed:
+                if k not in module.recorder.failed:
                     save_weights(module, k, f"weights_{step}.ckpt", step, member_weights(weights, k))
 
     def on_validation_rows(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
@@ -125,8 +127,7 @@ class Checkpoints(pl.Callback):
         for logger in module.members[k].loggers:  # its rows up to the divergence
             logger.save()
 
-    def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
-        module.finish()
+    def on_last_checkpoint(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         self.save(module, "last.ckpt", module.global_step)
 
     def save(self, module: AdditionModule, filename: str, step: int) -> None:
@@ -211,8 +212,8 @@ class SpikeSnapshots(pl.Callback):
         weights of a spike at the first log after the checkpoint are not in it, and are not saved."""
         if not module.resume_states:
             return
-        for k, monitor in enumerate(module.spike_monitors):
-            rows = [r["step"] for r in module.history if r["member"] == k and "train/loss" in r]
+        for k, monitor in enumerate(module.recorder.spike_monitors):
+            rows = [r["step"] for r in module.recorder.history if r["member"] == k and "train/loss" in r]
             if monitor.spikes and rows and monitor.spikes[-1].first_step == max(rows):
                 self.awaiting_after.append((k, monitor.spikes[-1].first_step))
 
@@ -257,9 +258,9 @@ class ShelfExitSnapshots(pl.Callback):
                 name = f"shelf_exit_{e.step}_place{e.place}_before.ckpt"
                 save_weights(module, k, name, e.last_on_shelf, member_weights(before[1], k))
             save_weights(module, k, f"shelf_exit_{e.step}_place{e.place}_after.ckpt", step, member_weights(weights, k))
-        for k, monitor in enumerate(module.exit_monitors):
+        for k, monitor in enumerate(module.recorder.exit_monitors):
             for j, rest in monitor.resting.items():
-                if rest is not None and rest[2] == step and k not in module.failed:
+                if rest is not None and rest[2] == step and k not in module.recorder.failed:
                     self.on_shelf[(k, j)] = (step, weights)  # a reference: one copy per step for all places
 
 
@@ -268,7 +269,7 @@ class ConfusionImages(pl.Callback):
 
     def on_confusion(self, trainer: pl.Trainer, module: AdditionModule, step: int, confusion: torch.Tensor) -> None:
         for k, m in enumerate(module.members):
-            for logger in m.loggers if k not in module.failed else []:
+            for logger in m.loggers if k not in module.recorder.failed else []:
                 if isinstance(logger, WandbLogger):
                     import wandb  # noqa: PLC0415 - only W&B runs pay for this import
 
@@ -278,9 +279,8 @@ class ConfusionImages(pl.Callback):
 
 
 class EndOfRunFiles(pl.Callback):
-    """The reports drawn from a member's files at the end, and their W&B copies. It comes after
-    ``Checkpoints`` in the callback list: Lightning calls ``on_train_end`` in that order, and the
-    files are written with ``last.ckpt``.
+    """The reports drawn from a member's files at the end (after ``last.ckpt``), their W&B copies and
+    TensorBoard's HParams summary.
 
     ``draw(job_dir, rows, config, plots) -> paths`` writes the text reports, and the PNG plots when
     ``plots`` (the reports layer passes it in).
@@ -291,18 +291,16 @@ class EndOfRunFiles(pl.Callback):
     ):
         self.job_dirs, self.draw, self.plots = job_dirs, draw, plots
 
-    def on_train_end(self, trainer: pl.Trainer, module: AdditionModule) -> None:
-        module.finish()
-        members = [k for k in range(len(self.job_dirs)) if k not in module.failed]
+    def on_end_of_run_files(self, trainer: pl.Trainer, module: AdditionModule) -> None:
+        members = [k for k in range(len(self.job_dirs)) if k not in module.recorder.failed]
         for k in members:
-            final = next((r for r in reversed(module.history) if r["member"] == k and "val/loss" in r), {})
-            log_final_hparams(module.members[k].loggers, module.members[k].config, final)
+            log_final_hparams(module.members[k].loggers, module.members[k].config, module.recorder.final_row(k))
         if self.draw is None:
             return
         jobs = [
             (
                 self.job_dirs[k],
-                [{key: v for key, v in r.items() if key != "member"} for r in module.history if r["member"] == k],
+                module.recorder.rows(k),
                 module.members[k].config,
                 self.plots,
             )

@@ -58,5 +58,6 @@ class StepProgressBar(ProgressBar):
         self.on_train_end(trainer, pl_module)  # a failed or pre-empted run leaves no half-drawn bar behind
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        loss = getattr(pl_module, "last_train_loss", None)
-        return {"loss": f"{loss:.4g}"} if loss is not None else {}
+        """The last logged train loss (member 0's, for a stack), from ``trainer.callback_metrics``."""
+        loss = trainer.callback_metrics.get("train/loss")
+        return {"loss": f"{float(loss):.4g}"} if loss is not None else {}

@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint, log_spaced_steps
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.lock import release
-from addrepro.rundir.loggers import finish_wandb_runs, make_loggers, previous_wandb_run_id, wandb_run_id
+from addrepro.rundir.loggers import close_loggers, make_loggers, previous_wandb_run_id, wandb_run_id
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import (
@@ -34,11 +34,12 @@ from addrepro.training.callbacks import (
     ShelfExitSnapshots,
     SpikeSnapshots,
 )
-from addrepro.training.config import architecture, task_spec, typed
+from addrepro.training.config import TrainConfig, architecture, task_spec, typed
 from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, visible_gpus
-from addrepro.training.module import AdditionModule, Divergence, Member, Settings
+from addrepro.training.module import AdditionModule
 from addrepro.training.plan import Draw, JobPlan, try_status
 from addrepro.training.progress import StepProgressBar
+from addrepro.training.recorder import Divergence, Member
 
 log = logging.getLogger("addrepro")
 
@@ -50,11 +51,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*`training_step` returns `None`.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-
-
-def settings(cfg: DictConfig) -> Settings:
-    t = typed(cfg)
-    return Settings(data=t.data, optimizer=t.optimizer, trainer=t.trainer, metrics=t.metrics)
 
 
 def earlier_history(plan: JobPlan) -> list[dict]:
@@ -76,54 +72,91 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
 
     The jobs must agree on everything but their seeds, learning rate and weight decay (see
     ``addrepro.training.ensemble.packing_key``). ``draw(job_dir, rows)`` draws a job's plots at the
-    end. Returns each job's final validation row.
+    end. Returns each job's final validation row (``{"diverged": why}`` for a member that diverged
+    alone). The jobs' W&B runs and TensorBoard writers are closed when it returns or raises.
     """
     quiet_lightning()
     cfg = plans[0].cfg
-    spec = task_spec(cfg.data)
-    s = settings(cfg)
-    t = s.trainer
+    config = typed(cfg)  # the one typed form of the config that every stage below reads
+    spec, t = task_spec(config.data), config.trainer
     apply_settings(job_threads(t.threads, plans[0].jobs_at_once, cpu_cores()), t.matmul_precision)
     accelerator, devices = job_devices(t.accelerator, t.devices, plans[0].slot, visible_gpus(t.accelerator))
-    members, resume_states, history = [], [], []
-    for plan in plans:
-        state = load_checkpoint(plan.resume_from) if plan.resume_from else None
-        resume_states.append(state)
-        history.append(earlier_history(plan) if state else [])
-        loggers = make_loggers(
-            plan.cfg,
-            plan.job_dir,
-            name=plan.name,
-            group=plan.group,
-            # A job killed before its first checkpoint starts again under the W&B run it had begun.
-            run_id=state.get("wandb_run_id") if state else previous_wandb_run_id(plan.job_dir),
-            resume_step=state["step"] if state else None,
-            tags=plan.tags,
+    resume_states = [load_checkpoint(plan.resume_from) if plan.resume_from else None for plan in plans]
+    history = [earlier_history(plan) if state else [] for plan, state in zip(plans, resume_states, strict=True)]
+    members: list[Member] = []
+    try:
+        members += [make_member(plan, state) for plan, state in zip(plans, resume_states, strict=True)]
+        module = AdditionModule(
+            spec,
+            architecture(config.model, spec),
+            members,
+            config,
+            resume_states=resume_states,
+            history=history,
+            confusions=[earlier_confusion(p) if state else [] for p, state in zip(plans, resume_states, strict=True)],
         )
-        members.append(
-            Member(
-                seed=plan.cfg.seed,
-                data_seed=plan.cfg.data.seed,
-                lr=plan.cfg.optimizer.lr,
-                weight_decay=plan.cfg.optimizer.weight_decay,
-                job_dir=plan.job_dir,
-                config=OmegaConf.to_container(plan.cfg, resolve=True),
-                loggers=loggers,
-                wandb_run_id=wandb_run_id(loggers),
-                wandb_name=plan.name,
-                wandb_group=plan.group,
-            )
-        )
-    confusions = [earlier_confusion(plan) if state else [] for plan, state in zip(plans, resume_states, strict=True)]
-    module = AdditionModule(
-        spec,
-        architecture(cfg.model, spec),
-        members,
-        s,
-        resume_states=resume_states,
-        history=history,
-        confusions=confusions,
+        if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
+            log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
+            finals = [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
+        else:
+            trainer = make_trainer(cfg, config, plans, module, draw, accelerator, devices)
+            try:
+                trainer.fit(module)
+            finally:
+                module.stack.release()
+            failed = module.recorder.failed
+            finals = [
+                {"diverged": failed[k]} if k in failed else module.recorder.final_row(k) for k in range(len(plans))
+            ]
+    except Preempted as e:
+        for member in members:
+            close_loggers(member.loggers, exit_code=e.exit_code, preempting=True)
+        raise
+    except BaseException:
+        for member in members:
+            close_loggers(member.loggers, exit_code=1)
+        raise
+    module.recorder.close()
+    return finals
+
+
+def make_member(plan: JobPlan, state: dict | None) -> Member:
+    """A job as a member of a stack: its settings, folder and loggers (a resumed job's W&B run continued)."""
+    loggers = make_loggers(
+        plan.cfg,
+        plan.job_dir,
+        name=plan.name,
+        group=plan.group,
+        # A job killed before its first checkpoint starts again under the W&B run it had begun.
+        run_id=state.get("wandb_run_id") if state else previous_wandb_run_id(plan.job_dir),
+        resume_step=state["step"] if state else None,
+        tags=plan.tags,
     )
+    return Member(
+        seed=plan.cfg.seed,
+        data_seed=plan.cfg.data.seed,
+        lr=plan.cfg.optimizer.lr,
+        weight_decay=plan.cfg.optimizer.weight_decay,
+        job_dir=plan.job_dir,
+        config=OmegaConf.to_container(plan.cfg, resolve=True),
+        loggers=loggers,
+        wandb_run_id=wandb_run_id(loggers),
+        wandb_name=plan.name,
+        wandb_group=plan.group,
+    )
+
+
+def make_trainer(
+    cfg: DictConfig,
+    config: TrainConfig,
+    plans: list[JobPlan],
+    module: AdditionModule,
+    draw: Draw | None,
+    accelerator: str,
+    devices: Any,
+) -> pl.Trainer:
+    """Lightning's Trainer with addrepro's callbacks (they write the run's files) and the config's."""
+    t = config.trainer
     log_spaced = log_spaced_steps(t.max_steps, t.ckpt_log_count) if t.ckpt_schedule == "log" else []
     checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_every_n_steps), log_spaced)
     callbacks: list[pl.Callback] = [
@@ -135,11 +168,10 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         EndOfRunFiles([p.job_dir for p in plans], draw, t.plots),
     ]
     if t.progress_bar:
-        # First, so the bar is closed before the end-of-run files are drawn. Redrawing the bar every
-        # step would cost more than a training step of these tiny models.
+        # Redrawing the bar every step would cost more than a training step of these tiny models.
         callbacks.insert(0, StepProgressBar(refresh_steps=t.log_every_n_steps))
     user = user_callbacks(cfg, plans[0].job_dir)
-    trainer = pl.Trainer(
+    return pl.Trainer(
         max_steps=t.max_steps,
         max_epochs=-1,  # an epoch is the stretch between two evaluations; max_steps ends training
         accelerator=accelerator,
@@ -148,7 +180,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         plugins=cluster_plugins(),
         # Lightning's own logging (a user's callback, LearningRateMonitor) goes to member 0's loggers,
         # once per tick of trainer.steps_per_call optimiser steps, at the tick's first step.
-        logger=members[0].loggers or False,
+        logger=module.members[0].loggers or False,
         log_every_n_steps=1,
         enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in user),
         enable_model_summary=False,
@@ -158,21 +190,6 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         default_root_dir=str(plans[0].job_dir),
         callbacks=callbacks + user,
     )
-    if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
-        log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
-        return [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
-    try:
-        trainer.fit(module)
-    finally:
-        module.release_step()
-    finals = []
-    for k in range(len(plans)):
-        if k in module.failed:  # a member of an ensemble that diverged while the others trained on
-            finals.append({"diverged": module.failed[k]})
-            continue
-        rows = [r for r in module.history if r["member"] == k]
-        finals.append(next((r for r in reversed(rows) if "val/loss" in r), {}))
-    return finals
 
 
 def run_plans(plans: list[JobPlan], draw: Draw | None = None) -> bool:
@@ -192,14 +209,12 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
     try:
         finals = train(plans, draw)
     except Preempted as e:
-        finish_wandb_runs(exit_code=e.exit_code, preempting=True)
         for plan in plans:
             try_status(plan.job_dir, "preempted", str(e), step=e.step, checkpoint=e.filename)
         print(f"addrepro: preempted: {e}; continue with resume=auto (or resume=<job folder>)", file=sys.stderr)
         e.chain()
         sys.exit(e.exit_code)
     except Exception as e:
-        finish_wandb_runs(exit_code=1)
         for plan in plans:
             try_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
         if isinstance(e, OSError):  # disk full, read-only folder: one line naming the path
@@ -219,10 +234,8 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
         return False
     for plan, final in zip(plans, finals, strict=True):
         if "diverged" in final:
-            finish_wandb_runs(exit_code=1, job_dir=plan.job_dir)
             try_status(plan.job_dir, "failed", f"Divergence: {final['diverged']}")
             print(f"addrepro: diverged: {final['diverged']}", file=sys.stderr)
-    finish_wandb_runs(exit_code=0)
     for plan, final in zip(plans, finals, strict=True):
         if "diverged" in final:
             continue
