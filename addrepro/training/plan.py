@@ -156,6 +156,7 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
     except OSError as e:
         release(plan.job_dir)
         return refused(plan, f"storage error: {e}")
+    log.info("run folder: %s", plan.job_dir)
     return plan
 
 

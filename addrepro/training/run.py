@@ -45,11 +45,10 @@ log = logging.getLogger("addrepro")
 
 
 def quiet_lightning() -> None:
+    """Lightning's INFO lines off (addrepro prints its own), and one warning hidden: Lightning itself
+    calls a torch API that newer torch deprecates, which nothing in a run can change."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*`training_step` returns `None`.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
