@@ -35,6 +35,12 @@ with the ``parallel`` launcher running all N jobs at once. ``--sweep-args`` adds
 (torch's default threads), then N at once with the thread share the ``parallel`` launcher gives each
 job (cores / N), then N at once with torch's default threads (what jobs started by hand get), and
 reports the jobs' total model-steps/s against the job alone.
+
+    python benchmarks/bench_train.py --beside-busy   # thread settings, quiet and beside a busy process
+
+``--beside-busy`` times the addrepro-lean job of the first config with ``trainer.threads`` auto (the
+default), 1, 2 and 2 with a passive OpenMP wait policy, first on a quiet machine, then beside one busy
+process, each against the best setting in the same conditions.
 """
 
 from __future__ import annotations
@@ -277,7 +283,7 @@ def crowded(n_jobs: int, config: str, steps: int, warmup: int) -> None:
     cores = cpu_cores()
     share = job_threads(None, n_jobs, cores) or cores
 
-    def together(count: int, threads: int | None) -> list[float]:
+    def together(count: int, threads: int | str | None) -> list[float]:
         args = [sys.executable, __file__, "--job", config, "--steps", str(steps), "--warmup", str(warmup)]
         if threads is not None:
             args += ["--threads", str(threads)]
@@ -287,12 +293,46 @@ def crowded(n_jobs: int, config: str, steps: int, warmup: int) -> None:
         return [json.loads(p.communicate()[0].strip().splitlines()[-1])["steps_per_s"] for p in procs]
 
     print(f"{cores} cores, config {config}, lean path, {steps} timed steps per job")
-    alone = together(1, None)[0]
+    alone = together(1, "null")[0]
     print(f"{'jobs':>4} {'threads/job':>12} {'total model-steps/s':>20} {'vs one alone':>13}")
     print(f"{1:>4} {'default':>12} {alone:20.1f} {1.0:12.2f}x", flush=True)
-    for label, threads in ((str(share), share), ("default", None)):
+    for label, threads in ((str(share), share), ("default", "null")):
         rates = together(n_jobs, threads)
         print(f"{n_jobs:>4} {label:>12} {sum(rates):20.1f} {sum(rates) / alone:12.2f}x", flush=True)
+
+
+def beside_busy(config: str, steps: int, warmup: int) -> None:
+    """Steps/s of one lean job per thread setting, on a quiet machine and beside a busy process (one
+    Python loop that never sleeps, as on a shared workstation), each against the best setting there."""
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    settings = [("auto (default)", "auto", {}), ("1", "1", {}), ("2", "2", {})]
+    settings.append(("2, OMP_WAIT_POLICY=PASSIVE", "2", {"OMP_WAIT_POLICY": "PASSIVE"}))
+    print(f"{cpu_name()}, config {config}, lean path, {steps} timed steps")
+    print(f"{'neighbour':10} {'trainer.threads':28} {'steps/s':>9} {'vs best here':>13}")
+    for busy in (False, True):
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            rates = []
+            for _, threads, extra in settings:
+                args = [sys.executable, __file__, "--job", config, "--steps", str(steps), "--warmup", str(warmup)]
+                cmd = [*args, "--threads", threads]
+                out = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+                rates.append(json.loads(out.stdout.strip().splitlines()[-1])["steps_per_s"])
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+        for (label, _, _), rate in zip(settings, rates, strict=True):
+            where = "busy" if busy else "quiet"
+            print(f"{where:10} {label:28} {rate:9.1f} {rate / max(rates):12.2f}x", flush=True)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
 
 
 def sweep_wall(n_jobs: int, launcher: str, device: str, extra: list[str]) -> float:
@@ -338,7 +378,10 @@ def main() -> int:
     parser.add_argument("--sweep-args", nargs="*", default=[], help="overrides for --sweep's jobs")
     parser.add_argument("--crowded", type=int, default=None, help="N jobs at once against one alone (CPU)")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)  # a --crowded job: one lean run
-    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--beside-busy", action="store_true", help="thread settings on a quiet machine and beside a busy process"
+    )
     args = parser.parse_args()
     if args.job is not None:
         c = CONFIGS[args.job]
@@ -348,6 +391,9 @@ def main() -> int:
         return 0
     if args.crowded is not None:
         crowded(args.crowded, args.configs[0], args.steps, args.warmup)
+        return 0
+    if args.beside_busy:
+        beside_busy(args.configs[0], args.steps, args.warmup)
         return 0
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]

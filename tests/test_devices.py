@@ -16,7 +16,7 @@ from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import InfiniteBatches
 from addrepro.train import JobPlan, train
 from addrepro.training.config import ConfigError
-from addrepro.training.devices import job_devices, job_threads
+from addrepro.training.devices import ONE_THREAD_BELOW, job_devices, job_threads, step_work
 from addrepro.training.plan import jobs_at_once
 
 
@@ -37,6 +37,18 @@ def test_jobs_side_by_side_share_the_cores():
     assert job_threads(None, 4, 16) == 4
     assert job_threads(None, 3, 2) == 1  # never below one thread
     assert job_threads(3, 2, 2) == 3  # trainer.threads wins
+
+
+def test_auto_threads_are_one_for_a_small_model_and_the_cores_for_a_large_one():
+    default = step_work(width=128, depth=1, d_mlp=None, batch=64, positions=16, members=1)
+    assert default == 64 * 16 * (4 * 128**2 + 2 * 128 * 512)  # attention 4 d^2, MLP 2 d d_mlp per position
+    large = step_work(width=512, depth=1, d_mlp=None, batch=256, positions=16, members=1)
+    assert default < ONE_THREAD_BELOW < large
+    assert job_threads("auto", 1, 2, default) == 1
+    assert job_threads("auto", 4, 16, default) == 1
+    assert job_threads("auto", 1, 16, large) == 16  # the cores this process may use
+    assert job_threads("auto", 4, 16, large) == 4  # shared out between jobs running at once
+    assert step_work(128, 1, None, 64, 16, members=16) == 16 * default  # a stack is K models' work
 
 
 @pytest.mark.parametrize("launcher,n_jobs,expected", [("parallel", 3, 3), ("ensemble", None, 1), ("local", None, 1)])

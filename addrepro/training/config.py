@@ -125,6 +125,12 @@ def one_device(key: str, value: Any) -> None:
     raise ConfigError(key, shown, "must be null (the launcher's choice) or one GPU index in a list, e.g. [1]")
 
 
+def threads_option(key: str, value: Any) -> None:
+    if value is None or value == "auto" or (_is_int(value) and value >= 1):
+        return
+    raise ConfigError(key, value, "must be auto, null (torch's default) or an integer >= 1")
+
+
 def tensorboard_switch(key: str, value: Any) -> None:
     """A boolean; ``true`` needs a TensorBoard writer installed (an optional extra)."""
     BOOLEAN(key, value)
@@ -195,8 +201,9 @@ class TrainerConfig:
     # float32 matmuls: highest = full float32; high = TF32 on tensor cores (NVIDIA Ampere and later).
     matmul_precision: str = option("highest", choice(MATMUL_PRECISIONS))
     precision: Any = option(32, choice(PRECISIONS))  # bf16-mixed: autocast to bfloat16, float32 weights
-    # torch threads of this job. null: torch's default; under hydra/launcher=parallel, cores / n_jobs.
-    threads: int | None = option(None, integer(1, null=True))
+    # torch threads of this job. auto: one for a model this small (see training/devices.py), else the
+    # cores (shared out under hydra/launcher=parallel); null: torch's default; N: exactly N.
+    threads: Any = option("auto", threads_option)
     # torch.compile forward+backward (on CUDA replayed as CUDA graphs); no gain measured on CPU.
     compile: bool = option(False, BOOLEAN)
     # The whole step (batch, forward, backward, metrics, AdamW) as one CUDA graph replay; CUDA only.

@@ -46,17 +46,35 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def job_threads(threads: int | None, jobs_at_once: int, cores: int) -> int | None:
-    """Torch threads for one job: ``threads`` if set, else a fair share of the cores when several
-    jobs run at once (None: leave torch's default).
+# Multiply-adds of one training step below which one torch thread is the fastest setting. Measured on a
+# 2-core AMD EPYC (torch 2.13 CPU build): the default model (width 128, batch 64, ~2e8) ran 10% faster
+# with one thread than with two on a quiet machine, and 2.5x faster beside a busy process (two threads
+# spin-wait on a shared core); a width-512 batch-256 model (~1.3e10) ran 1.7x faster with two on a quiet
+# machine. The boundary between them was not measured more finely.
+ONE_THREAD_BELOW = 2e9
 
-    Two jobs that each use every core spin-wait on each other's cores and together finish less work
-    than one job alone; a share of ``cores // jobs_at_once`` (at least 1) keeps them apart.
+
+def step_work(width: int, depth: int, d_mlp: int | None, batch: int, positions: int, members: int) -> float:
+    """Multiply-adds of one forward pass of a stack: ``members`` models of ``depth`` blocks (attention
+    4·width², MLP 2·width·d_mlp per position) over ``batch`` sequences of ``positions`` tokens."""
+    per_position = depth * (4 * width * width + 2 * width * (d_mlp if d_mlp is not None else 4 * width))
+    return float(members * batch * positions * per_position)
+
+
+def job_threads(threads: int | str | None, jobs_at_once: int, cores: int, work: float = 0.0) -> int | None:
+    """Torch threads for one job (None: leave torch's default).
+
+    ``threads``: an integer is taken as it is; ``"auto"`` is one thread when the step's ``work``
+    (``step_work``) is below ``ONE_THREAD_BELOW``, else a fair share of the cores; ``None`` (torch's
+    default) is also shared out when several jobs run at once. Two jobs that each use every core
+    spin-wait on each other's cores and together finish less work than one job alone.
     """
-    if threads is not None:
+    if isinstance(threads, int):
         return threads
+    if threads == "auto" and work < ONE_THREAD_BELOW:
+        return 1
     if jobs_at_once <= 1:
-        return None
+        return None if threads is None else cores
     return max(1, cores // jobs_at_once)
 
 

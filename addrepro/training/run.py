@@ -35,7 +35,7 @@ from addrepro.training.callbacks import (
     SpikeSnapshots,
 )
 from addrepro.training.config import TrainConfig, architecture, task_spec, typed
-from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, visible_gpus
+from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, step_work, visible_gpus
 from addrepro.training.module import AdditionModule
 from addrepro.training.plan import Draw, JobPlan, try_status
 from addrepro.training.progress import StepProgressBar
@@ -78,7 +78,9 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     cfg = plans[0].cfg
     config = typed(cfg)  # the one typed form of the config that every stage below reads
     spec, t = task_spec(config.data), config.trainer
-    apply_settings(job_threads(t.threads, plans[0].jobs_at_once, cpu_cores()), t.matmul_precision)
+    d, m = config.data, config.model
+    work = step_work(m.width, m.depth, m.d_mlp, d.batch_size or d.train_size, spec.seq_len - 1, len(plans))
+    apply_settings(job_threads(t.threads, plans[0].jobs_at_once, cpu_cores(), work), t.matmul_precision)
     accelerator, devices = job_devices(t.accelerator, t.devices, plans[0].slot, visible_gpus(t.accelerator))
     resume_states = [load_checkpoint(plan.resume_from) if plan.resume_from else None for plan in plans]
     history = [earlier_history(plan) if state else [] for plan, state in zip(plans, resume_states, strict=True)]
