@@ -19,8 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m addrepro.report <job folder | sweep folder>", file=sys.stderr)
         return 2
+    folder = Path(argv[0])
+    if not folder.exists():
+        print(f"addrepro.report: {folder} does not exist", file=sys.stderr)
+        return 2
+    if not folder.is_dir():
+        print(f"addrepro.report: {folder} is not a folder (give a job folder or a sweep folder)", file=sys.stderr)
+        return 2
     try:
-        folder = Path(argv[0])
         paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
     except (FileNotFoundError, MetricsFileError) as e:
         print(f"addrepro.report: {e}", file=sys.stderr)

@@ -7,13 +7,14 @@ Each job writes into its own folder: ``.hydra/`` (configs), ``csv/metrics.csv``,
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from addrepro.training import plan as planning
-from addrepro.training.config import config_dir
+from addrepro.training.config import ConfigError, check_override_keys, config_dir
 from addrepro.training.plan import JobPlan
 
 
@@ -47,5 +48,15 @@ def main(cfg: DictConfig) -> None:
         run_plans([plan])
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m addrepro.train``: a key that does not exist is refused in one line before Hydra runs."""
+    try:
+        check_override_keys(sys.argv[1:])
+    except ConfigError as e:
+        print(f"addrepro: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401  (registers the `uid` resolver used by conf/hydra)
-from addrepro.training.config import ConfigError, validate
+from addrepro.training.config import ConfigError, all_keys, check_override_keys, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NO_CUDA_CHECK = torch.cuda.is_available()  # on a GPU machine accelerator=gpu is a good value
@@ -159,3 +160,38 @@ def test_tensorboard_without_its_package_is_one_line(make_cfg, monkeypatch):
         validate(make_cfg(["logger=tensorboard"]))
     needs = 'needs the tensorboard package: pip install "addrepro[tensorboard]"'
     assert str(err.value) == f"logger.tensorboard=True is invalid: {needs}"
+
+
+NOT_A_KEY = "is not a config key; did you mean"
+
+
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        (
+            "model.widht=256",
+            "model.widht=256 is invalid: is not a config key; did you mean model.width, model.init, model.depth?",
+        ),
+        (
+            "+model.widht=256",
+            "model.widht=256 is invalid: is not a config key; did you mean model.width, model.init, model.depth?",
+        ),
+        ("lgger.csv=true", "lgger.csv=true is invalid: is not a config key; did you mean logger.csv, logger?"),
+    ],
+)
+def test_an_unknown_key_is_one_line_naming_the_nearest_keys_and_leaves_no_folder(tmp_path, override, line):
+    # Without a "+", Hydra itself would refuse the key with several lines suggesting one; with it, the
+    # key reached the schema and ended in a traceback. Both are refused before torch is imported.
+    proc = run_cli("addrepro.train", [override], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"addrepro: config error: {line}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_key_of_the_schema_passes_the_command_line_check():
+    check_override_keys([f"{key}=1" for key in all_keys()] + ["logger=csv", "+sweep=width", "experiment=nanda_5digit"])
+    check_override_keys(["+callbacks.x._target_=a.B", "hydra.run.dir=x", "~logger", "callbacks=[early_stopping]"])
+    with pytest.raises(
+        ConfigError, match=r"^model\.d_modl=1 is invalid: is not a config key; did you mean model\.d_mlp"
+    ):
+        check_override_keys(["model.d_modl=1"])

@@ -178,6 +178,18 @@ def test_report_on_a_folder_that_is_not_a_job(tmp_path, capsys):
     assert not (tmp_path / "place_loss.png").exists()
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys, kind):
+    path = tmp_path / "nope"
+    if kind == "file":
+        path.write_text("")
+    assert main([str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    expected = "does not exist" if kind == "missing" else "is not a folder (give a job folder or a sweep folder)"
+    assert line == f"addrepro.report: {path} {expected}"
+    assert sorted(tmp_path.iterdir()) == ([] if kind == "missing" else [path])  # nothing was created
+
+
 def test_report_on_a_job_without_csv(job, tmp_path, capsys):
     (tmp_path / ".hydra").mkdir()
     shutil.copy(job / ".hydra" / "config.yaml", tmp_path / ".hydra" / "config.yaml")

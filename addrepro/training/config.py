@@ -17,6 +17,7 @@ TransformerLens names. The one mapping between them is ``architecture``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import secrets
@@ -311,8 +312,14 @@ def config_dir() -> Path:
 
 
 # -- validation ------------------------------------------------------------------------------
-def check_fields(schema: type, node: Any, prefix: str) -> None:
-    """Run every field's check on ``node`` (a mapping); nested dataclasses are checked recursively."""
+def check_fields(schema: type, node: Any, prefix: str, others: tuple[str, ...] = ()) -> None:
+    """Run every field's check on ``node`` (a mapping); nested dataclasses are checked recursively. A key
+    the schema does not have (nor ``others``) is refused, naming the nearest ones it has."""
+    names = [f.name for f in dataclasses.fields(schema)] + list(others)
+    for key in node:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(full, node[key], unknown_key(full, [f"{prefix}.{n}" if prefix else n for n in names]))
     for f in dataclasses.fields(schema):
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = node[f.name]
@@ -322,9 +329,58 @@ def check_fields(schema: type, node: Any, prefix: str) -> None:
             check_fields(f.default_factory, value, key)
 
 
+# Top-level keys that are not in ``RunConfig``: the groups, and Lightning callbacks from the config.
+TOP_LEVEL = (*GROUPS, "callbacks")
+
+
+def unknown_key(key: str, known: list[str]) -> str:
+    """What ``allowed`` says of a key that does not exist: the nearest keys that do."""
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return "is not a config key" + (f"; did you mean {', '.join(near)}?" if near else "")
+
+
+def all_keys() -> list[str]:
+    """Every key of the training config, dotted (``model.width``, ``logger.wandb.mode``)."""
+
+    def keys(schema: type, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(schema):
+            if "check" in f.metadata:
+                out.append(prefix + f.name)
+            else:
+                out += keys(f.default_factory, f"{prefix}{f.name}.")
+        return out
+
+    return keys(RunConfig, "") + [k for group, (_, schema) in GROUPS.items() for k in keys(schema, f"{group}.")]
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Command-line overrides of keys that do not exist (``model.widht=256``), refused before Hydra
+    composes the config (its own error suggests adding a ``+``, which only moves the problem)."""
+    known = set(all_keys())
+    for override in overrides:
+        key, eq, _ = override.partition("=")
+        if not eq or key.startswith(("hydra", "+", "~", "-")):
+            continue
+        key = key.replace("/", ".")
+        top = key.split(".", 1)[0]
+        if key in known or key in TOP_LEVEL or top in ("callbacks", "experiment", "sweep"):
+            continue
+        raise ConfigError(
+            key, CommandLineText(override.partition("=")[2]), unknown_key(key, sorted(known | set(TOP_LEVEL)))
+        )
+
+
+class CommandLineText(str):
+    """A value as typed on the command line, shown without quotes."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first invalid value of a training config."""
-    check_fields(RunConfig, cfg, "")
+    check_fields(RunConfig, cfg, "", others=TOP_LEVEL)
     for group, (_, schema) in GROUPS.items():
         check_fields(schema, cfg[group], group)
     d, m = cfg.data, cfg.model
