@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
-from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir
+from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
 from addrepro.training.config import config_dir
 
@@ -118,7 +118,7 @@ def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) ->
     import wandb  # noqa: PLC0415 - a second of start-up that runs without analysis.wandb skip
 
     ckpts = sorted((job / "checkpoints").glob("*.ckpt"))
-    ckpt = torch.load(ckpts[-1], map_location="cpu", weights_only=True) if ckpts else {}
+    ckpt = load_checkpoint(ckpts[-1]) if ckpts else {}
     run_cfg = ckpt.get("config", {}).get("logger", {}).get("wandb", {})
     run = wandb.init(
         id=ckpt.get("wandb_run_id"),

@@ -4,7 +4,9 @@ The schema's whole table of values is checked in-process in test_config_check.py
 input a user can get wrong goes through the real commands in a subprocess.
 """
 
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from conftest import FAST, run_cli
 
 from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_checkpoint
 from addrepro.rundir.job import make_folder, remove_refused_job_dir
+from addrepro.rundir.metrics_file import load_rows
 
 TINY = ["data.n_digits=2", "model.width=16", "trainer.plots=false", *FAST]
 
@@ -90,6 +93,20 @@ def finished(tmp_path_factory):
     torch.save({**last, "model": {k: v for k, v in last["model"].items() if k != "embed.W_E"}}, root / "no_WE.ckpt")
     torch.save({**last, "optimizer": {"moments": {}}}, root / "no_step_count.ckpt")
     (root / "code.ckpt").write_bytes(pickle.dumps(print, protocol=2))
+    # Tensor-only checkpoints (they load with weights_only=True) whose contents no run writes:
+    moments, name = last["optimizer"]["moments"], "blocks.0.attn.W_Q"
+    bad_moment = {**moments, name: {**moments[name], "exp_avg": moments[name]["exp_avg"][:, :3]}}
+    for label, change in {
+        "moment_shape": {"optimizer": {**last["optimizer"], "moments": bad_moment}},
+        "no_moment": {"optimizer": {**last["optimizer"], "moments": {k: v for k, v in moments.items() if k != name}}},
+        "negative_step": {"step": -5, "optimizer": {**last["optimizer"], "step_count": -5}},
+        "step_mismatch": {"optimizer": {**last["optimizer"], "step_count": 7}},
+        "short_generator": {"data": {**last["data"], "generator": last["data"]["generator"][:100]}},
+        "no_generator": {"data": {"device": "cpu"}},
+        "nan_weights": {"model": {**last["model"], name: last["model"][name].clone().fill_(float("nan"))}},
+        "double_weights": {"model": {**last["model"], name: last["model"][name].double()}},
+    }.items():
+        torch.save({**last, **change}, root / f"{label}.ckpt")
     return root
 
 
@@ -101,6 +118,27 @@ CKPT_CASES = [
     ("no_model_config.ckpt", "checkpoint=no_model_config.ckpt is incomplete: missing or invalid model_config"),
     ("no_WE.ckpt", "checkpoint=no_WE.ckpt does not match its model_config: missing weights embed.W_E"),
     ("code.ckpt", "checkpoint=code.ckpt cannot be read: it holds pickled Python objects"),
+    (
+        "moment_shape.ckpt",
+        "resume=moment_shape.ckpt cannot be resumed: optimizer moment exp_avg of blocks.0.attn.W_Q is (4, 3, 4) "
+        "torch.float32 ((4, 16, 4) torch.float32 expected)",
+    ),
+    (
+        "no_moment.ckpt",
+        "resume=no_moment.ckpt cannot be resumed: missing optimizer moments of blocks.0.attn.W_Q at step 20",
+    ),
+    ("negative_step.ckpt", "resume=negative_step.ckpt cannot be resumed: step is -5 (must be >= 0)"),
+    (
+        "step_mismatch.ckpt",
+        "resume=step_mismatch.ckpt cannot be resumed: optimizer.step_count is 7 but step is 20 (they count the same",
+    ),
+    ("short_generator.ckpt", "resume=short_generator.ckpt cannot be resumed: data.generator holds 100 bytes ("),
+    ("no_generator.ckpt", "resume=no_generator.ckpt cannot be resumed: data.generator is not a generator state"),
+    ("nan_weights.ckpt", "resume=nan_weights.ckpt cannot be resumed: weights blocks.0.attn.W_Q are not all finite"),
+    (
+        "double_weights.ckpt",
+        "resume=double_weights.ckpt cannot be resumed: weights blocks.0.attn.W_Q are torch.float64 (float32 expected)",
+    ),
 ]
 
 
@@ -112,7 +150,7 @@ def test_bad_checkpoints_are_refused_naming_what_is_missing(finished, monkeypatc
     assert str(info.value).startswith(message), str(info.value)
 
 
-@pytest.mark.parametrize("name", ["spike_20_at.ckpt", "no_config.ckpt"])
+@pytest.mark.parametrize("name", ["spike_20_at.ckpt", "no_config.ckpt", "moment_shape.ckpt"])
 def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(finished, name):
     proc = run_cli("addrepro.train", [*TINY, f"resume={name}", "hydra.run.dir=again"], finished)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -138,3 +176,31 @@ def test_resuming_a_run_without_metrics_file_continues(finished):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert torch.load(finished / "nocsv" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30
+
+
+def test_a_checkpoint_outside_a_job_folder_continues_in_a_new_folder_and_touches_nothing_else(tmp_path, finished):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copy(finished / "nocsv" / "checkpoints" / "last.ckpt", downloads / "model.ckpt")
+    (downloads / ".mine.tmp").write_text("a user's own temporary file")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    proc = run_cli(
+        "addrepro.train",
+        [*TINY, "trainer.max_steps=30", "logger=csv", "resume=downloads/model.ckpt", "hydra.run.dir=continued"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "continued" not in p.parts} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["continued", "downloads"]
+    last = torch.load(tmp_path / "continued" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["step"] == 30
+    steps = [r["step"] for r in load_rows(tmp_path / "continued")]
+    assert min(steps) == 20 and max(steps) == 30  # it continued the checkpoint's run, from its step
+
+
+def test_a_special_file_as_checkpoint_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    proc = run_cli("addrepro.train", [*TINY, "resume=pipe", "hydra.run.dir=job"], tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert error_lines(proc) == ["addrepro: checkpoint error: resume=pipe is not a regular file or a folder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

@@ -125,6 +125,13 @@ def test_a_diverging_member_fails_alone_and_the_others_train_on_unchanged(tmp_pa
     finals = train(plans)
     assert finals[0]["diverged"].startswith("step ") and "non-finite" in finals[0]["diverged"]
     assert "member0" in finals[0]["diverged"]
+    # Only finite weights are saved, in every kind of checkpoint (log-spaced ones fall between the
+    # update that broke the weights and the logged loss that shows it): some of the healthy member's
+    # files are missing from the diverged one's, and every file it has is finite.
+    saved = sorted((plans[0].job_dir / "checkpoints").glob("*.ckpt"))
+    healthy_names = {p.name for p in (plans[1].job_dir / "checkpoints").glob("weights_*.ckpt")}
+    assert saved and {p.name for p in saved} < healthy_names | {"step_0.ckpt"}
+    assert all(t.isfinite().all() for p in saved for t in torch.load(p, weights_only=True)["model"].values())
     (single_final,) = train([single])
     assert {k: v for k, v in finals[1].items() if k != "member"} == {
         k: v for k, v in single_final.items() if k != "member"

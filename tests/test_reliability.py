@@ -191,10 +191,15 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_holders_lock_tak
         holder.kill()
         holder.wait()
     # The holder died without releasing its lock; a killed run also left temporary files behind.
-    stale = [tmp_path / "job" / "checkpoints" / ".step_220.ckpt.k3j2.tmp", tmp_path / "job" / ".place_loss.png.x1.tmp"]
+    stale = [
+        tmp_path / "job" / "checkpoints" / ".step_220.ckpt.addrepro-k3j2.tmp",
+        tmp_path / "job" / ".place_loss.png.addrepro-x1.tmp",
+    ]
     for p in stale:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half a file")
+    users = tmp_path / "job" / ".notes.txt.tmp"  # a temporary file of another program: never touched
+    users.write_text("mine")
     third = subprocess.run(
         train_cmd("trainer.max_steps=20", "trainer.plots=true", "logger=csv", "hydra.run.dir=job"),
         cwd=tmp_path,
@@ -205,6 +210,7 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_holders_lock_tak
     )
     assert third.returncode == 0, third.stderr[-2000:]
     assert not any(p.exists() for p in stale)
+    assert users.read_text() == "mine"
     assert not (tmp_path / "job" / ".lock").exists()  # released at the end
     # Files follow the umask (0o002: group-writable), whichever way they were written.
     written = [

@@ -11,18 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from addrepro.interp.common import Subject, load_subject, new_figure
 from addrepro.interp.registry import ANALYSES
-from addrepro.rundir.checkpoints import LAST, checkpoint_dir
+from addrepro.rundir.checkpoints import LAST, checkpoint_dir, load_checkpoint
 
 
 def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every checkpoint of a job folder, by step, one per step."""
     by_step: dict[int, Path] = {}
     for path in sorted(checkpoint_dir(job_dir).glob("*.ckpt"), key=lambda p: p.name == LAST):
-        step = int(torch.load(path, map_location="cpu", weights_only=True).get("step", -1))
+        step = load_checkpoint(path)["step"]
         by_step.setdefault(step, path)
     return sorted(by_step.items())
 

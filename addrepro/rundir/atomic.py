@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-TMP_GLOB = ".*.tmp"  # the temporary files of atomic_write: ``.<name>.<random>.tmp``
+# The temporary files of atomic_write, ``.<name>.addrepro-<random>.tmp``: a name no other program's
+# file has, so that clean-up removes only what addrepro wrote.
+TMP_GLOB = ".*.addrepro-*.tmp"
 
 
 class StorageError(OSError):
@@ -39,7 +41,7 @@ def atomic_write(path: Path, write: Any) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.addrepro-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)

@@ -51,6 +51,8 @@ def resolve_checkpoint(value: str | Path, key: str = "checkpoint", resumable: bo
     path = Path(value)
     if not path.exists():
         raise CheckpointError(f"{key}={path} does not exist")
+    if not path.is_dir() and not path.is_file():  # a pipe or a device would block or never end
+        raise CheckpointError(f"{key}={path} is not a regular file or a folder")
     if not path.is_dir():
         return path
     if resumable:

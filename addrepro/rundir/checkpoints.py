@@ -104,7 +104,9 @@ def check_model_structure(ckpt: dict, path: str | Path) -> None:
 
 
 def check_resumable(ckpt: dict, path: str | Path) -> None:
-    """Fail with one line when a checkpoint cannot continue a run (e.g. a weights-only ``spike_*.ckpt``)."""
+    """Fail with one line when a checkpoint cannot continue a run exactly: a weights-only one (e.g.
+    ``spike_*.ckpt``), or one whose contents are not what addrepro writes, checked tensor by tensor
+    (a wrong moment handed to the fused AdamW kernel would read and write out of bounds)."""
     missing = _missing(ckpt, RESUME_KEYS)
     if not missing:
         missing = _missing(ckpt["optimizer"], {"step_count": int, "moments": dict}, "optimizer.")
@@ -113,6 +115,55 @@ def check_resumable(ckpt: dict, path: str | Path) -> None:
             f"resume={path} cannot be resumed: missing {', '.join(missing)} "
             "(weights-only checkpoints such as spike_*.ckpt are for analysis; resume from step_N.ckpt or last.ckpt)"
         )
+    problem = resume_state_problem(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"resume={path} cannot be resumed: {problem}")
+
+
+def resume_state_problem(ckpt: dict) -> str | None:
+    """The first thing in a resumable checkpoint that an uninterrupted run would not have written."""
+    step, count = ckpt["step"], ckpt["optimizer"]["step_count"]
+    if step < 0:
+        return f"step is {step} (must be >= 0)"
+    if count != step:
+        return f"optimizer.step_count is {count} but step is {step} (they count the same updates)"
+    weights, moments = ckpt["model"], ckpt["optimizer"]["moments"]
+    for name, w in weights.items():
+        if w.dtype != torch.float32:
+            return f"weights {name} are {w.dtype} (float32 expected)"
+        if not bool(w.isfinite().all()):
+            return f"weights {name} are not all finite"
+    extra = sorted(set(moments) - set(weights))
+    if extra:
+        return f"optimizer moments for unknown weights {', '.join(extra)}"
+    absent = [n for n in weights if n not in moments]
+    if absent and step > 0:  # moments exist from the first update on
+        return f"missing optimizer moments of {', '.join(absent)} at step {step}"
+    for name, m in moments.items():
+        if not isinstance(m, dict) or sorted(m) != ["exp_avg", "exp_avg_sq"]:
+            return f"optimizer.moments.{name} must hold exactly exp_avg and exp_avg_sq"
+        for key, t in m.items():
+            w = weights[name]
+            if not isinstance(t, torch.Tensor) or t.shape != w.shape or t.dtype != w.dtype:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                return f"optimizer moment {key} of {name} is {got} ({tuple(w.shape)} {w.dtype} expected)"
+            if not bool(t.isfinite().all()) or (key == "exp_avg_sq" and bool((t < 0).any())):
+                return f"optimizer moment {key} of {name} is not all finite{' and >= 0' if key == 'exp_avg_sq' else ''}"
+    return data_state_problem(ckpt["data"])
+
+
+def data_state_problem(data: dict) -> str | None:
+    """A data stream's saved state: a generator state of a CPU or CUDA generator."""
+    state, device = data.get("generator"), data.get("device")
+    sizes = {"cpu": torch.Generator().get_state().numel(), "cuda": 16}
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.dim() != 1:
+        return "data.generator is not a generator state (a 1-D uint8 tensor)"
+    device = device or ("cuda" if state.numel() == sizes["cuda"] else "cpu")  # older checkpoints do not say
+    if device not in sizes:
+        return f"data.device is {device!r} (cpu or cuda expected)"
+    if state.numel() != sizes[device]:
+        return f"data.generator holds {state.numel()} bytes ({sizes[device]} expected for a {device} generator)"
+    return None
 
 
 def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Path = "") -> None:

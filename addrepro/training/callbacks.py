@@ -18,6 +18,7 @@ Besides Lightning's hooks they answer the module's own, called at the optimiser 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import pickle
@@ -39,6 +40,8 @@ from addrepro.shelves.spikes import Spike
 from addrepro.training.devices import cpu_cores
 from addrepro.training.module import AdditionModule
 from addrepro.training.stack import member_weights
+
+log = logging.getLogger("addrepro")
 
 
 def flush_loggers(module: AdditionModule) -> None:
@@ -237,9 +240,18 @@ class SpikeSnapshots(pl.Callback):
 
 
 def save_weights(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
-    """A weights-only checkpoint of member k (for analyses; it cannot be resumed)."""
-    payload = {**module.checkpoint_header(k, step), "model": {n: t.cpu() for n, t in weights.items()}}
-    save_checkpoint(module.members[k].job_dir / "checkpoints" / filename, payload)
+    """A weights-only checkpoint of member k (for analyses; it cannot be resumed). Weights that are not
+    all finite (a member diverging before its next logged loss says so) are not saved."""
+    model = {n: t.cpu() for n, t in weights.items()}
+    bad = next((n for n, t in model.items() if not bool(t.isfinite().all())), None)
+    if bad is not None:
+        log.warning(
+            "not saved: checkpoints/%s of %s (non-finite weights in %s)", filename, module.members[k].job_dir, bad
+        )
+        return
+    save_checkpoint(
+        module.members[k].job_dir / "checkpoints" / filename, {**module.checkpoint_header(k, step), "model": model}
+    )
 
 
 class ShelfExitSnapshots(pl.Callback):

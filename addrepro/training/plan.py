@@ -46,6 +46,9 @@ class JobPlan:
     slot: int = 0  # the job number in a sweep (which GPU it takes), the stack number in an ensemble
     jobs_at_once: int = 1  # jobs of the sweep running side by side on this machine (they share its cores)
     tags: list[str] = field(default_factory=list)  # the job's swept values, as W&B tags
+    # False: resume_from is a checkpoint kept outside any job folder, continued in this job's own folder
+    # (a new W&B run; no earlier rows).
+    own_checkpoint: bool = True
 
 
 def job_plan(cfg: DictConfig) -> JobPlan:
@@ -106,9 +109,23 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     validate(cfg)
     spec = task_spec(cfg.data)
     check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
+    owner = owning_job_dir(path)
+    if owner is None:  # a checkpoint kept elsewhere (downloaded, copied): its run continues in this job's folder
+        log.info("resuming %s from step %d in a new run folder %s", path, ckpt["step"], plan.job_dir)
+        return dataclasses.replace(plan, cfg=cfg, resume_from=path, own_checkpoint=False)
     name, group = ckpt.get("wandb_name") or plan.name, ckpt.get("wandb_group") or plan.group
     log.info("resuming %s from step %d", path, ckpt["step"])
-    return dataclasses.replace(plan, cfg=cfg, job_dir=path.parent.parent, name=name, group=group, resume_from=path)
+    return dataclasses.replace(plan, cfg=cfg, job_dir=owner, name=name, group=group, resume_from=path)
+
+
+def owning_job_dir(checkpoint: Path) -> Path | None:
+    """The job folder a checkpoint belongs to: ``<job>/checkpoints/<file>`` with ``<job>/.hydra/config.yaml``;
+    None for a checkpoint anywhere else (a run never writes outside its own folder)."""
+    checkpoint = Path(checkpoint).absolute()
+    job = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (job / ".hydra" / "config.yaml").is_file():
+        return job
+    return None
 
 
 def sweep_overrides(sweep_dir: Path) -> list[str]:

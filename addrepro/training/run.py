@@ -83,10 +83,12 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     apply_settings(job_threads(t.threads, plans[0].jobs_at_once, cpu_cores(), work), t.matmul_precision)
     accelerator, devices = job_devices(t.accelerator, t.devices, plans[0].slot, visible_gpus(t.accelerator))
     resume_states = [load_checkpoint(plan.resume_from) if plan.resume_from else None for plan in plans]
-    history = [earlier_history(plan) if state else [] for plan, state in zip(plans, resume_states, strict=True)]
+    # Earlier rows live in the checkpoint's own job folder; a checkpoint from elsewhere brings none.
+    continued = [state if plan.own_checkpoint else None for plan, state in zip(plans, resume_states, strict=True)]
+    history = [earlier_history(plan) if state else [] for plan, state in zip(plans, continued, strict=True)]
     members: list[Member] = []
     try:
-        members += [make_member(plan, state) for plan, state in zip(plans, resume_states, strict=True)]
+        members += [make_member(plan, state) for plan, state in zip(plans, continued, strict=True)]
         module = AdditionModule(
             spec,
             architecture(config.model, spec),
@@ -94,7 +96,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             config,
             resume_states=resume_states,
             history=history,
-            confusions=[earlier_confusion(p) if state else [] for p, state in zip(plans, resume_states, strict=True)],
+            confusions=[earlier_confusion(p) if state else [] for p, state in zip(plans, continued, strict=True)],
         )
         if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
             log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
