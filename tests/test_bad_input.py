@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, run_cli
+from omegaconf import OmegaConf
 
 from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_checkpoint
 from addrepro.rundir.job import make_folder, remove_refused_job_dir
@@ -25,9 +26,9 @@ CONFIG_CASES = [
     (["metrics.carry_set_size=0"], "metrics.carry_set_size=0 is invalid: must be an integer >= 1"),
     (["metrics.chain_set_size=-1"], "metrics.chain_set_size=-1 is invalid: must be an integer >= 1"),
     (["metrics.spike_window=0"], "metrics.spike_window=0 is invalid: must be an integer >= 1"),
-    (["metrics.spike_factor=abc"], "metrics.spike_factor='abc' is invalid: must be a number > 1.0"),
-    (["logger.wandb.init_timeout=abc"], "logger.wandb.init_timeout='abc' is invalid: must be a number > 0.0"),
-    (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout=-5 is invalid: must be a number > 0.0"),
+    (["metrics.spike_factor=abc"], "metrics.spike_factor='abc' is invalid: must be a finite number > 1.0"),
+    (["logger.wandb.init_timeout=abc"], "logger.wandb.init_timeout='abc' is invalid: must be a finite number > 0.0"),
+    (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout=-5 is invalid: must be a finite number > 0.0"),
     (["logger.csv=maybe"], "logger.csv='maybe' is invalid: must be one of True, False"),
     (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp=64 is invalid: must be null when model.attn_only=true"),
 ]
@@ -182,20 +183,21 @@ def test_a_checkpoint_outside_a_job_folder_continues_in_a_new_folder_and_touches
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     shutil.copy(finished / "nocsv" / "checkpoints" / "last.ckpt", downloads / "model.ckpt")
+    start = torch.load(downloads / "model.ckpt", weights_only=True)["step"]  # 20 (30 once another test resumed it)
     (downloads / ".mine.tmp").write_text("a user's own temporary file")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     proc = run_cli(
         "addrepro.train",
-        [*TINY, "trainer.max_steps=30", "logger=csv", "resume=downloads/model.ckpt", "hydra.run.dir=continued"],
+        [*TINY, "trainer.max_steps=40", "logger=csv", "resume=downloads/model.ckpt", "hydra.run.dir=continued"],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "continued" not in p.parts} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["continued", "downloads"]
     last = torch.load(tmp_path / "continued" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["step"] == 30
+    assert last["step"] == 40
     steps = [r["step"] for r in load_rows(tmp_path / "continued")]
-    assert min(steps) == 20 and max(steps) == 30  # it continued the checkpoint's run, from its step
+    assert min(steps) == start and max(steps) == 40  # it continued the checkpoint's run, from its step
 
 
 def test_a_special_file_as_checkpoint_is_refused_without_blocking(tmp_path):
@@ -204,3 +206,40 @@ def test_a_special_file_as_checkpoint_is_refused_without_blocking(tmp_path):
     assert proc.returncode == 2
     assert error_lines(proc) == ["addrepro: checkpoint error: resume=pipe is not a regular file or a folder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+ABSURD_CASES = [
+    (["optimizer.lr=inf"], "optimizer.lr=inf is invalid: must be a finite number > 0.0"),
+    (["optimizer.eps=nan"], "optimizer.eps=nan is invalid: must be a finite number > 0.0"),
+    (["trainer.devices=[0]", "trainer.accelerator=cpu"], "trainer.devices=[0] is invalid: names a GPU, but"),
+    (["reference=nosuch"], "reference='nosuch' is invalid: must be null or a published curve shipped with addrepro"),
+    (["reference=../../x"], "reference='../../x' is invalid: must be null or a published curve"),
+    (["logger.wandb.project=a/b"], "logger.wandb.project='a/b' is invalid: must be a W&B name"),
+    (["~optimizer"], "optimizer=None is invalid: is a config group every run needs"),
+    (["trainer=null"], "trainer=None is invalid: is a config group every run needs"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ABSURD_CASES, ids=[" ".join(c[0]) for c in ABSURD_CASES])
+def test_values_that_pass_a_type_check_but_cannot_be_used_are_refused_in_one_line(tmp_path, overrides, message):
+    proc = run_cli("addrepro.train", [*TINY, *overrides, "hydra.run.dir=job"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: config error: {message}"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_writes_only_into_the_job_and_records_its_overrides(tmp_path):
+    args = [*TINY, "logger=csv"]
+    first = run_cli("addrepro.train", [*args, "trainer.max_steps=20", "hydra.run.dir=job"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    proc = run_cli("addrepro.train", [*args, "resume=job", "trainer.max_steps=30", "hydra.run.dir=other"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]  # no folder for the resuming command
+    job = tmp_path / "job"
+    assert OmegaConf.load(job / ".hydra" / "config.yaml").trainer.max_steps == 30
+    (resume,) = OmegaConf.load(job / ".hydra" / "resumes.yaml")
+    assert "trainer.max_steps=30" in resume.overrides and resume.previous_config.trainer.max_steps == 20
+    log = (job / "train.log").read_text()
+    assert "resumed with" in log and "trainer.max_steps=30" in log and log.count("done:") == 2
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30

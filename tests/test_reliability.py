@@ -108,11 +108,11 @@ def test_bad_checkpoints_fail_with_one_line_naming_what_differs(finished, tmp_pa
         f"resume={truncated}": [f"addrepro: checkpoint error: checkpoint={truncated} cannot be read"],
         f"resume={job} model.width=64 data.base=16": [
             "data.base: checkpoint 10 vs config 16",
-            "model.d_model: checkpoint 32 vs config 64",
+            "model.width: checkpoint 32 vs config 64",
         ],
         f"resume={job} model.depth=2 data.order=lsb": [
             "data.order: checkpoint 'msb' vs config 'lsb'",
-            "model.n_layers: checkpoint 1 vs config 2",
+            "model.depth: checkpoint 1 vs config 2",
         ],
     }
     for args, expected in cases.items():

@@ -68,7 +68,7 @@ def test_bad_values_stop_before_training_with_one_line(tmp_path):
         "data.base=40": "data.base=40 is invalid: must be an integer in 2..36",
         "model.width=130": "model.width=130 is invalid: must be divisible by model.n_heads=4 (or set model.d_head)",
         "data.task=mul": "data.task='mul' is invalid: must be one of add, digitwise",
-        "optimizer.lr=-1": "optimizer.lr=-1 is invalid: must be a number > 0.0",
+        "optimizer.lr=-1": "optimizer.lr=-1 is invalid: must be a finite number > 0.0",
     }
     # The four commands run at once, each in its own folder.
     procs = {

@@ -166,12 +166,17 @@ def data_state_problem(data: dict) -> str | None:
     return None
 
 
-def check_compatible(ckpt: dict, task: dict, model_config: dict, path: str | Path = "") -> None:
-    """Fail with the differing keys when a checkpoint does not match the configured run."""
+def check_compatible(
+    ckpt: dict, task: dict, model_config: dict, path: str | Path = "", names: dict[str, str] | None = None
+) -> None:
+    """Fail with the differing keys when a checkpoint does not match the configured run. ``names`` maps a
+    model-config name to the config key a user sets (``d_model`` -> ``model.width``)."""
+    names = names or {}
+    order = {k: i for i, k in enumerate(names)}  # the keys a user sets first, in the order given
     diffs = [
-        f"{section}.{k}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
+        f"{names.get(k, f'{section}.{k}')}: checkpoint {theirs.get(k)!r} vs config {ours.get(k)!r}"
         for section, theirs, ours in (("data", ckpt["task"], task), ("model", ckpt["model_config"], model_config))
-        for k in sorted(set(theirs) | set(ours))
+        for k in sorted(set(theirs) | set(ours), key=lambda k: (order.get(k, len(order)), k))
         if theirs.get(k) != ours.get(k)
     ]
     if diffs:

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,8 +79,8 @@ def integer(lo: int | None = None, hi: int | None = None, null: bool = False) ->
 
 def number(lo: float, strict: bool = False) -> Check:
     def check(key: str, value: Any) -> None:
-        if not (_is_number(value) and (value > lo if strict else value >= lo)):
-            raise ConfigError(key, value, f"must be a number {'>' if strict else '>='} {lo}")
+        if not (_is_number(value) and math.isfinite(value) and (value > lo if strict else value >= lo)):
+            raise ConfigError(key, value, f"must be a finite number {'>' if strict else '>='} {lo}")
 
     return check
 
@@ -97,12 +98,27 @@ def choice(choices: tuple) -> Check:
 BOOLEAN = choice((True, False))
 
 
-def text(null: bool = False) -> Check:
+def text(null: bool = False, name: bool = False) -> Check:
+    """A string (``name``: a W&B project or entity name, which cannot hold a slash or be empty)."""
+
     def check(key: str, value: Any) -> None:
         if not (isinstance(value, str) or (null and value is None)):
             raise ConfigError(key, value, "must be a string" + (" or null" if null else ""))
+        if name and value is not None and (not value.strip() or any(c in value for c in "/\\#?%:")):
+            raise ConfigError(key, value, "must be a W&B name: not empty, without / \\ # ? % :")
 
     return check
+
+
+# The published curves shipped in addrepro/reports/reference (read as data files: no import).
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "reports" / "reference"
+
+
+def reference_name(key: str, value: Any) -> None:
+    text(null=True)(key, value)
+    shipped = sorted(p.stem for p in REFERENCE_DIR.glob("*.json"))
+    if value is not None and value not in shipped:
+        raise ConfigError(key, value, f"must be null or a published curve shipped with addrepro: {', '.join(shipped)}")
 
 
 def betas(key: str, value: Any) -> None:
@@ -223,8 +239,8 @@ class TrainerConfig:
 class WandbConfig:
     enabled: bool = option(True, BOOLEAN)
     mode: str = option("offline", choice(WANDB_MODES))  # offline needs no account or network
-    project: str = option("addrepro", text())
-    entity: str | None = option(None, text(null=True))
+    project: str = option("addrepro", text(name=True))
+    entity: str | None = option(None, text(null=True, name=True))
     group: str | None = option(None, text(null=True))  # null: the sweep folder's name (shared by a multirun)
     name: str | None = option(None, text(null=True))  # null: made from the job's overrides
     tags: list = option([], strings, factory=True)
@@ -261,7 +277,7 @@ class RunConfig:
 
     seed: int = option(0, integer())  # initialisation seed of the model
     resume: str | None = option(None, text(null=True))  # a job folder, a checkpoint, or auto
-    reference: str | None = option(None, text(null=True))  # a published curve in addrepro/reports/reference
+    reference: str | None = option(None, reference_name)  # a published curve in addrepro/reports/reference
 
 
 GROUPS: dict[str, tuple[str, type]] = {
@@ -363,6 +379,8 @@ def check_override_keys(overrides: list[str]) -> None:
         if not eq or key.startswith(("hydra", "+", "~", "-")):
             continue
         key = key.replace("/", ".")
+        if key in GROUPS and override.partition("=")[2] in ("null", "~", ""):
+            raise ConfigError(key, None, f"is a config group every run needs (choose an option, e.g. {key}=...)")
         top = key.split(".", 1)[0]
         if key in known or key in TOP_LEVEL or top in ("callbacks", "experiment", "sweep"):
             continue
@@ -382,6 +400,10 @@ def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first invalid value of a training config."""
     check_fields(RunConfig, cfg, "", others=TOP_LEVEL)
     for group, (_, schema) in GROUPS.items():
+        if not OmegaConf.is_dict(cfg.get(group)):  # ~optimizer, trainer=null
+            raise ConfigError(
+                group, cfg.get(group), f"is a config group every run needs (choose an option, e.g. {group}=...)"
+            )
         check_fields(schema, cfg[group], group)
     d, m = cfg.data, cfg.model
     if d.batch_size is None and d.train_size is None:
@@ -404,6 +426,7 @@ def validate(cfg: DictConfig) -> None:
     if m.attn_only and m.d_mlp is not None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
     check_accelerator(cfg.trainer.accelerator)
+    check_devices(cfg.trainer)
     check_cuda_graph(cfg.trainer)
     check_callbacks(cfg.get("callbacks"))
 
@@ -448,6 +471,23 @@ def check_cuda_graph(trainer: DictConfig) -> None:
         raise ConfigError("trainer.cuda_graph", True, "needs a CUDA GPU, and none is visible on this machine")
 
 
+def check_devices(trainer: DictConfig) -> None:
+    """``trainer.devices=[i]`` names a GPU that must exist (it would otherwise train on the CPU unasked)."""
+    if trainer.devices is None:
+        return
+    if trainer.accelerator not in ("auto", "gpu", "cuda"):
+        raise ConfigError(
+            "trainer.devices", list(trainer.devices), f"names a GPU, but trainer.accelerator={trainer.accelerator}"
+        )
+    import torch  # noqa: PLC0415 - only a named GPU needs a device to look for
+
+    count = torch.cuda.device_count()
+    (index,) = trainer.devices
+    if index >= count:
+        visible = f"GPUs 0..{count - 1} are visible" if count else "no CUDA GPU is visible on this machine"
+        raise ConfigError("trainer.devices", list(trainer.devices), visible)
+
+
 def check_accelerator(accelerator: str) -> None:
     """A requested device must exist here: Lightning would fail later, after the W&B run was created."""
     if accelerator not in ("gpu", "cuda", "mps"):
@@ -472,6 +512,20 @@ def typed(cfg: DictConfig) -> TrainConfig:
 
 def task_spec(data: DataConfig | DictConfig) -> TaskSpec:
     return TaskSpec.from_config(data)
+
+
+# The config key behind each model-config name that differs from it (``architecture`` is the mapping):
+# what an error about a model's shape names, since it is what the user typed.
+CONFIG_KEY_OF = {
+    "d_model": "model.width",
+    "n_layers": "model.depth",
+    "n_heads": "model.n_heads",
+    "d_head": "model.d_head",
+    "d_mlp": "model.d_mlp",
+    "d_vocab": "data.base (the vocabulary)",
+    "d_vocab_out": "data.base",
+    "n_ctx": "data.n_digits (the context)",
+}
 
 
 def architecture(model: ModelSchema | DictConfig, spec: TaskSpec) -> ModelConfig:

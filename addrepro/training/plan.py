@@ -12,19 +12,20 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from addrepro.rundir.atomic import remove_stale_temporaries
+from addrepro.rundir.atomic import atomic_write_text, remove_stale_temporaries
 from addrepro.rundir.checkpoint_paths import CheckpointError, find_resume_checkpoint
 from addrepro.rundir.job import remove_refused_job_dir
 from addrepro.rundir.lock import LockError, acquire, release
 from addrepro.rundir.names import grid_keys, run_name, swept_keys, swept_tags, wandb_group
 from addrepro.rundir.status import write_status
-from addrepro.training.config import ConfigError, architecture, task_spec, validate
+from addrepro.training.config import CONFIG_KEY_OF, ConfigError, architecture, task_spec, validate
 from addrepro.training.summary import WritableOutput
 
 log = logging.getLogger("addrepro")
@@ -108,7 +109,7 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     cfg.resume = str(path)
     validate(cfg)
     spec = task_spec(cfg.data)
-    check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path)
+    check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path, names=CONFIG_KEY_OF)
     owner = owning_job_dir(path)
     if owner is None:  # a checkpoint kept elsewhere (downloaded, copied): its run continues in this job's folder
         log.info("resuming %s from step %d in a new run folder %s", path, ckpt["step"], plan.job_dir)
@@ -119,11 +120,11 @@ def resume_plan(plan: JobPlan) -> JobPlan:
 
 
 def owning_job_dir(checkpoint: Path) -> Path | None:
-    """The job folder a checkpoint belongs to: ``<job>/checkpoints/<file>`` with ``<job>/.hydra/config.yaml``;
-    None for a checkpoint anywhere else (a run never writes outside its own folder)."""
+    """The job folder a checkpoint belongs to: ``<job>/checkpoints/<file>``; None for a checkpoint
+    anywhere else (a run never writes outside its own folder, nor into a filesystem's root)."""
     checkpoint = Path(checkpoint).absolute()
     job = checkpoint.parent.parent
-    if checkpoint.parent.name == "checkpoints" and (job / ".hydra" / "config.yaml").is_file():
+    if checkpoint.parent.name == "checkpoints" and job != Path(job.anchor):
         return job
     return None
 
@@ -173,8 +174,38 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
     except OSError as e:
         release(plan.job_dir)
         return refused(plan, f"storage error: {e}")
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir).absolute()
+    if plan.job_dir.absolute() != hydra_dir and not plan.multirun:
+        continue_in_job_dir(plan, hydra_dir)
     log.info("run folder: %s", plan.job_dir)
     return plan
+
+
+def continue_in_job_dir(plan: JobPlan, hydra_dir: Path) -> None:
+    """A resume of another job folder writes there only: its config becomes the resumed one (the earlier
+    ones and this command's overrides are kept in ``.hydra/resumes.yaml``), this command's log goes to the
+    job's ``train.log``, and the folder Hydra made for this command is removed (it holds only Hydra's files)."""
+    hc = HydraConfig.get()
+    hydra = plan.job_dir / (hc.output_subdir or ".hydra")
+    resumes_path = hydra / "resumes.yaml"
+    resumes = OmegaConf.to_container(OmegaConf.load(resumes_path)) if resumes_path.is_file() else []
+    previous = (
+        OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml")) if (hydra / "config.yaml").is_file() else None
+    )
+    resumes.append(
+        {
+            "time": datetime.now().isoformat(timespec="seconds"),
+            "overrides": list(hc.overrides.task),
+            "previous_config": previous,
+        }
+    )
+    atomic_write_text(resumes_path, OmegaConf.to_yaml(OmegaConf.create(resumes)))
+    atomic_write_text(hydra / "config.yaml", OmegaConf.to_yaml(plan.cfg))
+    remove_refused_job_dir(hydra_dir, hc.output_subdir, f"{hc.job.name}.log", WritableOutput.created)
+    handler = logging.FileHandler(plan.job_dir / f"{hc.job.name}.log", mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    log.info("resumed with %s", " ".join(hc.overrides.task))
 
 
 def refused(plan: JobPlan, line: str) -> None:
