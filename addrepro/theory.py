@@ -6,16 +6,18 @@ The atlas lists, for every answer place, the Bayes-optimal loss of each knowledg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
-from addrepro.training.config import ConfigError, DataConfig, check_fields, config_dir
+from addrepro.training.config import ConfigError, DataConfig, check_fields, config_dir, integer, unknown_key
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="theory")
@@ -36,5 +38,30 @@ def main(cfg: DictConfig) -> None:
     print(f"written: {path}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Values checked before Hydra runs: the output folder is named after them."""
+    overrides = [a for a in sys.argv[1:] if not a.startswith(("hydra", "-"))]
+    known = [f"data.{f.name}" for f in dataclasses.fields(DataConfig)] + ["data", "mc_samples", "mc_seed", "seed"]
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key not in known:
+            print(f"addrepro: config error: {key}={value} is invalid: {unknown_key(key, known)}", file=sys.stderr)
+            sys.exit(2)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="theory", overrides=overrides)
+    except Exception:  # an override Hydra cannot parse: its own message, from main()
+        main()
+        return
+    try:
+        check_fields(DataConfig, cfg.data, "data")
+        integer(1)("mc_samples", cfg.mc_samples)
+        integer()("mc_seed", cfg.mc_seed)
+    except ConfigError as e:
+        print(f"addrepro: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

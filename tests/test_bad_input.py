@@ -4,6 +4,7 @@ The schema's whole table of values is checked in-process in test_config_check.py
 input a user can get wrong goes through the real commands in a subprocess.
 """
 
+import json
 import os
 import pickle
 import shutil
@@ -243,3 +244,49 @@ def test_a_resume_writes_only_into_the_job_and_records_its_overrides(tmp_path):
     log = (job / "train.log").read_text()
     assert "resumed with" in log and "trainer.max_steps=30" in log and log.count("done:") == 2
     assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 30
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.order=../../x", "data.order='../../x' is invalid: must be one of msb, lsb"),
+        ("mc_samples=0", "mc_samples=0 is invalid: must be an integer >= 1"),
+        ("data.bse=4", "data.bse=4 is invalid: is not a config key; did you mean data.base"),
+    ],
+)
+def test_theory_checks_its_values_before_its_folder_is_named_after_them(tmp_path, override, message):
+    proc = run_cli("addrepro.theory", [override], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: config error: {message}"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_theory_writes_the_atlas_of_the_configured_task(tmp_path):
+    proc = run_cli("addrepro.theory", ["data.n_digits=2", "data.base=4"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (written,) = (tmp_path / "outputs" / "theory").rglob("shelves.json")
+    assert written.parent.name == "2digit_base4_msb_add" and f"written: {written}" in proc.stdout
+
+
+def test_a_run_stopped_while_drawing_its_end_of_run_files_draws_them_when_resumed(tmp_path):
+    args = [*TINY, "logger=csv", "trainer.max_steps=20", "trainer.plots=true", "hydra.run.dir=job"]
+    first = run_cli("addrepro.train", args, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    job = tmp_path / "job"
+    listed = json.loads((job / "end_of_run.json").read_text())
+    assert listed["step"] == 20 and {"timeline.md", "spikes.md", "place_loss.png"} <= set(listed["files"])
+    drawn = {name: (job / name).read_bytes() for name in ("timeline.md", "shelves_detected.json")}
+    # As after a kill during the end-of-run files: the checkpoint says finished, some files are missing.
+    for name in ("end_of_run.json", "timeline.md", "place_loss.png"):
+        (job / name).unlink()
+    again = run_cli("addrepro.train", [*args, "resume=job"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (job / "place_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert {name: (job / name).read_bytes() for name in drawn} == drawn  # the same files as the first time
+    assert json.loads((job / "end_of_run.json").read_text())["files"] == listed["files"]
+    assert json.loads((job / "status.json").read_text())["status"] == "ok"
+    # A finished run whose files are complete is left as it is.
+    before = {p: p.stat().st_mtime_ns for p in job.rglob("*.png")}
+    third = run_cli("addrepro.train", [*args, "resume=job"], tmp_path)
+    assert third.returncode == 0 and {p: p.stat().st_mtime_ns for p in job.rglob("*.png")} == before

@@ -322,6 +322,16 @@ class EndOfRunFiles(pl.Callback):
         workers = cpu_cores() if self.plots else 1
         for k, paths in zip(members, draw_jobs(self.draw, jobs, workers), strict=True):
             log_files_to_wandb(module.members[k].loggers, paths, self.job_dirs[k])
+            mark_end_of_run_files(self.job_dirs[k], module.global_step, paths)
+
+
+END_OF_RUN = "end_of_run.json"  # written last: a job folder without it has not finished its end-of-run files
+
+
+def mark_end_of_run_files(job_dir: Path, step: int, paths: list[Path]) -> None:
+    """Record that the end-of-run files of ``job_dir`` are complete (and which they are)."""
+    files = sorted(str(Path(p).relative_to(job_dir)) if Path(p).is_relative_to(job_dir) else str(p) for p in paths)
+    atomic_write_text(job_dir / END_OF_RUN, json.dumps({"step": step, "files": files}, indent=1))
 
 
 def draw_jobs(draw: Callable[..., list[Path]], jobs: list[tuple], workers: int) -> list[list[Path]]:

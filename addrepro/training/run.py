@@ -26,6 +26,7 @@ from addrepro.rundir.loggers import close_loggers, make_loggers, previous_wandb_
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import (
+    END_OF_RUN,
     Checkpoints,
     ConfusionImages,
     EndOfRunFiles,
@@ -33,6 +34,8 @@ from addrepro.training.callbacks import (
     Preemption,
     ShelfExitSnapshots,
     SpikeSnapshots,
+    log_files_to_wandb,
+    mark_end_of_run_files,
 )
 from addrepro.training.config import TrainConfig, architecture, task_spec, typed
 from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, step_work, visible_gpus
@@ -98,8 +101,9 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             history=history,
             confusions=[earlier_confusion(p) if state else [] for p, state in zip(plans, continued, strict=True)],
         )
-        if module.start_step >= t.max_steps:  # resumed after finishing: its files are complete already
-            log.info("already trained to step %d of %d; nothing to do", module.start_step, t.max_steps)
+        if module.start_step >= t.max_steps:  # resumed after finishing
+            log.info("already trained to step %d of %d", module.start_step, t.max_steps)
+            finish_end_of_run_files(plans, members, history, draw, t.plots, module.start_step)
             finals = [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
         else:
             trainer = make_trainer(cfg, config, plans, module, draw, accelerator, devices)
@@ -121,6 +125,20 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         raise
     module.recorder.close()
     return finals
+
+
+def finish_end_of_run_files(
+    plans: list[JobPlan], members: list[Member], history: list[list[dict]], draw: Draw | None, plots: bool, step: int
+) -> None:
+    """The end-of-run files of a finished job that was stopped while drawing them (no ``end_of_run.json``),
+    drawn now from its files; a job whose files are complete is left as it is."""
+    for plan, member, rows in zip(plans, members, history, strict=True):
+        if draw is None or not rows or (plan.job_dir / END_OF_RUN).exists():  # no rows: no metrics file to draw
+            continue
+        log.info("drawing the end-of-run files the run did not finish: %s", plan.job_dir)
+        paths = draw(plan.job_dir, rows, member.config, plots)
+        log_files_to_wandb(member.loggers, paths, plan.job_dir)
+        mark_end_of_run_files(plan.job_dir, step, paths)
 
 
 def make_member(plan: JobPlan, state: dict | None) -> Member:
