@@ -110,7 +110,24 @@ def analyze(cfg: DictConfig) -> list[Path]:
     paths = write_outputs(result, figure, output_stem(cfg, path, job))
     if cfg.wandb:
         log_to_wandb(job, cfg, result, paths)
+    print(summary(cfg, result))
     return paths
+
+
+def summary(cfg: DictConfig, result: dict, top: int = 8) -> str:
+    """What the analysis found, in a few lines: the largest values of its summary (the scalars it logs to
+    W&B); every value is in the files it wrote."""
+    if cfg.analysis == "over_training":
+        values = {k: v[-1] for k, v in result["series"].items() if v}
+        what = f"{cfg.of} over training, at step {result['steps'][-1]}" if result["steps"] else cfg.of
+    else:
+        values, what = MODULES[cfg.analysis].summarize(result), cfg.analysis
+    finite = {k: v for k, v in values.items() if v == v}  # NaN: not measured for that key
+    shown = sorted(finite, key=lambda k: -abs(finite[k]))[:top]
+    lines = [f"{what}: the {len(shown)} largest of {len(values)} summary values (all of them in the files below)"]
+    width = max((len(k) for k in shown), default=0)
+    lines += [f"  {k:{width}}  {finite[k]:+.4g}" for k in shown]
+    return "\n".join(lines)
 
 
 def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) -> None:

@@ -404,6 +404,15 @@ def test_cli_attention_writes_png_and_json(job, tmp_path):
     data = json.loads(js.read_text())
     assert data["analysis"] == "attention" and data["step"] == STEPS[-1] and len(data["pattern"]) == 1
     assert os.listdir(tmp_path) == []  # no stray outputs/ or .hydra/ in the working directory
+    # It says what it found: the largest values of the analysis' summary, read back from its own JSON.
+    values = attention.summarize(data)
+    top = sorted(values, key=lambda k: -abs(values[k]))[: min(8, len(values))]
+    out = proc.stdout.splitlines()
+    assert (
+        out[0] == f"attention: the {len(top)} largest of {len(values)} summary values (all of them in the files below)"
+    )
+    assert [line.split() for line in out[1 : 1 + len(top)]] == [[k, f"{values[k]:+.4g}"] for k in top]
+    assert set(out[1 + len(top) :]) == {str(png), str(js)}
 
 
 @pytest.mark.parametrize(
