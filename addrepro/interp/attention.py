@@ -80,10 +80,13 @@ def plot(result: dict) -> Any:
     for layer in range(n_layers):
         for h in range(n_heads):
             ax = axes[layer, h]
-            ax.imshow(pattern[layer, h], cmap="Blues", vmin=0, vmax=1, aspect="auto")
+            image = ax.imshow(pattern[layer, h], cmap="Blues", vmin=0, vmax=1, aspect="auto")
             ax.set_xticks(range(len(result["key_labels"])), result["key_labels"], fontsize=7, rotation=90)
             ax.set_yticks(range(len(result["query_labels"])), result["query_labels"], fontsize=7)
             ax.set_title(f"L{layer}H{h}", fontsize=9)
     fig.suptitle(f"mean attention from answer-predicting positions, step {result.get('step')}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    bar = fig.colorbar(image, cax=fig.add_axes((0.92, 0.2, 0.015, 0.6)))
+    bar.set_label("mean attention", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     return fig

@@ -265,7 +265,7 @@ def plot_confusion_evolution(
 ) -> Path | None:
     """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true).
 
-    The carry-out digit is 0 or 1, so its tile is the 2 x 2 corner (true 0/1, predicted 0/1); what is
+    The carry-out digit is 0 or 1, so its row of tiles is 2 x 2 (true 0/1, predicted 0/1); what is
     missing from a row's sum there went to digits a carry-out never takes.
     """
     if len(steps) == 0:
@@ -285,10 +285,10 @@ def plot_confusion_evolution(
         for c, i in enumerate(pick):
             ax = axes[r][c]
             image = ax.imshow(confusion[i, j, :digits, :digits], vmin=0, vmax=1, cmap="magma_r")
-            ticks = list(range(digits)) if digits <= 2 else [0, digits - 1]
+            ticks = list(range(0, digits, 1 if digits <= 12 else 2))  # every digit (every other in large bases)
             ax.set_xticks(ticks)
             ax.set_yticks(ticks)
-            ax.tick_params(labelsize=6, length=2, pad=1)
+            ax.tick_params(labelsize=5, length=2, pad=1)
             if r == 0:
                 ax.set_title(f"step {int(steps[i])}", fontsize=8)
             if c == 0:
@@ -296,8 +296,8 @@ def plot_confusion_evolution(
             if r == len(places) - 1 or digits == 2:
                 ax.set_xlabel("predicted digit", fontsize=7, labelpad=1)
     fig.suptitle("confusion: mean predicted probability of each digit, per true digit (validation set)", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
-    bar = fig.colorbar(image, cax=fig.add_axes((0.935, 0.15, 0.015, 0.7)))
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    bar = fig.colorbar(image, cax=fig.add_axes((0.9, 0.15, 0.015, 0.7)))
     bar.set_label("mean probability", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     return save(fig, path)
