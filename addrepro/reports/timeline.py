@@ -27,9 +27,13 @@ from addrepro.task.spec import TaskSpec
 ATTN_KEY = re.compile(r"^mech/attn/L(\d+)H(\d+)/place_(\d+)/(own|lower)$")
 
 
-def place_colour(j: int, spec: TaskSpec) -> tuple:
-    """The colour of place j in every timeline panel (carry-out darkest)."""
-    return plt.get_cmap("viridis")(j / max(spec.n_digits, 1))
+# Okabe and Ito's colour-blind-safe palette (its yellow left out: too pale on white), then tab20.
+PLACE_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
+
+
+def place_colour(j: int, spec: TaskSpec) -> tuple | str:
+    """The colour of place j in every timeline panel: distinct for every place."""
+    return PLACE_COLOURS[j] if j < len(PLACE_COLOURS) else plt.get_cmap("tab20")((j - len(PLACE_COLOURS)) % 20)
 
 
 def attention_keys(rows: list[dict]) -> dict[tuple[str, int, str], str]:
@@ -241,7 +245,7 @@ def plot_timeline(
             label = place_label(j, spec) if kind == "own" or j == spec.n_digits else None
             ax_attn.plot(steps, best, color=place_colour(j, spec), ls=style, lw=1.2, label=label)
     ax_attn.set_ylim(0, 1.05)
-    ax_attn.set_ylabel("attention (best head)")
+    ax_attn.set_ylabel("attention of the place's\nmost attentive head")
     if ax_attn.lines:
         ax_attn.legend(
             fontsize=7,
