@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # leaves them out for a quick check) and run first, longest first, so that with one worker per core the
 # workers end together (pytest-xdist keeps this order: --no-loadscope-reorder in pyproject.toml).
 SLOW_FILES = (
+    "test_slurm.py",
     "test_resume.py",
     "test_reliability.py",
     "test_sweeps.py",

@@ -48,11 +48,14 @@ log = logging.getLogger("addrepro")
 
 
 def quiet_lightning() -> None:
-    """Lightning's INFO lines off (addrepro prints its own), and one warning hidden: Lightning itself
-    calls a torch API that newer torch deprecates, which nothing in a run can change."""
+    """Lightning's INFO lines off (addrepro prints its own), and two warnings hidden: Lightning itself
+    calls a torch API that newer torch deprecates, which nothing in a run can change; and on a machine
+    with Slurm it advises starting every run under ``srun``, which addrepro's one process per job (its
+    cluster detection is off, see ``cluster_plugins``) does not need."""
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 def earlier_history(plan: JobPlan) -> list[dict]:

@@ -1,0 +1,148 @@
+"""Sweeps on a real Slurm scheduler (``hydra/launcher=slurm``, submitit): jobs, failures, pre-emption.
+
+``.ci/slurm/start.sh`` starts a single-node Slurm with accounting on this machine (``.ci/run`` calls it
+before the suite); where no ``sbatch`` exists these tests are skipped, saying so.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FAST, cli_env, run_cli
+
+from addrepro.rundir.metrics_file import load_rows
+
+pytestmark = pytest.mark.slurm
+
+TINY = ["data.n_digits=2", "model.width=16", "logger=csv", "trainer.plots=false", *FAST]
+# One CPU and a little memory per job, no GPU: what this single node has.
+LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if shutil.which("sbatch") is None:
+        pytest.skip("no Slurm on this machine (bash .ci/slurm/start.sh installs and starts a local one)")
+    up = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=30)
+    if up.returncode != 0 or "up" not in up.stdout:
+        pytest.skip(f"Slurm is installed but not running (bash .ci/slurm/start.sh): {up.stderr.strip()}")
+
+
+def slurm_jobs(sweep) -> set[str]:  # noqa: ANN001
+    """The Slurm job ids of a sweep (submitit keeps a folder per job and per array task)."""
+    return {p.name.split("_")[0] for p in (sweep / ".submitit").iterdir() if p.is_dir()}
+
+
+def slurm_states(job_id: str) -> dict[str, str]:
+    """``task id -> state`` of a Slurm job (array tasks as ``<id>_<i>``), from accounting."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "--format=JobID,State"], capture_output=True, text=True, timeout=30
+    ).stdout
+    return dict(line.split("|")[:2] for line in out.splitlines() if line)
+
+
+def test_a_sweep_runs_as_slurm_array_tasks_and_a_failed_job_is_reported_failed(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optimizer.lr=1e-3,1e30", *TINY, "trainer.max_steps=30", *LAUNCHER, f"hydra.sweep.dir={sweep}"]
+    proc = run_cli("addrepro.train", args, tmp_path, timeout=600)
+    # The diverging job fails; Slurm sees a finished task, but the sweep says which job failed and exits non-zero.
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert summary["0"]["status"] == "ok" and summary["1"]["status"] == "failed", summary
+    assert "Divergence" in summary["1"]["message"]
+    assert "1/2 jobs ok" in proc.stderr and "failed" in proc.stderr
+    (job_id,) = slurm_jobs(sweep)  # one Slurm job: the array of both
+    states = slurm_states(job_id)
+    assert sorted(states) == [f"{job_id}_0", f"{job_id}_1"], states
+    assert max(r["step"] for r in load_rows(sweep / "0")) == 30
+
+
+def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bitwise_equal(slurm, tmp_path):
+    """A real pre-emption: a job of the "high" partition takes the node from the sweep's job, which gets
+    submitit's signal, writes a checkpoint, is requeued by submitit and continues with resume=auto."""
+    sweep = tmp_path / "sweep"
+    steps = 600
+    run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "resume=auto"]
+    # submitit takes any signal for a time-out below ~10 minutes of limit; a pre-emption needs more.
+    launcher = [*LAUNCHER, "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=15"]
+    sweep_proc = subprocess.Popen(
+        [sys.executable, "-m", "addrepro.train", "-m", *run_args, *launcher, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: logged_steps(sweep / "0") >= 50, 120, "the sweep's job to train 50 steps")
+        high = subprocess.run(
+            ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "--wrap", "sleep 3"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert high.returncode == 0, high.stderr
+        wait_for(lambda: status(sweep / "0").get("status") == "preempted", 60, "the job to be pre-empted")
+        preempted = status(sweep / "0")
+        out, err = sweep_proc.communicate(timeout=300)
+    finally:
+        if sweep_proc.poll() is None:
+            sweep_proc.kill()
+    assert sweep_proc.returncode == 0, err[-2000:]
+    assert preempted["step"] < steps and (sweep / "0" / "checkpoints" / preempted["checkpoint"]).exists()
+    assert status(sweep / "0")["status"] == "ok"
+    (job_id,) = slurm_jobs(sweep)
+    assert preempted["message"].startswith("SIGUSR2 at step")  # submitit's signal, sent by Slurm at pre-emption
+    assert "PREEMPTED" in slurm_history(job_id) or "REQUEUED" in slurm_history(job_id), slurm_history(job_id)
+    # The same run uninterrupted, here: weights and every metrics row bitwise equal (one thread each).
+    alone = run_cli("addrepro.train", [*run_args[:-1], "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    resumed = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["step"] == uninterrupted["step"] == steps
+    assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
+    assert load_rows(sweep / "0") == load_rows(tmp_path / "alone")
+
+
+def node_cpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout
+    return int(out.split()[0])
+
+
+def slurm_history(job_id: str) -> str:
+    """Every state the job's tasks went through (accounting keeps one line per requeue)."""
+    return subprocess.run(
+        ["sacct", "-n", "-D", "-P", "-j", job_id, "--format=JobID,State"], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+def status(job_dir) -> dict:  # noqa: ANN001
+    try:
+        return json.loads((job_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def logged_steps(job_dir) -> int:  # noqa: ANN001
+    try:
+        return max((r["step"] for r in load_rows(job_dir)), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
+def wait_for(condition, seconds: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
