@@ -187,6 +187,7 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_holders_lock_tak
         assert lines[0].startswith(f"addrepro: run folder error: {tmp_path}/job is in use by pid {holder.pid} on ")
         assert not (tmp_path / "job" / "status.json").exists()  # the holder's folder is left alone
         assert not (tmp_path / "job" / "checkpoints").exists()
+        assert not (tmp_path / "job" / ".hydra").exists()  # refused before Hydra writes its configs there
     finally:
         holder.kill()
         holder.wait()

@@ -52,6 +52,24 @@ def _stale(holder: dict) -> bool:
     return holder["pid"] == me["pid"] or not _alive(holder["pid"])
 
 
+def check_free(job_dir: Path) -> None:
+    """Raise ``LockError`` when another live process holds ``<job_dir>/.lock`` (nothing is written)."""
+    path = Path(job_dir) / LOCK_FILE
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return  # no lock, or one being written: acquire() decides
+    if holder and not _stale(holder):
+        raise LockError(in_use(job_dir, holder, path))
+
+
+def in_use(job_dir: Path, holder: dict, path: Path) -> str:
+    return (
+        f"{job_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} "
+        f"(lock file {path}; delete it if that process is gone)"
+    )
+
+
 def acquire(job_dir: Path) -> Path:
     """Take ``<job_dir>/.lock`` for this process; raise ``LockError`` when another live process holds it."""
     path = Path(job_dir) / LOCK_FILE
@@ -66,10 +84,7 @@ def acquire(job_dir: Path) -> Path:
             except (OSError, ValueError):
                 holder = {}  # being written right now, or torn by a kill while writing
             if holder and not _stale(holder):
-                raise LockError(
-                    f"{job_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"(lock file {path}; delete it if that process is gone)"
-                ) from None
+                raise LockError(in_use(job_dir, holder, path)) from None
             if not holder and time.time() - path.stat().st_mtime < 10:  # its taker is writing it
                 raise LockError(f"{job_dir} is in use (lock file {path} is being written)") from None
             path.unlink(missing_ok=True)

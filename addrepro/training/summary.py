@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from addrepro.rundir.job import make_folder
+from addrepro.rundir.lock import LockError, check_free
 from addrepro.rundir.status import read_statuses
 
 
@@ -40,7 +41,13 @@ class WritableOutput(Callback):
     created: Path | None = None  # the topmost folder a single run's check created (a refused run removes it)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        WritableOutput.created = self.check(Path(str(config.hydra.run.dir)))
+        folder = Path(str(config.hydra.run.dir))
+        try:  # a folder another process trains in: refused before Hydra overwrites its .hydra/ files
+            check_free(folder.absolute())
+        except LockError as e:
+            print(f"addrepro: run folder error: {e}", file=sys.stderr)
+            sys.exit(2)
+        WritableOutput.created = self.check(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.check(Path(str(config.hydra.sweep.dir)))
