@@ -11,7 +11,7 @@ from pathlib import Path
 
 from addrepro.reports.job import draw_job
 from addrepro.reports.sweep import draw_sweep, is_sweep_dir
-from addrepro.rundir.metrics_file import MetricsFileError
+from addrepro.rundir.metrics_file import RunFileError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
-    except (FileNotFoundError, MetricsFileError) as e:
+    except (FileNotFoundError, RunFileError) as e:
         print(f"addrepro.report: {e}", file=sys.stderr)
         return 2
     for p in paths:

@@ -290,3 +290,59 @@ def test_a_run_stopped_while_drawing_its_end_of_run_files_draws_them_when_resume
     before = {p: p.stat().st_mtime_ns for p in job.rglob("*.png")}
     third = run_cli("addrepro.train", [*args, "resume=job"], tmp_path)
     assert third.returncode == 0 and {p: p.stat().st_mtime_ns for p in job.rglob("*.png")} == before
+
+
+@pytest.fixture(scope="module")
+def csv_job(tmp_path_factory):
+    """A finished 20-step run with its metrics file, copied by the tests that damage its files."""
+    root = tmp_path_factory.mktemp("run_files")
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=20", "hydra.run.dir=job"], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "job"
+
+
+def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    if what == "short_line":
+        path = job / "csv" / "metrics.csv"
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join([*lines[:2], "5,1.0\n", *lines[2:]]))  # a line in the middle, two cells
+    elif what == "torn_confusion":
+        path = job / "confusion.npz"
+        path.write_bytes(path.read_bytes()[:100])
+    return job
+
+
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("short_line", "csv/metrics.csv, line 3: 2 cells where the header has"),
+        ("torn_confusion", "confusion.npz cannot be read ("),
+    ],
+)
+def test_a_damaged_run_file_is_named_in_one_line_by_resume_and_report(csv_job, tmp_path, what, message):
+    job = damaged(csv_job, tmp_path, what)
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=30", "resume=job"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("addrepro: run file error: ") and message in lines[0], lines
+    assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before  # nothing changed
+    report = run_cli("addrepro.report", [str(job)], tmp_path)
+    assert report.returncode == 2 and "Traceback" not in report.stderr
+    (line,) = error_lines(report)
+    assert line.startswith("addrepro.report: ") and message in line, line
+
+
+def test_a_torn_or_foreign_status_file_reads_as_unknown(tmp_path):
+    from addrepro.rundir.status import read_statuses
+
+    for name, text in (("0", '{"status": "ok"'), ("1", "[1, 2]"), ("2", '{"status": "ok"}')):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "config.yaml").write_text("seed: 0\n")
+        (tmp_path / name / "status.json").write_text(text)
+    statuses = read_statuses(tmp_path)
+    assert statuses["0"] == {"status": "unknown", "message": "status.json cannot be read (JSONDecodeError)"}
+    assert statuses["1"] == {"status": "unknown", "message": "status.json holds no status"}
+    assert statuses["2"] == {"status": "ok"}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.metrics_file import RunFileError
 
 
 def save_confusion(job_dir: Path, confusions: list) -> Path | None:
@@ -22,8 +23,17 @@ def save_confusion(job_dir: Path, confusions: list) -> Path | None:
 
 
 def load_confusion(job_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(steps (S,), confusion (S, n+1, base, base))`` of a job (None without the file); a file that is
+    not what ``save_confusion`` writes raises ``RunFileError`` naming it."""
     path = Path(job_dir) / "confusion.npz"
     if not path.exists():
         return None
-    data = np.load(path)
-    return data["steps"], data["confusion"]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            steps, confusion = data["steps"], data["confusion"]
+    except Exception as e:  # torn, foreign or pickled: numpy raises many kinds
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(f"{path} cannot be read ({reason})") from None
+    if steps.ndim != 1 or confusion.ndim != 4 or len(steps) != len(confusion):
+        raise RunFileError(f"{path} holds steps {steps.shape} and matrices {confusion.shape}, not one matrix per step")
+    return steps, confusion

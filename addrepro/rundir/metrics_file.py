@@ -11,17 +11,35 @@ import io
 from pathlib import Path
 
 
+class RunFileError(ValueError):
+    """A file of a run folder that cannot be read as addrepro writes it; the message names the file."""
+
+
+class MetricsFileError(RunFileError):
+    """A metrics file that cannot be read as numbers; the message names the file, line and column."""
+
+
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
     """The complete rows of a metrics file (``key -> text``, empty cells left out); a torn last line
-    (no newline: the writer was killed mid-append) is dropped."""
-    text = Path(path).read_text()
+    (no newline: the writer was killed mid-append) is dropped. A line with more or fewer cells than the
+    header anywhere else was not written by a run: ``MetricsFileError`` names it."""
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise MetricsFileError(f"{path} is not a text file") from None
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(io.StringIO(text))]
-
-
-class MetricsFileError(ValueError):
-    """A metrics file that cannot be read as numbers; the message names the file, line and column."""
+    rows = []
+    reader = csv.DictReader(io.StringIO(text))
+    for row in reader:
+        if None in row or None in row.values():  # cells beyond the header, or missing ones
+            given = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+            raise MetricsFileError(
+                f"{path}, line {reader.line_num}: {given} cells where the header has "
+                f"{len(reader.fieldnames or [])} (a damaged line)"
+            )
+        rows.append({k: v for k, v in row.items() if v != ""})
+    return rows
 
 
 def _is_float(value: object) -> bool:

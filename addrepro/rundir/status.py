@@ -22,6 +22,19 @@ def write_status(job_dir: Path, status: str, message: str = "", **extra: Any) ->
     atomic_write(Path(job_dir) / STATUS_FILE, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
+def read_status_file(path: Path) -> dict:
+    """A job's status record; a missing, torn or foreign ``status.json`` reads as status "unknown"."""
+    if not path.exists():
+        return {"status": "unknown", "message": "no status.json (killed?)"}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {"status": "unknown", "message": f"status.json cannot be read ({type(e).__name__})"}
+    if not isinstance(record, dict) or not isinstance(record.get("status"), str):
+        return {"status": "unknown", "message": "status.json holds no status"}
+    return record
+
+
 def read_statuses(sweep_dir: Path) -> dict[str, dict]:
     """Status of every job folder of a sweep, keyed by folder name.
 
@@ -30,12 +43,7 @@ def read_statuses(sweep_dir: Path) -> dict[str, dict]:
     out = {}
     for job in job_dirs(sweep_dir):
         status_path = job / STATUS_FILE
-        record = (
-            json.loads(status_path.read_text())
-            if status_path.exists()
-            else {"status": "unknown", "message": "no status.json (killed?)"}
-        )
-        out[job.name] = _unless_gone(record)
+        out[job.name] = _unless_gone(read_status_file(status_path))
     return out
 
 

@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from addrepro.rundir.atomic import atomic_write_text, remove_stale_temporaries
 from addrepro.rundir.checkpoint_paths import CheckpointError, find_resume_checkpoint
+from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.job import remove_refused_job_dir
 from addrepro.rundir.lock import LockError, acquire, release
+from addrepro.rundir.metrics_file import RunFileError, load_rows
 from addrepro.rundir.names import grid_keys, run_name, swept_keys, swept_tags, wandb_group
 from addrepro.rundir.status import write_status
 from addrepro.training.config import CONFIG_KEY_OF, ConfigError, architecture, task_spec, validate
@@ -119,6 +121,15 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     return dataclasses.replace(plan, cfg=cfg, job_dir=owner, name=name, group=group, resume_from=path)
 
 
+def check_run_files(plan: JobPlan) -> None:
+    """The files a resume reads back (metrics, confusion matrices) must be readable: ``RunFileError``."""
+    if plan.resume_from is None or not plan.own_checkpoint:
+        return
+    if (plan.job_dir / "csv" / "metrics.csv").exists():
+        load_rows(plan.job_dir)
+    load_confusion(plan.job_dir)
+
+
 def owning_job_dir(checkpoint: Path) -> Path | None:
     """The job folder a checkpoint belongs to: ``<job>/checkpoints/<file>``; None for a checkpoint
     anywhere else (a run never writes outside its own folder, nor into a filesystem's root)."""
@@ -153,6 +164,7 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
         validate(cfg)
         if cfg.resume:
             plan = resume_plan(plan)
+            check_run_files(plan)
         acquire(plan.job_dir)
     except (ConfigError, CheckpointError) as e:
         kind = "config" if isinstance(e, ConfigError) else "checkpoint"
@@ -164,6 +176,8 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
         return refused(plan, f"{kind} error: {e}")
     except LockError as e:  # the folder's status belongs to the process that holds it
         return refused(plan, f"run folder error: {e}")
+    except RunFileError as e:  # a run file a resume reads back, torn or not written by a run
+        return refused(plan, f"run file error: {e}")
     except OSError as e:
         return refused(plan, f"storage error: {e}")
     try:
