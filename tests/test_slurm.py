@@ -85,7 +85,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
     try:
         wait_for(lambda: logged_steps(sweep / "0") >= 50, 120, "the sweep's job to train 50 steps")
         high = subprocess.run(
-            ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "--wrap", "sleep 3"],
+            ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "-o", "/dev/null", "--wrap", "sleep 3"],
             capture_output=True,
             text=True,
             timeout=30,
