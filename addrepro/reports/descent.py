@@ -88,7 +88,11 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
     groups = sorted({p["group"] for p in points}, key=_order)
     cols = min(3, len(roles))
     nrows = math.ceil(len(roles) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.6), squeeze=False, layout="constrained")
+    # One y scale for every panel, from 0: places are compared, and a drop from 40 to 30 steps must not
+    # look like one from 890 to 270.
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(4.6 * cols, 3.2 * nrows + 0.6), squeeze=False, layout="constrained", sharey=True
+    )
     by = _grouped(points)
     xs = sorted({p["x"] for p in points}, key=_order)
     numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
@@ -117,6 +121,7 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
         ax.set_xlabel(x_key or "job")
         ax.set_ylabel("descent step")
         ax.grid(alpha=0.2)
+    axes.flat[0].set_ylim(bottom=0)  # after every panel is drawn: the shared top fits all of them
     for ax in axes.flat[len(roles) :]:
         ax.axis("off")
     handles, labels = [], []
@@ -127,9 +132,9 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
                 labels.append(lab)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(
-        "step each place left its starting shelf: points are seeds, bars their range, lines the mean", fontsize=10
-    )
+    seeds = max((len(pts) for pts in by.values()), default=1)
+    what = "points are seeds, bars their range, lines the mean" if seeds > 1 else "one run per point"
+    fig.suptitle(f"step each place left its starting shelf: {what}", fontsize=10)
     return save(fig, path)
 
 
@@ -141,7 +146,8 @@ def _order(value: object) -> tuple:
 
 def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
     x_key, group_key = axes_keys(keys)
-    head = ["role", group_key or "", x_key or "job", "from", "seeds", "descent step: mean", "min–max", "not yet"]
+    head = ["role", *([group_key] if group_key else []), x_key or "job", "from (nats)", "seeds", "descent step: mean"]
+    head += ["min–max", "not yet"]
     lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
     by = _grouped(points)
     for role in roles:
@@ -152,7 +158,7 @@ def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
             mean = f"{np.mean(done):.0f}" if done else "–"
             spread = f"{min(done)}–{max(done)}" if done else "–"
             levels = ", ".join(sorted({p["from"] for p in pts}))
-            cells = [role, str(group) if group_key else "", str(x), levels, str(len(pts)), mean, spread]
+            cells = [role, *([str(group)] if group_key else []), str(x), levels, str(len(pts)), mean, spread]
             lines.append("| " + " | ".join([*cells, str(len(pts) - len(done))]) + " |")
     return "\n".join(lines)
 
@@ -167,8 +173,8 @@ def write_descent(sweep_dir: Path, jobs: list[dict], keys: list[str]) -> list[Pa
     text = (
         f"# When each place left its starting shelf, {len(jobs)} jobs\n\n"
         "Descent step: the first step at which the running median of the place's train loss fell below the "
-        "geometric mean of its starting level (`from`: the atlas level answer_prefix, in nats) and the next "
-        "atlas level below it. "
+        "geometric mean of its starting shelf and the next atlas level below it. `from`: the loss of that "
+        "starting shelf, in nats (the atlas level of a model that knows only the answer digits before the place). "
         "`not yet`: jobs in which it had not by the end of training.\n\n" + descent_table(points, roles, keys) + "\n"
     )
     return [plot_descent(points, roles, keys, sweep_dir / PNG), atomic_write_text(sweep_dir / TABLE, text)]
