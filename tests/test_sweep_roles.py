@@ -90,7 +90,9 @@ def test_sweep_report_by_role_with_seeds_as_points(sweep):
     draw_sweep(sweep)
     table = (sweep / "sweep_descent.md").read_text().splitlines()
     header = next(line for line in table if line.startswith("| role"))
-    assert header.startswith("| role | data.n_digits | data.base | from (nats) | seeds | descent step: mean | min–max |")
+    assert header.startswith(
+        "| role | data.n_digits | data.base | from (nats) | seeds | descent step: mean | min–max |"
+    )
     for base in BASES:
         for n in DIGITS:
             for j in range(n + 1):
