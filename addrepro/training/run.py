@@ -94,7 +94,8 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
     history = [earlier_history(plan) if state else [] for plan, state in zip(plans, continued, strict=True)]
     members: list[Member] = []
     try:
-        members += [make_member(plan, state) for plan, state in zip(plans, continued, strict=True)]
+        for plan, state in zip(plans, continued, strict=True):  # one by one: those made are closed on failure
+            members.append(make_member(plan, state))
         module = AdditionModule(
             spec,
             architecture(config.model, spec),
