@@ -42,7 +42,8 @@ log = logging.getLogger("addrepro")
 WARMUP_STEPS = 3
 
 # Newer torch registers a graph's generators itself and warns when asked to as well; registering
-# stays necessary on the older torch this project supports. Only that message is silenced.
+# stays necessary on the older torch this project supports. Only messages that speak of registering
+# generators are silenced, and only around the registration (their exact text differs between versions).
 REGISTRATION_WARNING = r"(?i).*generator.*regist.*|.*regist.*generator.*"
 
 
