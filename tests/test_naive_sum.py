@@ -143,6 +143,21 @@ def test_naive_offset_probs_hand_built(order):
     # carry-out P(0), P(1): the mean of the alternating rows
     torch.testing.assert_close(metrics["val/carry_out/p0"], torch.full((2,), 0.4))
     torch.testing.assert_close(metrics["val/carry_out/p1"], torch.full((2,), 0.5))
+    # per true carry-out: the mean of the right digit's probability over the examples with that carry
+    for c in (0, 1):
+        rows = [i for i, (x, y) in enumerate(zip(xs, ys, strict=True)) if (x + y) // base**n == c]
+        expected_c = sum(carry_out[i % 2][c] for i in rows) / len(rows)
+        assert metrics[f"val/carry_out/true_{c}"] == pytest.approx([expected_c] * 2)
+
+
+def test_carry_out_by_truth_leaves_out_a_carry_no_example_has():
+    spec = TaskSpec(n_digits=2, base=10)
+    xs, ys = [12, 40, 3], [30, 51, 0]  # no sum reaches 100: every carry-out is 0
+    tokens = tokens_of(spec, xs, ys)
+    stats = place_stats(NaivePlusModel(spec, [0.9], k0=0), tokens, spec)
+    metrics = naive_sum_metric_dict(stats, tokens[None], spec, "val")
+    assert metrics["val/carry_out/true_0"].item() == pytest.approx(0.9)
+    assert "val/carry_out/true_1" not in metrics
 
 
 def test_naive_offsets_in_other_base():
@@ -261,7 +276,7 @@ def test_metric_dict_of_naive_plus_model(order, k0):
 
     keys = {f"val/naive/place_{j}/plus_{k}" for j in range(n) for k in range(base)}
     keys |= {f"val/depth_sum/place_{j}/depth_{d}" for j in range(2, n + 1) for d in range(1, j)}
-    keys |= {"val/carry_out/p0", "val/carry_out/p1"}
+    keys |= {"val/carry_out/p0", "val/carry_out/p1", "val/carry_out/true_0", "val/carry_out/true_1"}
     assert set(metrics) == keys
     assert all(v.shape == (2,) for v in metrics.values())
 
@@ -273,6 +288,9 @@ def test_metric_dict_of_naive_plus_model(order, k0):
         # the carry-out place's naive sum is 0, so the model favours digit k0 there
         assert metrics["val/carry_out/p0"][m].item() == pytest.approx(p if k0 == 0 else q)
         assert metrics["val/carry_out/p1"][m].item() == pytest.approx(p if k0 == 1 else q)
+        # split by the true carry-out: p where the favourite is the truth, q where it is not
+        assert metrics["val/carry_out/true_0"][m].item() == pytest.approx(p if k0 == 0 else q)
+        assert metrics["val/carry_out/true_1"][m].item() == pytest.approx(p if k0 == 1 else q)
         for (j, d), value in expected_depth_means(xs, ys, spec, p, k0).items():
             assert metrics[f"val/depth_sum/place_{j}/depth_{d}"][m].item() == pytest.approx(value, abs=1e-6)
         # per-place loss: -log p where the true digit is the favourite, -log q elsewhere

@@ -138,3 +138,96 @@ def test_confusion_plot_has_a_colour_bar_and_a_2x2_carry_out_tile(monkeypatch, t
     bars = [ax for ax in fig.axes if ax.get_ylabel() == "mean probability"]
     assert len(bars) == 1
     plt.close(fig)
+
+
+def test_log_limits_keep_every_positive_value_and_a_shared_top():
+    from addrepro.reports.plots import log_limits
+
+    assert log_limits([np.array([2.3, 0.5, 3e-7]), np.array([0.0, np.nan, 1e-2])]) == (1e-7, 4.0)
+    assert log_limits([np.array([5.0])]) == (0.4, 6.5)  # the top follows a curve above it
+    assert log_limits([]) == (1e-4, 4.0)
+
+
+def test_place_loss_plot_shows_a_learned_place_below_old_floors(monkeypatch, tmp_path):
+    spec = TaskSpec(n_digits=2, base=10)
+    rows = _rows(spec)
+    for row in rows:
+        row["train/loss/place_0"] = 2e-6  # a place learned to a loss far below 1e-4
+    fig = _drawn(monkeypatch, job.plot_place_losses, rows, spec, tmp_path / "x.png", None, "run 7, seed 3")
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert {ax.get_ylim() for ax in panels} == {(1e-6, 4.0)}  # one range for all, 2e-6 inside it
+    assert fig._suptitle.get_text().startswith("run 7, seed 3: per-place loss, 2-digit base 10")
+    plt.close(fig)
+
+
+def test_atlas_labels_in_the_margin_never_touch(monkeypatch, tmp_path):
+    spec = TaskSpec(n_digits=3, base=10)  # the hundreds' uniform 2.30 and answer_prefix 2.11 are close
+    fig = _drawn(monkeypatch, job.plot_place_losses, _rows(spec), spec, tmp_path / "x.png")
+    renderer = fig.canvas.get_renderer()
+    hundreds = next(ax for ax in fig.axes if ax.get_title() == "place 2 (10²)")
+    assert {"uniform 2.3", "answer_prefix 2.11"} <= {t.get_text().strip() for t in hundreds.texts}
+    for ax in (ax for ax in fig.axes if ax.axison):
+        margin = [t for t in ax.texts if t.xy[0] == 1.0 and t.get_position()[0] == 0]
+        boxes = sorted((t.get_window_extent(renderer) for t in margin), key=lambda b: -b.y0)
+        for upper, lower in zip(boxes, boxes[1:], strict=False):
+            assert not upper.overlaps(lower)
+            assert upper.y0 - lower.y1 >= -1  # stacked, not side by side
+    plt.close(fig)
+
+
+def test_naive_sum_plot_shows_the_carry_out_per_true_carry(monkeypatch, tmp_path):
+    spec = TaskSpec(n_digits=2, base=10)
+    rows = _rows(spec)
+    for row in rows:
+        if "val/carry_out/p0" in row:
+            row["val/carry_out/true_0"], row["val/carry_out/true_1"] = 0.98, 0.97
+    fig = _drawn(monkeypatch, job.plot_naive_sum, rows, spec, tmp_path / "x.png")
+    top = next(ax for ax in fig.axes if ax.get_title() == "place 2 (carry-out)")
+    assert sorted(line.get_label() for line in top.get_lines()) == [
+        "carry-out: P(right | carry-out 0)",
+        "carry-out: P(right | carry-out 1)",
+    ]
+    assert {line.get_ydata()[0] for line in top.get_lines()} == {0.98, 0.97}
+    plt.close(fig)
+    # a run logged before the split: the averages, said to be averages
+    fig = _drawn(monkeypatch, job.plot_naive_sum, _rows(spec), spec, tmp_path / "x.png")
+    top = next(ax for ax in fig.axes if ax.get_title() == "place 2 (carry-out)")
+    assert all(line.get_label().endswith("all examples") for line in top.get_lines())
+    plt.close(fig)
+
+
+def test_carry_conditioned_plot_has_a_title_one_legend_per_column_and_says_what_a_chain_is(monkeypatch, tmp_path):
+    spec = TaskSpec(n_digits=3, base=10)
+    rows = []
+    for step in range(0, 400, 100):
+        row = {"step": step}
+        for j in range(1, spec.n_places):
+            for c in (0, 1):
+                row[f"carry/place_{j}/cin_{c}/loss"] = 1.0 / (step + 1)
+                row[f"carry/place_{j}/cin_{c}/p_plus0"] = row[f"carry/place_{j}/cin_{c}/p_plus1"] = 0.5
+            for length in range(min(j, spec.n_digits - 1) + 1):  # as CarrySets builds them
+                row[f"chain/place_{j}/len_{length}/loss"] = 1.0 / (step + length + 1)
+        rows.append(row)
+    fig = _drawn(monkeypatch, job.plot_carry_conditioned, rows, spec, tmp_path / "x.png", "sweep/3, seed 1")
+    assert fig._suptitle.get_text() == "sweep/3, seed 1: carry-conditioned sets, 3-digit base 10 (msb, add)"
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 3  # one per column, under the bottom row
+    chain = [t.get_text() for t in legends[2].get_texts()]
+    assert chain == ["chain length 0", "chain length 1", "chain length 2"]
+    note = " ".join(t.get_text() for t in fig.texts)
+    assert "sum to 9" in note and "no carry in" in note
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(("n_values", "bar"), [(2, False), (8, False), (12, True)])
+def test_sweep_colours_name_few_values_and_bar_many(n_values, bar):
+    from addrepro.reports.plots import COLOURS
+    from addrepro.reports.sweep import _colours
+
+    values = [{"optimizer.lr": 10.0 ** -(i / 4)} for i in range(n_values)]
+    colours, mappable = _colours(["optimizer.lr"], values)
+    assert (mappable is not None) == bar
+    if not bar:  # a colour each from the colour-blind-safe palette, ordered by value
+        assert colours == [COLOURS[n_values - 1 - i] for i in range(n_values)]
+    else:  # no pale yellow end: every colour darker than the palest viridis
+        assert all(sum(c[:3]) < 2.0 for c in colours)

@@ -43,8 +43,26 @@ def depth_sum_probs(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpec) -> 
     return out
 
 
+def carry_out_by_truth(stats: PlaceStats, spec: TaskSpec) -> dict[int, torch.Tensor]:
+    """``{c: (K,)}`` mean probability on the right carry-out over the examples whose carry-out is c;
+    a carry no example has is left out (the set is the same for every member). Averaged over all
+    examples, P(0) and P(1) sit near the share of each carry even for a model that is sure of every
+    answer; split by the truth, they show what it knows."""
+    truth = stats.targets[..., spec.n_digits]  # (K, B)
+    p_right = stats.log_probs[:, :, spec.n_digits].gather(-1, truth[..., None]).squeeze(-1).exp()  # (K, B)
+    out = {}
+    for c in (0, 1):
+        mask = (truth == c).to(p_right.dtype)
+        count = mask.sum(1)  # (K,)
+        if bool(count.min() > 0):
+            out[c] = (p_right * mask).sum(1) / count
+    return out
+
+
 def naive_sum_metric_dict(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpec, prefix: str) -> dict:
-    """``{prefix}/naive/place_j/plus_k``, ``{prefix}/depth_sum/place_j/depth_d``, carry-out P(0), P(1)."""
+    """``{prefix}/naive/place_j/plus_k``, ``{prefix}/depth_sum/place_j/depth_d``, carry-out P(0), P(1)
+    and, for addition, the probability of the right carry-out per true carry-out
+    (``{prefix}/carry_out/true_c``)."""
     out = {}
     offsets = naive_offset_probs(stats, tokens, spec)
     for j in range(spec.n_digits):
@@ -56,4 +74,7 @@ def naive_sum_metric_dict(stats: PlaceStats, tokens: torch.Tensor, spec: TaskSpe
     carry_out = stats.log_probs[:, :, spec.n_digits].exp().mean(1)  # (K, base)
     out[f"{prefix}/carry_out/p0"] = carry_out[:, 0]
     out[f"{prefix}/carry_out/p1"] = carry_out[:, 1]
+    if spec.task == "add":
+        for c, p in carry_out_by_truth(stats, spec).items():
+            out[f"{prefix}/carry_out/true_{c}"] = p
     return out

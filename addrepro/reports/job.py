@@ -11,13 +11,17 @@ from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 
 from addrepro.reports.plots import (
+    colour,
     label_without_overlap,
+    log_limits,
+    margin_labels,
     place_label,
     running_mean,
     save,
     series,
     smoothing_label,
     smoothing_window,
+    spread_labels,
 )
 from addrepro.reports.spike_report import write_spike_report
 from addrepro.reports.timeline import write_timeline
@@ -31,6 +35,19 @@ from addrepro.task.spec import TaskSpec
 
 # Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
 GUIDE_LEVELS = ("uniform", "marginal", "answer_prefix", "naive_sum", "carry_depth_1", "carry_depth_2")
+
+
+def spec_words(spec: TaskSpec) -> str:
+    """The task in a figure title: ``3-digit base 10 (msb, add)``."""
+    return f"{spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})"
+
+
+def run_name(job_dir: Path, cfg) -> str:  # noqa: ANN001 - the run's config
+    """The run in a figure title: its folder (a sweep's job with the sweep's name) and seed."""
+    job_dir = Path(job_dir)
+    in_sweep = (job_dir.parent / "multirun.yaml").exists()
+    folder = f"{job_dir.parent.name}/{job_dir.name}" if in_sweep else job_dir.name
+    return f"{folder}, seed {cfg.get('seed')}"
 
 
 def place_atlas(spec: TaskSpec) -> dict[int, dict[str, float]]:
@@ -58,28 +75,18 @@ def find_shelves(rows: list[dict], spec: TaskSpec, prefix: str = "train") -> dic
     return out
 
 
-def atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> None:
-    seen: list[float] = []
+def atlas_guides(ax: plt.Axes, levels: dict[str, float], floor: float) -> list:
+    """Dotted lines at the atlas levels, named in the right margin; returns the labels (to be spread
+    again with ``spread_labels`` once the layout is final)."""
+    named: list[tuple[float, str]] = []
     for name in GUIDE_LEVELS:
         value = levels.get(name)
         # Skip zero levels (not on a log axis) and near-duplicates, which would stack their labels.
-        if value is None or value < floor or any(abs(np.log(value / s)) < 0.03 for s in seen):
+        if value is None or value < floor or any(abs(np.log(value / v)) < 0.03 for v, _ in named):
             continue
-        # A label within ~6 pt of the previous one (2.30 and 2.11 on a 1e-4..4 axis) moves down a line.
-        shift = -5 if seen and abs(np.log(value / seen[-1])) < 0.4 else 0
-        seen.append(value)
+        named.append((value, f"{name} {value:.3g}"))
         ax.axhline(value, color="0.6", lw=0.8, ls=":", zorder=0)
-        ax.annotate(
-            f" {name} {value:.3g}",
-            (1.0, value),
-            xycoords=ax.get_yaxis_transform(),
-            xytext=(0, shift),
-            textcoords="offset points",
-            fontsize=6,
-            va="center",
-            ha="left",
-            color="0.35",
-        )
+    return margin_labels(ax, named, fontsize=6, color="0.35")
 
 
 def plot_place_losses(
@@ -98,7 +105,13 @@ def plot_place_losses(
     cols = min(3, n)
     nrows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.0 * nrows), squeeze=False, sharex=True)
+    # One y range for every panel, from the data: places compare at a glance, and nothing is clipped.
+    shown = [series(rows, f"{kind}/loss/place_{j}")[1] for kind in ("train", "val") for j in range(n)]
+    if reference is not None:
+        shown += [np.asarray(v, dtype=float) for v in reference["places"].values()]
+    bottom, top = log_limits(shown)
     shelf_labels = []
+    margins = []
     smoothing = "train"
     # Carry-out first, as the answer is read.
     for ax, j in zip(axes.flat, range(n - 1, -1, -1), strict=False):
@@ -128,8 +141,8 @@ def plot_place_losses(
         for spike in spikes or []:  # every panel: which places the spike touched is what one looks for
             ax.axvline(spike["step"], color="C3", lw=0.8, ls="--", alpha=0.7)
         ax.set_yscale("log")
-        ax.set_ylim(1e-4, 4.0)
-        atlas_guides(ax, atlas[j], 1e-4)
+        ax.set_ylim(bottom, top)
+        margins.append((ax, atlas_guides(ax, atlas[j], bottom)))
         ax.set_title(place_label(j, spec), fontsize=9)
         ax.grid(alpha=0.2)
     for ax in axes.flat[n:]:
@@ -147,12 +160,12 @@ def plot_place_losses(
     if spikes:
         handles.append(Line2D([], [], color="C3", lw=0.8, ls="--", alpha=0.7, label="loss spike (total train loss)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
-    fig.suptitle(title or f"per-place loss, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
+    fig.suptitle(f"{title}{': ' if title else ''}per-place loss, {spec_words(spec)}")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    for ax, labels in shelf_labels:  # after the layout: placing them needs their final size
-        label_without_overlap(
-            ax, labels, fontsize=6.5, color="C3", zorder=5, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.6}
-        )
+    for ax, texts in margins:  # after the layout: spacing them needs the panels' final size
+        spread_labels(ax, texts)
+    for ax, labels in shelf_labels:
+        label_without_overlap(ax, labels, fontsize=6.5, color="C3", zorder=5)
     return save(fig, path)
 
 
@@ -185,8 +198,10 @@ def _place_grid(spec: TaskSpec, places: list[int], height: float = 2.8):
     return fig, list(zip(axes.flat, places, strict=False))
 
 
-def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
-    """P(naive sum + k) per place over training (k = 0, 1, 2, base-1), and the carry-out's P(0), P(1)."""
+def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path, title: str = "") -> Path | None:
+    """P(naive sum + k) per place over training (k = 0, 1, 2, base-1) and the depth-d sums; at the
+    carry-out, the probability of the right carry-out per true carry-out (runs from before it was
+    logged: P(0), P(1) averaged over all examples)."""
     if not series(rows, "val/naive/place_0/plus_0")[0].size:
         return None
     places = list(range(spec.n_places - 1, -1, -1))
@@ -195,68 +210,105 @@ def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
     # One colour per curve kind across all panels, so a single legend below the grid serves them all.
     handles: dict[str, Line2D] = {}
 
-    def draw(ax: plt.Axes, key: str, label: str, color: str, ls: str = "-") -> None:
+    def draw(ax: plt.Axes, key: str, label: str, shade: str, **style) -> None:  # noqa: ANN003
         steps, p = series(rows, key)
         if len(steps):
-            handles[label] = ax.plot(steps, p, color=color, ls=ls, lw=1.0 if ls == "-" else 0.9, label=label)[0]
+            handles[label] = ax.plot(steps, p, color=shade, label=label, **({"lw": 1.0} | style))[0]
 
+    # Depth-d sums often coincide with each other: each its own dash pattern and width, so both show.
+    depth_styles = [{"ls": (0, (4, 2)), "lw": 2.0}, {"ls": (0, (1, 1.5)), "lw": 1.2}]
     for ax, j in cells:
         if j == spec.n_digits:
-            for digit, color in ((0, "C6"), (1, "C7")):
-                draw(ax, f"val/carry_out/p{digit}", f"carry-out P({digit})", color)
+            by_truth = series(rows, "val/carry_out/true_0")[0].size or series(rows, "val/carry_out/true_1")[0].size
+            for c in (0, 1):
+                if by_truth:
+                    draw(ax, f"val/carry_out/true_{c}", f"carry-out: P(right | carry-out {c})", colour(5 + c))
+                else:
+                    draw(ax, f"val/carry_out/p{c}", f"carry-out P({c}), all examples", colour(5 + c))
         else:
             for i, k in enumerate(offsets):
-                draw(ax, f"val/naive/place_{j}/plus_{k}", f"naive sum +{k}", f"C{i}")
+                draw(ax, f"val/naive/place_{j}/plus_{k}", f"naive sum +{k}", colour(i))
             for d in range(1, min(j, 3)):
                 draw(
                     ax,
                     f"val/depth_sum/place_{j}/depth_{d}",
                     f"depth-{d} sum (carry from {d} pair{'s' if d > 1 else ''} below)",
-                    f"C{3 + d}",
-                    "--",
+                    colour(4) if d == 1 else "0.25",
+                    **depth_styles[d - 1],
                 )
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(place_label(j, spec), fontsize=9)
         ax.grid(alpha=0.2)
     _label_grid(fig, cells, "probability")
     fig.legend(handles=list(handles.values()), loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
-    fig.suptitle(f"probability on the naive sum + k, (a_j + b_j + k) mod {spec.base} (validation set)")
+    fig.suptitle(
+        f"{title}{': ' if title else ''}probability on the naive sum + k, (a_j + b_j + k) mod {spec.base}"
+        f" ({spec_words(spec)}, validation set)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.035 * (1 + (len(handles) - 1) // 4), 1, 1))
     return save(fig, path)
 
 
-def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path) -> Path | None:
+def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path, title: str = "") -> Path | None:
     """Per place: loss and P(+0)/P(+1) on the carry-in-0 and carry-in-1 sets, and loss per chain length."""
     places = [j for j in range(spec.n_places - 1, 0, -1) if series(rows, f"carry/place_{j}/cin_0/loss")[0].size]
     if not places:
         return None
-    fig, axes = plt.subplots(len(places), 3, figsize=(13, 2.4 * len(places)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(places), 3, figsize=(13, 2.3 * len(places) + 1.6), squeeze=False, sharex=True)
+    lengths = range(0, spec.n_digits)
     for row, j in zip(axes, places, strict=True):
-        for c, color in ((0, "C0"), (1, "C3")):
-            row[0].plot(*series(rows, f"carry/place_{j}/cin_{c}/loss"), color=color, label=f"carry in {c}")
-            row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus0"), color=color, label=f"P(+0 | cin {c})")
+        for c in (0, 1):
+            shade = colour(2 * c)
+            row[0].plot(*series(rows, f"carry/place_{j}/cin_{c}/loss"), color=shade, label=f"carry in {c}")
+            row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus0"), color=shade, label=f"P(+0 | carry in {c})")
             row[1].plot(
-                *series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=color, ls="--", label=f"P(+1 | cin {c})"
+                *series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=shade, ls="--", label=f"P(+1 | carry in {c})"
             )
-        for length in range(0, spec.n_digits):
+        for length in lengths:
             steps, loss = series(rows, f"chain/place_{j}/len_{length}/loss")
             if len(steps):
-                shade = plt.cm.viridis(length / max(spec.n_digits - 1, 1))
-                row[2].plot(steps, loss, color=shade, label=f"chain length {length}")
+                row[2].plot(steps, loss, color=colour(length), label=f"chain length {length}")
         row[0].set_yscale("log")
         row[2].set_yscale("log")
         row[0].set_ylabel(f"{place_label(j, spec)}\nloss (nats)", fontsize=8)
         row[1].set_ylabel("probability", fontsize=8)
+        row[1].set_ylim(-0.02, 1.02)
         row[2].set_ylabel("loss (nats)", fontsize=8)
         for ax in row:
             ax.grid(alpha=0.2)
-            ax.legend(fontsize=6)
-    axes[0][0].set_title("loss by carry in", fontsize=10)
-    axes[0][1].set_title("P(naive sum +0), P(naive sum +1) by carry in", fontsize=10)
-    axes[0][2].set_title(f"loss by carry-chain length ({spec.base - 1}-sums below)", fontsize=10)
+    # Per column, one legend under it: the curves mean the same in every row.
+    for col, ax in enumerate(axes[-1]):
+        seen: dict[str, Line2D] = {}
+        for a in axes[:, col]:
+            for line in a.get_lines():
+                seen.setdefault(line.get_label(), line)
+        ax.legend(
+            list(seen.values()),
+            list(seen),
+            fontsize=7,
+            ncol=2 if col < 2 else 3,
+            frameon=False,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.32),
+        )
+    axes[0][0].set_title("loss, by carry into the place", fontsize=9)
+    axes[0][1].set_title("P(naive sum +0), P(naive sum +1), by carry in", fontsize=9)
+    axes[0][2].set_title("loss, by carry-chain length", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("step")
-    fig.tight_layout()
+    fig.suptitle(f"{title}{': ' if title else ''}carry-conditioned sets, {spec_words(spec)}", fontsize=10)
+    fig.text(
+        0.5,
+        0.005,
+        f"chain length L: the L pairs right below the place each sum to {spec.base - 1} and pass a carry on, so"
+        f" the pair L + 1 places down decides the carry in. Place 0 (units) has no carry in: no row.",
+        ha="center",
+        va="bottom",
+        fontsize=7.5,
+        color="0.3",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     return save(fig, path)
 
 
@@ -310,17 +362,19 @@ def draw_all(
     reference: dict | None = None,
     confusion: tuple[np.ndarray, np.ndarray] | None = None,
     plots: bool = True,
+    name: str = "",
 ) -> list[Path]:
-    """The job's text reports (shelves, timeline) and, with ``plots``, its PNGs."""
+    """The job's text reports (shelves, timeline) and, with ``plots``, its PNGs (``name``: the run,
+    for their titles)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     spikes = load_spikes(job_dir)
     shelves = find_shelves(rows, spec)
     paths = [write_shelves_json(rows, spec, job_dir / "shelves_detected.json")]
     if plots:
         paths += [
-            plot_place_losses(rows, spec, job_dir / "place_loss.png", reference=reference, spikes=spikes),
-            plot_naive_sum(rows, spec, job_dir / "naive_sum.png"),
-            plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png"),
+            plot_place_losses(rows, spec, job_dir / "place_loss.png", reference, name, spikes),
+            plot_naive_sum(rows, spec, job_dir / "naive_sum.png", name),
+            plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png", name),
         ]
         if confusion is not None:
             paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
@@ -378,7 +432,7 @@ def draw_job(
     rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion
     reference = load_reference(cfg.get("reference"))
-    paths = draw_all(job_dir, rows, spec, reference=reference, confusion=confusion, plots=plots)
+    paths = draw_all(job_dir, rows, spec, reference, confusion, plots, run_name(job_dir, cfg))
     if reference is not None:
         table = job_dir / "reference_comparison.md"
         atomic_write_text(table, f"{reference['label']}\n\n{reference_table(rows, reference, spec)}\n")

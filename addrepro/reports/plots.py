@@ -16,6 +16,26 @@ from addrepro.task.spec import TaskSpec  # noqa: E402
 
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
+# Okabe and Ito's colour-blind-safe palette (its yellow left out: too pale on white), then tab20.
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
+
+
+def colour(i: int) -> tuple | str:
+    """The i-th of a set of curves that must be told apart: colour-blind-safe first, then tab20."""
+    return COLOURS[i] if i < len(COLOURS) else plt.get_cmap("tab20")((i - len(COLOURS)) % 20)
+
+
+def log_limits(curves: list[np.ndarray], top: float = 4.0) -> tuple[float, float]:
+    """Limits of a log axis that show every positive value of ``curves``: from the decade below the
+    lowest to at least ``top`` (above log 10 nats, the highest shelf of base 10), so panels drawn with
+    the same limits compare at a glance and a learned place's loss is never cut off at a fixed floor."""
+    values = np.concatenate([np.asarray(c, dtype=float).ravel() for c in curves] or [np.zeros(0)])
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return 1e-4, top
+    floor = 10.0 ** np.floor(np.log10(values.min()))
+    return min(floor, top / 10), max(top, float(values.max()) * 1.3)
+
 
 def place_label(j: int, spec: TaskSpec) -> str:
     if j == spec.n_digits:
@@ -88,6 +108,38 @@ def label_without_overlap(ax: plt.Axes, labels: list[tuple[float, float, str]], 
         placed.append(box)
         texts.append(label)
     return texts
+
+
+def margin_labels(ax: plt.Axes, labels: list[tuple[float, str]], **style) -> list:  # noqa: ANN003
+    """Write ``(y, text)`` labels right of the panel at data height ``y``, spread by ``spread_labels``."""
+    texts = [
+        ax.annotate(
+            f" {text}",
+            (1.0, y),
+            xycoords=ax.get_yaxis_transform(),
+            xytext=(0, 0),
+            textcoords="offset points",
+            va="center",
+            ha="left",
+            **style,
+        )
+        for y, text in sorted(labels, key=lambda label: -label[0])
+    ]
+    spread_labels(ax, texts)
+    return texts
+
+
+def spread_labels(ax: plt.Axes, texts: list, min_gap_pt: float = 7.0) -> None:
+    """Push margin labels (highest first) down until each sits ``min_gap_pt`` points below the one
+    above it, so close levels (2.30 and 2.11 on a log axis) never touch. Run again after the
+    layout changes the panel's height."""
+    to_points = 72 / ax.figure.dpi
+    last = None
+    for text in texts:
+        at = ax.transData.transform((0, text.xy[1]))[1] * to_points  # the level's height, in points
+        shift = 0.0 if last is None or last - at >= min_gap_pt else (last - min_gap_pt) - at
+        last = at + shift
+        text.set_position((0, shift))
 
 
 def save(fig: plt.Figure, path: Path) -> Path:

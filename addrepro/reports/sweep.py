@@ -5,8 +5,9 @@ any name for a W&B sweep's ``outputs/wandb_sweeps/<id>/``). From each job's ``cs
 ``.hydra/config.yaml`` and ``.hydra/overrides.yaml`` this writes, into the sweep folder:
 
 * ``sweep_place_loss.png``: one panel per place, the train loss of every job on a log axis, coloured by
-  the swept value (a colormap for numbers, distinct colours otherwise; a second swept key sets the line
-  style), with the atlas levels as dotted guides when all jobs share one task;
+  the swept value (a colour per value, named in the legend; a colour bar where a numeric key takes more
+  values than there are distinct colours; a second swept key sets the line style), with the atlas
+  levels as dotted guides when all jobs share one task;
 * ``sweep_shelves.md`` and ``sweep_shelves.json``: per job, the shelves of every place's loss curve
   (nearest atlas level and the step the place left it).
 """
@@ -20,12 +21,24 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
 from addrepro.reports.descent import write_descent
 from addrepro.reports.job import atlas_guides, find_shelves, place_atlas
-from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_label, smoothing_window
+from addrepro.reports.plots import (
+    COLOURS,
+    colour,
+    log_limits,
+    place_label,
+    running_mean,
+    save,
+    series,
+    smoothing_label,
+    smoothing_window,
+    spread_labels,
+)
 from addrepro.reports.timeline import merge_rests
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.job import job_config, job_dirs
@@ -93,20 +106,26 @@ def job_label(values: dict[str, Any], job: Path) -> str:
 
 
 def _colours(keys: list[str], values: list[dict[str, Any]]):
-    """Colour per job from the first swept key, plus a ScalarMappable for a colorbar when it is numeric."""
+    """Colour per job from the first swept key, plus a ScalarMappable for a colour bar when the key is
+    numeric with more distinct values than the colour-blind-safe palette has colours (a few values
+    get a colour each, named in the legend)."""
     n = len(values)
     if not keys:
-        return [plt.cm.tab10(i % 10) for i in range(n)], None
+        return [colour(i) for i in range(n)], None
     key = keys[0]
     vals = [v.get(key) for v in values]
-    if all(_is_number(x) for x in vals) and len(set(vals)) > 1:
+    numeric = all(_is_number(x) for x in vals)
+    distinct = sorted(set(vals)) if numeric else list(dict.fromkeys(str(x) for x in vals))
+    if len(distinct) <= len(COLOURS):
+        return [colour(distinct.index(x if numeric else str(x))) for x in vals], None
+    if numeric:
         lo, hi = min(vals), max(vals)
         norm = matplotlib.colors.LogNorm(lo, hi) if lo > 0 and hi / lo >= 4 else matplotlib.colors.Normalize(lo, hi)
-        cmap = plt.cm.viridis
+        # viridis without its pale yellow end, which is hard to see on white
+        cmap = matplotlib.colors.ListedColormap(plt.cm.viridis(np.linspace(0.0, 0.8, 256)))
         mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-        return [cmap(0.9 * norm(x)) for x in vals], (key, mappable)
-    distinct = list(dict.fromkeys(str(x) for x in vals))
-    return [plt.cm.tab10(distinct.index(str(x)) % 10) for x in vals], None
+        return [cmap(norm(x)) for x in vals], (key, mappable)
+    return [colour(distinct.index(str(x))) for x in vals], None
 
 
 def _linestyles(keys: list[str], values: list[dict[str, Any]]) -> list:
@@ -150,11 +169,11 @@ def sweep_place_figure(
         nrows, cols, figsize=(5.4 * cols + 1.2, 3.2 * nrows + 0.8), squeeze=False, sharex=True, layout="constrained"
     )
     fig.get_layout_engine().set(w_pad=0.15, wspace=0.08)
-    lo = 4.0
+    shown: list[np.ndarray] = []
     smoothing = "train loss, every log"
     legend: dict[str, Any] = {}  # label -> handle, from every panel: a job may lack the first panel's role
     for ax, role in zip(axes.flat, roles, strict=False):
-        for job, job_rows, spec, colour, style, vals in zip(jobs, rows, specs, colours, styles, values, strict=True):
+        for job, job_rows, spec, shade, style, vals in zip(jobs, rows, specs, colours, styles, values, strict=True):
             j = role_place(role, spec)
             if j is None:
                 continue
@@ -167,20 +186,20 @@ def sweep_place_figure(
             window = smoothing_window(len(loss))
             if window > 1:
                 smoothing = smoothing_label(steps, window, "train loss")
-                ax.plot(steps, loss, color=colour, lw=0.5, alpha=0.15)
+                ax.plot(steps, loss, color=shade, lw=0.5, alpha=0.15)
             line = running_mean(loss, window) if window > 1 else loss
             label = job_label(vals, job)
-            (handle,) = ax.plot(steps, line, color=colour, ls=style, lw=1.1, label=label)
+            (handle,) = ax.plot(steps, line, color=shade, ls=style, lw=1.1, label=label)
             legend.setdefault(label, handle)
-            positive = loss[loss > 0]
-            lo = min(lo, float(positive.min())) if positive.size else lo
-    top = 2.0 if per_log_base else 4.0
+            shown.append(loss)
+    # One range for every panel, from every curve: nothing clipped, places compared at a glance.
+    floor, top = log_limits(shown, top=2.0 if per_log_base else 4.0)
+    margins = []
     for ax, role in zip(axes.flat, roles, strict=False):
         ax.set_yscale("log")
-        floor = max(1e-4, lo / 2)
         ax.set_ylim(floor, top)
         if atlas is not None:
-            atlas_guides(ax, atlas[role_place(role, specs[0])], floor)
+            margins.append((ax, atlas_guides(ax, atlas[role_place(role, specs[0])], floor)))
         ax.set_title(place_label(role_place(role, specs[0]), specs[0]) if shared else role, fontsize=9)
         ax.grid(alpha=0.2)
         ax.tick_params(labelbottom=True)  # also above an empty cell of the grid
@@ -215,6 +234,10 @@ def sweep_place_figure(
         head = "places matched by role across tasks" + ("; loss in units of log(base)" if per_log_base else "")
     by = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "") if keys else "job"
     fig.suptitle(title or f"per-place train loss, {len(jobs)} jobs by {by} — {head}", fontsize=10)
+    if margins:
+        fig.draw_without_rendering()  # the constrained layout, so the atlas labels are spread at their final size
+        for ax, texts in margins:
+            spread_labels(ax, texts)
     return fig
 
 

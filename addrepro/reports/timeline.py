@@ -19,7 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from addrepro.reports.plots import place_label, running_mean, save, series, smoothing_window
+from addrepro.reports.plots import colour, place_label, running_mean, save, series, smoothing_window
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.shelves.detection import Shelf, running_median
 from addrepro.task.spec import TaskSpec
@@ -27,13 +27,9 @@ from addrepro.task.spec import TaskSpec
 ATTN_KEY = re.compile(r"^mech/attn/L(\d+)H(\d+)/place_(\d+)/(own|lower)$")
 
 
-# Okabe and Ito's colour-blind-safe palette (its yellow left out: too pale on white), then tab20.
-PLACE_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
-
-
 def place_colour(j: int, spec: TaskSpec) -> tuple | str:
     """The colour of place j in every timeline panel: distinct for every place."""
-    return PLACE_COLOURS[j] if j < len(PLACE_COLOURS) else plt.get_cmap("tab20")((j - len(PLACE_COLOURS)) % 20)
+    return colour(j)
 
 
 def attention_keys(rows: list[dict]) -> dict[tuple[str, int, str], str]:
@@ -216,14 +212,14 @@ def plot_timeline(
     """Loss with shelves, attention on own operands per head, carry probes: one step axis."""
     fig, (ax_loss, ax_attn, ax_probe) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     for j in range(spec.n_places - 1, -1, -1):
-        colour = place_colour(j, spec)
+        shade = place_colour(j, spec)
         steps, loss = series(rows, f"train/loss/place_{j}")
         if len(steps):
             ax_loss.plot(
-                steps, running_mean(loss, smoothing_window(len(loss))), color=colour, lw=1.2, label=place_label(j, spec)
+                steps, running_mean(loss, smoothing_window(len(loss))), color=shade, lw=1.2, label=place_label(j, spec)
             )
         for shelf in shelves.get(j, []):
-            ax_loss.hlines(shelf.level, shelf.start_step, shelf.end_step, color=colour, lw=4, alpha=0.35)
+            ax_loss.hlines(shelf.level, shelf.start_step, shelf.end_step, color=shade, lw=4, alpha=0.35)
     for s in spikes:
         for ax in (ax_loss, ax_attn, ax_probe):
             ax.axvline(s["step"], color="C3", lw=0.8, ls="--", alpha=0.7)
