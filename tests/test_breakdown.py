@@ -84,6 +84,11 @@ def test_breakdown_of_a_carry_blind_adder(tmp_path):
     for j in range(n + 1):
         d = result["decomposition"]["val"][f"place_{j}"]
         assert d["loss"] == pytest.approx(wrong * carries[:, j].double().mean().item(), abs=1e-4)
-    paths = write_outputs(result, breakdown.plot(result), tmp_path / "breakdown")
+    fig = breakdown.plot(result)
+    table = next(ax for ax in fig.axes if ax.get_title().startswith("carry-conditioned sets"))
+    assert len(table.texts) == len(carry) * 6  # every set's loss, three terms and P(+0), P(+1)
+    assert min(t.get_fontsize() for t in table.texts) >= 7  # readable at the saved size
+    assert fig._suptitle.get_text().endswith(f"— {n}-digit base {base} (msb, add)")
+    paths = write_outputs(result, fig, tmp_path / "breakdown")
     assert [p.suffix for p in paths] == [".json", ".png"]
     assert set(breakdown.summarize(result)) >= {f"place_{n}/split", "sets/carry/place_1/cin_1"}

@@ -26,6 +26,7 @@ import torch
 from addrepro.interp.common import (
     EvalBatch,
     Subject,
+    analysis_title,
     answer_logits,
     answer_positions,
     answer_targets,
@@ -207,7 +208,7 @@ def plot(result: dict) -> Any:
             ax.set_title(f"top neurons, {mode}-ablation")
         else:
             ax.axis("off")
-    fig.suptitle(f"ablation, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "ablation"))
     fig.tight_layout()
     return fig
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from addrepro.interp.common import Subject, answer_positions, inputs, new_figure, subject_info
+from addrepro.interp.common import Subject, analysis_title, answer_positions, inputs, new_figure, subject_info
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def plot(result: dict) -> Any:
             ax.set_xticks(range(len(result["key_labels"])), result["key_labels"], fontsize=7, rotation=90)
             ax.set_yticks(range(len(result["query_labels"])), result["query_labels"], fontsize=7)
             ax.set_title(f"L{layer}H{h}", fontsize=9)
-    fig.suptitle(f"mean attention from answer-predicting positions, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "mean attention from answer-predicting positions"))
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     bar = fig.colorbar(image, cax=fig.add_axes((0.92, 0.2, 0.015, 0.6)))
     bar.set_label("mean attention", fontsize=8)

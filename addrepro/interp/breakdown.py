@@ -23,15 +23,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from addrepro.interp.common import (
     Subject,
+    analysis_title,
     answer_logits,
     answer_targets,
     naive_digits,
-    new_figure,
     subject_info,
 )
 from addrepro.task.encoding import encode, sample_operands
@@ -145,8 +146,14 @@ def summarize(result: dict) -> dict[str, float]:
 def plot(result: dict) -> Any:
     places = result["places"]
     base = result["base"]
-    fig, axes = new_figure(len(places) + 1, 4, width=3.6, height=3.0)
-    for row, j in zip(axes, places, strict=False):
+    carry = result["decomposition"]["carry"]
+    # A row per place, then one row for the sets' table (a line per set, text that can be read) and
+    # the validation loss's terms.
+    table_height = max(3.0, 0.24 * len(carry) + 1.2)
+    fig = plt.figure(figsize=(14.4, 3.0 * len(places) + table_height + 0.6))
+    grid = fig.add_gridspec(len(places) + 1, 4, height_ratios=[3.0] * len(places) + [table_height])
+    for r, j in enumerate(places):
+        row = [fig.add_subplot(grid[r, c]) for c in range(4)]
         g = result["grid"][f"place_{j}"]
         shift = np.asarray(g["p_shift"])
         panels = (
@@ -157,6 +164,9 @@ def plot(result: dict) -> Any:
         pair = min(j, len(places) - 2)
         for ax, (values, title, cmap) in zip(row, panels, strict=False):
             im = ax.imshow(values, cmap=cmap, origin="lower")
+            digits = range(0, base, 1 if base <= 10 else 2)
+            ax.set_xticks(digits)
+            ax.set_yticks(digits)
             ax.set_xlabel(f"b{pair}")
             ax.set_ylabel(f"a{pair}")
             ax.set_title(f"place {j}: {title}", fontsize=9)
@@ -165,33 +175,39 @@ def plot(result: dict) -> Any:
         row[3].axvline(base - 0.5, color="grey", lw=0.5)
         row[3].set_xlabel(f"a{pair} + b{pair}")
         row[3].set_title(f"place {j}: loss by pair sum", fontsize=9)
-    carry = result["decomposition"]["carry"]
-    ax = axes[-1, 0]
-    axes[-1, 1].axis("off")
     if carry:
+        ax = fig.add_subplot(grid[-1, :2])
         names = list(carry)
         cols = ("loss", *TERMS, "p_plus0", "p_plus1")
         values = np.array([[carry[n][c] for c in cols] for n in names])
-        ax.imshow(values, cmap="viridis", aspect="auto")
+        # Each column coloured on its own scale: losses and probabilities differ by orders of magnitude.
+        span = values.max(0) - values.min(0)
+        shade = (values - values.min(0)) / np.where(span > 0, span, 1)
+        ax.imshow(shade, cmap="viridis", aspect="auto", vmin=0, vmax=1)
         for (r, c), v in np.ndenumerate(values):
-            ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=5, color="w")
-        short = [n.replace("carry/place_", "cin p").replace("chain/place_", "chain p") for n in names]
-        ax.set_yticks(range(len(names)), short, fontsize=6)
-        ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7)
-        ax.set_title("carry-conditioned sets: loss and its terms", fontsize=9)
-    else:
-        ax.axis("off")
+            ink = "black" if shade[r, c] > 0.6 else "white"  # dark text on viridis' light end
+            ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7.5, color=ink)
+        short = [
+            n.replace("carry/place_", "place ").replace("/cin_", ", carry in ").replace("chain/place_", "place ")
+            for n in names
+        ]
+        short = [n.replace("/len_", ", chain length ") for n in short]
+        ax.set_yticks(range(len(names)), short, fontsize=8)
+        ax.set_xticks(range(len(cols)), cols, fontsize=8)
+        ax.xaxis.tick_top()
+        ax.set_title("carry-conditioned sets: loss and its terms (colour: within each column)", fontsize=9, pad=18)
     val = result["decomposition"]["val"]
-    ax = axes[-1, 2]
+    ax = fig.add_subplot(grid[-1, 2:])
     bottom = np.zeros(len(places))
     for t in TERMS:
         v = np.array([val[f"place_{j}"][t] for j in places])
         ax.bar(places, v, bottom=bottom, label=t)
         bottom += v
+    ax.set_xticks(places)
     ax.set_xlabel("place")
+    ax.set_ylabel("loss (nats)")
     ax.set_title("validation loss = other + split + spread", fontsize=9)
-    ax.legend(fontsize=7)
-    axes[-1, 3].axis("off")
-    fig.suptitle(f"breakdown, step {result.get('step')}")
-    fig.tight_layout()
+    ax.legend(fontsize=8)
+    fig.suptitle(analysis_title(result, "breakdown"))
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return fig

@@ -202,6 +202,19 @@ def subject_info(subject: Subject) -> dict:
     }
 
 
+def analysis_title(result: dict, what: str) -> str:
+    """A figure title naming the analysis, the step, the run and the task."""
+    path = Path(result["checkpoint"]) if result.get("checkpoint") else None
+    run = ""
+    if path is not None:  # <job>/checkpoints/<name>.ckpt names the job; anything else, itself
+        run = f" of {path.parent.parent.name}/{path.name}" if path.parent.name == "checkpoints" else f" of {path.name}"
+    task = result.get("task") or {}
+    if task:
+        run += f" — {task['n_digits']}-digit base {task['base']} ({task['order']}, {task['task']})"
+    step = f", step {result['step']}" if result.get("step") is not None else ""
+    return f"{what}{step}{run}"
+
+
 def write_outputs(result: dict, figure: Any, stem: Path) -> list[Path]:
     """Write ``<stem>.json`` and (when a figure is given) ``<stem>.png``; returns the paths."""
     stem = Path(stem)

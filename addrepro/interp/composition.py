@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from addrepro.interp.common import Subject, new_figure, subject_info
+from addrepro.interp.common import Subject, analysis_title, new_figure, subject_info
 
 COMPOSITION_MODES = ("Q", "K", "V")
 
@@ -68,6 +68,6 @@ def plot(result: dict) -> Any:
         ax.set_ylabel("earlier head (writes)")
         ax.set_title(f"{mode}-composition")
         fig.colorbar(im, ax=ax)
-    fig.suptitle(f"composition scores, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "composition scores"))
     fig.tight_layout()
     return fig

@@ -32,6 +32,7 @@ import torch
 
 from addrepro.interp.common import (
     Subject,
+    analysis_title,
     answer_positions,
     answer_targets,
     inputs,
@@ -192,6 +193,6 @@ def plot(result: dict) -> Any:
         ax.set_xticks(range(len(places)), [f"place {j}" for j in places], rotation=45)
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax)
-    fig.suptitle(f"direct logit attribution, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "direct logit attribution"))
     fig.tight_layout()
     return fig

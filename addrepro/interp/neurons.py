@@ -28,6 +28,7 @@ from addrepro.interp.ablation import position_means
 from addrepro.interp.breakdown import grid_tokens
 from addrepro.interp.common import (
     Subject,
+    analysis_title,
     answer_logits,
     answer_positions,
     answer_targets,
@@ -237,6 +238,6 @@ def plot(result: dict, per_cluster: int = 3) -> Any:
         last[1].set_title("attribution patching check", fontsize=7)
     for ax in last[2:]:
         ax.axis("off")
-    fig.suptitle(f"neurons, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "neurons"))
     fig.tight_layout()
     return fig

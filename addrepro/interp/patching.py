@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from addrepro.interp.common import Subject, answer_positions, answer_targets, inputs, new_figure, subject_info
+from addrepro.interp.common import (
+    Subject,
+    analysis_title,
+    answer_positions,
+    answer_targets,
+    inputs,
+    new_figure,
+    subject_info,
+)
 from addrepro.model.transformer import layer_norm
 from addrepro.task.encoding import carries_in, encode, sample_operands
 from addrepro.task.spec import TaskSpec
@@ -247,6 +255,6 @@ def plot(result: dict) -> Any:
             ax.set_xlabel("position")
             ax.set_title(f"{key}: restored fraction, {title}", fontsize=8)
             fig.colorbar(im, ax=ax)
-    fig.suptitle(f"activation patching, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "activation patching"))
     fig.tight_layout()
     return fig

@@ -23,6 +23,7 @@ import torch
 
 from addrepro.interp.common import (
     Subject,
+    analysis_title,
     answer_positions,
     answer_targets,
     inputs,
@@ -162,6 +163,6 @@ def plot(result: dict) -> Any:
             ax.scatter(coords[sel, 0], coords[sel, 1], s=4, c=colour, label=f"carry in {c}")
         ax.set_title(f"{place}: PCA of the final residual", fontsize=8)
         ax.legend(fontsize=6)
-    fig.suptitle(f"linear probes, step {result.get('step')}")
+    fig.suptitle(analysis_title(result, "linear probes"))
     fig.tight_layout()
     return fig
