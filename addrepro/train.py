@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from addrepro.training import plan as planning
-from addrepro.training.config import ConfigError, check_override_keys, config_dir
+from addrepro.training.config import ConfigError, check_override_keys, config_dir, sweep_folder_overrides
 from addrepro.training.plan import JobPlan
 
 
@@ -55,6 +55,8 @@ def cli() -> None:
     except ConfigError as e:
         print(f"addrepro: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        sys.argv += sweep_folder_overrides(sys.argv[1:])
     main()
 
 

@@ -70,9 +70,9 @@ preset() {
     python3 -m addrepro.train -m experiment=nanda_5digit seed=0,1,2 hydra/launcher=ensemble logger=csv \
         trainer.accelerator=$accelerator trainer.cuda_graph=$([[ $device == cuda ]] && echo true || echo false) \
         trainer.max_steps="$preset_steps" trainer.progress_bar=false hydra.sweep.dir="$dir" || return 1
-    python3 docs/compare_seeds.py "$dir/0" "$dir/1" "$dir/2" || return 1
-    cp "$dir/0/place_loss.png" "$out/preset_place_loss_seed0.png"
-    cp "$dir/0/csv/metrics.csv" "$out/preset_metrics_seed0.csv"
+    python3 docs/compare_seeds.py "$dir/0_seed=0" "$dir/1_seed=1" "$dir/2_seed=2" || return 1
+    cp "$dir/0_seed=0/place_loss.png" "$out/preset_place_loss_seed0.png"
+    cp "$dir/0_seed=0/csv/metrics.csv" "$out/preset_metrics_seed0.csv"
 }
 
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \

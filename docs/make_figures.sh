@@ -10,10 +10,10 @@ mkdir -p "$out"
 # 1. Nanda's 5-digit run, three seeds trained as one stacked ensemble, and its report.
 $py -m addrepro.train -m experiment=nanda_5digit seed=0,1,2 hydra/launcher=ensemble \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/nanda
-cp outputs/docs/nanda/0/place_loss.png "$out/nanda_place_loss_seed0.png"
-cp outputs/docs/nanda/0/naive_sum.png "$out/nanda_naive_sum_seed0.png"
-cp outputs/docs/nanda/0/carry_conditioned.png "$out/nanda_carry_conditioned_seed0.png"
-$py docs/compare_seeds.py outputs/docs/nanda/0 outputs/docs/nanda/1 outputs/docs/nanda/2   # the README table
+cp outputs/docs/nanda/0_seed=0/place_loss.png "$out/nanda_place_loss_seed0.png"
+cp outputs/docs/nanda/0_seed=0/naive_sum.png "$out/nanda_naive_sum_seed0.png"
+cp outputs/docs/nanda/0_seed=0/carry_conditioned.png "$out/nanda_carry_conditioned_seed0.png"
+$py docs/compare_seeds.py outputs/docs/nanda/0_seed=0 outputs/docs/nanda/1_seed=1 outputs/docs/nanda/2_seed=2   # the README table
 
 # 2. A small 2-layer model on 3-digit addition with log-spaced checkpoints, for the analyses.
 $py -m addrepro.train data.n_digits=3 model.depth=2 model.width=64 optimizer.lr=3e-3 \
@@ -39,7 +39,7 @@ cp outputs/docs/base_digits/sweep_descent.png "$out/findings_descent_base_digits
 cp outputs/docs/base_digits/sweep_place_loss.png "$out/findings_place_loss_base_digits.png"
 $py -m addrepro.train -m data.order=lsb seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/lsb
-cp outputs/docs/lsb/0/timeline.png "$out/findings_lsb_timeline_seed0.png"
+cp outputs/docs/lsb/0_seed=0/timeline.png "$out/findings_lsb_timeline_seed0.png"
 $py -m addrepro.train -m data.task=digitwise seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
-cp outputs/docs/digitwise/0/timeline.png "$out/findings_digitwise_timeline_seed0.png"
+cp outputs/docs/digitwise/0_seed=0/timeline.png "$out/findings_digitwise_timeline_seed0.png"

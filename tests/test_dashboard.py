@@ -23,6 +23,7 @@ from addrepro.reports.dashboard import (
     workspace_from_json,
     workspace_json,
 )
+from addrepro.rundir.job import job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
 from addrepro.wandb_offline import read_run
@@ -58,7 +59,7 @@ def _csv_series(job, key):
 
 def test_tensorboard_events_hold_the_csv_keys_and_values(sweep):
     for i in range(len(WIDTHS)):
-        job = sweep / str(i)
+        job = job_dirs(sweep)[i]
         events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         tags = {t for t in events.Tags()["scalars"] if not t.startswith("final/")}  # final/: the HParams tab's
@@ -77,7 +78,7 @@ def test_tensorboard_hparams_show_the_swept_value_beside_the_final_metrics(sweep
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     for i, width in enumerate(WIDTHS):
-        job = sweep / str(i)
+        job = job_dirs(sweep)[i]
         events = EventAccumulator(str(job / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         content = events.PluginTagToContent("hparams")
@@ -93,7 +94,7 @@ def test_tensorboard_hparams_show_the_swept_value_beside_the_final_metrics(sweep
 
 def test_wandb_runs_carry_their_swept_values_as_tags_and_min_summaries(sweep):
     for i, width in enumerate(WIDTHS):
-        job = sweep / str(i)
+        job = job_dirs(sweep)[i]
         run = read_run(job)
         assert run.tags == [f"model.width={width}"]
         for j in range(N_DIGITS + 1):
@@ -112,8 +113,8 @@ def test_sweep_workspace_filters_the_group_and_groups_by_the_swept_key(sweep, ca
     path = sweep / WORKSPACE_JSON
     assert f"python -m addrepro.dashboard --publish {path}" in out
     assert f"wandb sync {sweep}/*/wandb/offline-run-*" in out
-    group = read_run(sweep / "0").group
-    assert {read_run(sweep / str(i)).group for i in range(len(WIDTHS))} == {group}
+    group = read_run(job_dirs(sweep)[0]).group
+    assert {read_run(job_dirs(sweep)[i]).group for i in range(len(WIDTHS))} == {group}
 
     spec = json.loads(path.read_text())
     section = spec["spec"]["section"]
@@ -182,7 +183,7 @@ def test_sweep_workspace_filters_the_group_and_groups_by_the_swept_key(sweep, ca
 
 
 def test_single_run_workspace_shows_that_run_alone(sweep):
-    job = sweep / "1"
+    job = job_dirs(sweep)[1]
     assert dashboard.main([str(job)]) == 0
     spec = json.loads((job / WORKSPACE_JSON).read_text())
     runset = spec["spec"]["section"]["runSets"][0]

@@ -7,6 +7,7 @@ import torch
 from conftest import FAST, REPO
 from hydra import compose, initialize_config_dir
 
+from addrepro.rundir.job import job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.train import JobPlan, train
 from addrepro.training.ensemble import pack, packing_key
@@ -98,9 +99,13 @@ def test_ensemble_launcher_gives_each_member_its_own_run_and_fails_only_the_dive
     assert "training 4 job(s) as one stack" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert [summary[str(j)]["status"] for j in range(4)] == ["failed", "ok", "failed", "ok"]
-    assert "non-finite" in summary["0"]["message"] and "addrepro: sweep" in proc.stderr and "2/4 jobs ok" in proc.stderr
-    runs = [read_run(sweep / str(j)) for j in range(4)]
+    assert [summary[job.name]["status"] for job in job_dirs(sweep)] == ["failed", "ok", "failed", "ok"]
+    assert (
+        "non-finite" in summary[job_dirs(sweep)[0].name]["message"]
+        and "addrepro: sweep" in proc.stderr
+        and "2/4 jobs ok" in proc.stderr
+    )
+    runs = [read_run(job_dirs(sweep)[j]) for j in range(4)]
     assert len({r.run_id for r in runs}) == 4 and len({r.group for r in runs}) == 1
     assert [r.name for r in runs] == [f"seed={s},optimizer.lr={lr}" for s in (0, 1) for lr in ("1e+30", "0.001")]
     assert [r.config["seed"] for r in runs] == [0, 0, 1, 1]
@@ -108,12 +113,12 @@ def test_ensemble_launcher_gives_each_member_its_own_run_and_fails_only_the_dive
     assert runs[1].history_keys == runs[3].history_keys and "train/loss/place_2" in runs[1].history_keys
     assert runs[1].series("train/loss")[1][-1] != runs[3].series("train/loss")[1][-1]  # two different models
     for j in (1, 3):
-        ckpt = torch.load(sweep / str(j) / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt = torch.load(job_dirs(sweep)[j] / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["config"]["seed"] == j // 2 and ckpt["model"]["embed.W_E"].dim() == 2  # a single model
-        assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "ok"
+        assert json.loads((job_dirs(sweep)[j] / "status.json").read_text())["status"] == "ok"
     for j in (0, 2):
-        assert not (sweep / str(j) / "checkpoints" / "last.ckpt").exists()
-        assert json.loads((sweep / str(j) / "status.json").read_text())["status"] == "failed"
+        assert not (job_dirs(sweep)[j] / "checkpoints" / "last.ckpt").exists()
+        assert json.loads((job_dirs(sweep)[j] / "status.json").read_text())["status"] == "failed"
 
 
 def test_a_diverging_member_fails_alone_and_the_others_train_on_unchanged(tmp_path, one_thread):

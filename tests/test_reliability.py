@@ -15,6 +15,7 @@ import torch
 from conftest import FAST, REPO, cli_env, fit_bare, run_cli
 
 from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.job import job_dirs
 from addrepro.training.recorder import Divergence
 from addrepro.wandb_offline import find_runs, read_run
 
@@ -150,12 +151,12 @@ def test_sweep_with_a_diverging_job_finishes_the_others(cli, tmp_path):
     )
     assert proc.returncode == 1
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert [summary[j]["status"] for j in ("0", "1", "2")] == ["ok", "failed", "ok"]
-    assert "Divergence" in summary["1"]["message"]
-    assert "job 1 failed" in proc.stderr
-    assert [read_run(sweep / j).exit_code for j in ("0", "1", "2")] == [0, 1, 0]
-    assert all((sweep / j / "checkpoints" / "last.ckpt").exists() for j in ("0", "2"))
-    assert not (sweep / "1" / "checkpoints" / "last.ckpt").exists()
+    assert [summary[job.name]["status"] for job in job_dirs(sweep)] == ["ok", "failed", "ok"]
+    assert "Divergence" in summary[job_dirs(sweep)[1].name]["message"]
+    assert f"job {job_dirs(sweep)[1].name} failed" in proc.stderr
+    assert [read_run(job_dirs(sweep)[int(j)]).exit_code for j in ("0", "1", "2")] == [0, 1, 0]
+    assert all((job_dirs(sweep)[int(j)] / "checkpoints" / "last.ckpt").exists() for j in ("0", "2"))
+    assert not (job_dirs(sweep)[1] / "checkpoints" / "last.ckpt").exists()
 
 
 HOLD_LOCK = (

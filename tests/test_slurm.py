@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import FAST, cli_env, run_cli
 
+from addrepro.rundir.job import job_dirs
 from addrepro.rundir.metrics_file import load_rows
 
 pytestmark = pytest.mark.slurm
@@ -57,13 +58,15 @@ def test_a_sweep_runs_as_slurm_array_tasks_and_a_failed_job_is_reported_failed(s
     # The diverging job fails; Slurm sees a finished task, but the sweep says which job failed and exits non-zero.
     assert proc.returncode != 0, proc.stderr[-2000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert summary["0"]["status"] == "ok" and summary["1"]["status"] == "failed", summary
-    assert "Divergence" in summary["1"]["message"]
+    assert (
+        summary[job_dirs(sweep)[0].name]["status"] == "ok" and summary[job_dirs(sweep)[1].name]["status"] == "failed"
+    ), summary
+    assert "Divergence" in summary[job_dirs(sweep)[1].name]["message"]
     assert "1/2 jobs ok" in proc.stderr and "failed" in proc.stderr
     (job_id,) = slurm_jobs(sweep)  # one Slurm job: the array of both
     states = slurm_states(job_id)
     assert sorted(states) == [f"{job_id}_0", f"{job_id}_1"], states
-    assert max(r["step"] for r in load_rows(sweep / "0")) == 30
+    assert max(r["step"] for r in load_rows(job_dirs(sweep)[0])) == 30
 
 
 def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bitwise_equal(slurm, tmp_path):
@@ -83,7 +86,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
         text=True,
     )
     try:
-        wait_for(lambda: logged_steps(sweep / "0") >= 50, 120, "the sweep's job to train 50 steps")
+        wait_for(lambda: logged_steps(job_dirs(sweep)[0]) >= 50, 120, "the sweep's job to train 50 steps")
         high = subprocess.run(
             ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "-o", "/dev/null", "--wrap", "sleep 3"],
             capture_output=True,
@@ -91,26 +94,26 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
             timeout=30,
         )
         assert high.returncode == 0, high.stderr
-        wait_for(lambda: status(sweep / "0").get("status") == "preempted", 60, "the job to be pre-empted")
-        preempted = status(sweep / "0")
+        wait_for(lambda: status(job_dirs(sweep)[0]).get("status") == "preempted", 60, "the job to be pre-empted")
+        preempted = status(job_dirs(sweep)[0])
         out, err = sweep_proc.communicate(timeout=300)
     finally:
         if sweep_proc.poll() is None:
             sweep_proc.kill()
     assert sweep_proc.returncode == 0, err[-2000:]
-    assert preempted["step"] < steps and (sweep / "0" / "checkpoints" / preempted["checkpoint"]).exists()
-    assert status(sweep / "0")["status"] == "ok"
+    assert preempted["step"] < steps and (job_dirs(sweep)[0] / "checkpoints" / preempted["checkpoint"]).exists()
+    assert status(job_dirs(sweep)[0])["status"] == "ok"
     (job_id,) = slurm_jobs(sweep)
     assert preempted["message"].startswith("SIGUSR2 at step")  # submitit's signal, sent by Slurm at pre-emption
     assert "PREEMPTED" in slurm_history(job_id) or "REQUEUED" in slurm_history(job_id), slurm_history(job_id)
     # The same run uninterrupted, here: weights and every metrics row bitwise equal (one thread each).
     alone = run_cli("addrepro.train", [*run_args[:-1], "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
     assert alone.returncode == 0, alone.stderr[-2000:]
-    resumed = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(job_dirs(sweep)[0] / "checkpoints" / "last.ckpt", weights_only=True)
     uninterrupted = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["step"] == uninterrupted["step"] == steps
     assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
-    assert load_rows(sweep / "0") == load_rows(tmp_path / "alone")
+    assert load_rows(job_dirs(sweep)[0]) == load_rows(tmp_path / "alone")
 
 
 def node_cpus() -> int:

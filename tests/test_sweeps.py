@@ -21,6 +21,7 @@ import addrepro.train  # noqa: F401 - registers the config schema and the ${uid:
 from addrepro import report
 from addrepro.model.transformer import model_from_checkpoint
 from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.job import job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.wandb_offline import read_run
 from addrepro.wandb_sweep import command_args, expand_commands, grid_runs, load_sweep
@@ -89,8 +90,12 @@ def grid_sweep(tmp_path_factory):
 
 
 def test_grid_sweep_runs_and_lines_up_in_one_wandb_group(grid_sweep):
-    jobs = sorted((p for p in grid_sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    # Job folders named by their number and the values the sweep gave them (not the keys all share).
+    jobs = job_dirs(grid_sweep)
+    assert [p.name for p in jobs] == [
+        f"{i}_model.width={w},optimizer.weight_decay={d}"
+        for i, (w, d) in enumerate([(64, 0), (64, 1), (128, 0), (128, 1)])
+    ]
     summary = json.loads((grid_sweep / "sweep_summary.json").read_text())
     assert [v["status"] for v in summary.values()] == ["ok"] * 4
     runs = [read_run(job) for job in jobs]
@@ -154,8 +159,8 @@ def test_sweep_report_from_saved_files(grid_sweep):
     ]
     assert all(isinstance(j["shelves"], list) for j in payload["jobs"])
     # A single job folder still gets the single-job report.
-    assert report.main([str(grid_sweep / "0")]) == 0
-    assert (grid_sweep / "0" / "place_loss.png").exists()
+    assert report.main([str(job_dirs(grid_sweep)[0])]) == 0
+    assert (job_dirs(grid_sweep)[0] / "place_loss.png").exists()
 
 
 def test_submitit_local_launcher_runs_jobs_in_separate_processes(tmp_path):
@@ -177,14 +182,14 @@ def test_submitit_local_launcher_runs_jobs_in_separate_processes(tmp_path):
     # The bad job (base 40) fails alone; the others finish, and the summary names it.
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert [summary[k]["status"] for k in ("0", "1", "2")] == ["ok", "ok", "failed"]
-    assert "data.base=40" in summary["2"]["message"]
-    assert "job 2 failed: config: data.base=40" in proc.stderr
+    assert [summary[job.name]["status"] for job in job_dirs(sweep)] == ["ok", "ok", "failed"]
+    assert "data.base=40" in summary[job_dirs(sweep)[2].name]["message"]
+    assert f"job {job_dirs(sweep)[2].name} failed: config: data.base=40" in proc.stderr
     ids = []
-    for job in ("0", "1"):
-        assert (sweep / job / "checkpoints" / "last.ckpt").exists()
-        assert json.loads((sweep / job / "status.json").read_text())["status"] == "ok"
-        ids.append(yaml.safe_load((sweep / job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+    for job in job_dirs(sweep)[:2]:
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        assert json.loads((job / "status.json").read_text())["status"] == "ok"
+        ids.append(yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
     # submitit's local job id is the pid of the job's own process.
     assert len(set(ids)) == 2 and all((sweep / ".submitit" / str(i)).is_dir() for i in ids)
 
@@ -328,3 +333,25 @@ def test_a_job_whose_process_is_gone_reads_as_killed(tmp_path):
     statuses = read_statuses(tmp_path)
     assert [statuses[j]["status"] for j in ("0", "1", "2")] == ["running", "killed", "running"]
     assert f"process {gone.pid} ended" in statuses["1"]["message"]
+
+
+def test_job_folder_names_are_safe_and_short():
+    from addrepro.training.config import MAX_FOLDER_NAME, job_folder
+
+    assert job_folder(3, "model.width=256,seed=1") == "3_model.width=256,seed=1"
+    assert job_folder(0, "") == "0"  # nothing swept: the number alone
+    assert job_folder(2, "reference=curves/a.json") == "2_reference=curves-a.json"  # never a subfolder
+    long = job_folder(7, ",".join(f"key{i}=value{i}" for i in range(40)))
+    assert len(long) <= MAX_FOLDER_NAME and long.startswith("7_key0=value0")
+    assert long != job_folder(7, ",".join(f"key{i}=value{i}" for i in range(41)))  # the hash tells them apart
+
+
+def test_only_swept_keys_name_the_folders():
+    from addrepro.training.config import sweep_folder_overrides
+
+    (override,) = sweep_folder_overrides(
+        ["-m", "data.n_digits=3", "seed=0,1", "+sweep=width", "hydra/launcher=ensemble", "~model.foo", "lr=range(1,3)"]
+    )
+    assert override == "hydra.job.config.override_dirname.exclude_keys=['data.n_digits','model.foo','resume','sweep']"
+    # the user's own choice stands
+    assert sweep_folder_overrides(["-m", "seed=0,1", "hydra.job.config.override_dirname.exclude_keys=[seed]"]) == []

@@ -8,6 +8,7 @@ import torch
 from conftest import FAST, cli_env
 
 from addrepro.rundir.checkpoints import log_spaced_steps
+from addrepro.rundir.job import job_dirs
 from addrepro.rundir.metrics_file import load_rows
 
 
@@ -112,7 +113,10 @@ def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     )
     assert proc.returncode == 1
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert summary["0"]["status"] == "failed" and "data.base=40" in summary["0"]["message"]
-    assert summary["1"]["status"] == "ok"
-    assert "job 0 failed: config: data.base=40" in proc.stderr
-    assert torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5
+    assert (
+        summary[job_dirs(sweep)[0].name]["status"] == "failed"
+        and "data.base=40" in summary[job_dirs(sweep)[0].name]["message"]
+    )
+    assert summary[job_dirs(sweep)[1].name]["status"] == "ok"
+    assert f"job {job_dirs(sweep)[0].name} failed: config: data.base=40" in proc.stderr
+    assert torch.load(job_dirs(sweep)[1] / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5

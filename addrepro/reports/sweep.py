@@ -41,7 +41,7 @@ from addrepro.reports.plots import (
 )
 from addrepro.reports.timeline import merge_rests
 from addrepro.rundir.atomic import atomic_write_text
-from addrepro.rundir.job import job_config, job_dirs
+from addrepro.rundir.job import job_config, job_dirs, job_number
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import read_statuses
 from addrepro.task.spec import TaskSpec, place_role, role_order
@@ -268,7 +268,10 @@ def shelf_table(entries: list[dict], keys: list[str], roles: list[str]) -> str:
     head = ["job", *keys, "status", *roles]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
-        cells = [e["job"], *(_fmt(e["swept"].get(k, "")) for k in keys), e["status"]]
+        # The job's number where it has one: the swept values its folder is also named by have columns.
+        number = job_number(Path(e["folder"]))
+        cells = [str(number) if number is not None else e["job"], *(_fmt(e["swept"].get(k, "")) for k in keys)]
+        cells.append(e["status"])
         cells += [_cell(e["shelves"], role) if e["shelves"] is not None else "–" for role in roles]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

@@ -14,13 +14,25 @@ def is_job_dir(path: Path) -> bool:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job folders directly inside ``sweep_dir``: numbered ones (a multirun's ``0, 1, ...``) in
-    numeric order, then the others (a W&B sweep's run ids) by name; ``[]`` when it is no folder."""
+    """Job folders directly inside ``sweep_dir``: numbered ones (a multirun's ``0_seed=0``,
+    ``1_seed=1``, … or ``0, 1, …``) in job order, then the others (a W&B sweep's run ids) by name;
+    ``[]`` when it is no folder."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         return []
     jobs = [p for p in sweep_dir.iterdir() if is_job_dir(p)]
-    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+    return sorted(jobs, key=job_order)
+
+
+def job_number(job_dir: Path) -> int | None:
+    """A multirun job's number, from its folder name (``3_model.width=256`` or ``3``); None otherwise."""
+    head = Path(job_dir).name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def job_order(job_dir: Path) -> tuple[int, int, str]:
+    number = job_number(job_dir)
+    return (0, number, "") if number is not None else (1, 0, Path(job_dir).name)
 
 
 def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig

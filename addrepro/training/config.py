@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -318,6 +319,41 @@ register()
 PROCESS_ID = secrets.token_hex(3)
 if not OmegaConf.has_resolver("uid"):
     OmegaConf.register_new_resolver("uid", lambda: PROCESS_ID)
+
+MAX_FOLDER_NAME = 120  # well inside every file system's 255-byte limit, and still readable in a listing
+
+
+def job_folder(num: Any, swept: Any) -> str:
+    """A sweep job's folder name: its number, which keeps the jobs in order, then the values the sweep
+    gives it (``3_model.width=256,seed=1``; Hydra's ``override_dirname`` without the keys every job
+    shares, see ``sweep_folder_overrides``). A ``/`` in a value becomes ``-``, never a subfolder; a
+    name too long to read ends in a hash of the whole."""
+    swept = str(swept or "").replace("/", "-")
+    name = f"{num}_{swept}" if swept else str(num)
+    if len(name) > MAX_FOLDER_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_FOLDER_NAME - 10]}…{digest}"
+    return name
+
+
+if not OmegaConf.has_resolver("job_folder"):
+    OmegaConf.register_new_resolver("job_folder", job_folder)
+
+
+def sweep_folder_overrides(overrides: list[str]) -> list[str]:
+    """For a multirun, the Hydra override that leaves out of every job's folder name the keys the
+    command gives one value (and ``resume``): only what the sweep varies names the folders."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+    except Exception:  # noqa: BLE001 - a malformed override is Hydra's to report, in its own words
+        return []
+    fixed = {"resume"} | {o.key_or_group for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()}
+    if any(o.key_or_group == "hydra.job.config.override_dirname.exclude_keys" for o in parsed):
+        return []  # the user chose
+    quoted = ",".join(f"'{key}'" for key in sorted(fixed))
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]"]
 
 
 def config_dir() -> Path:
