@@ -116,6 +116,18 @@ def test_the_narrative_states_each_exit_with_the_logged_numbers():
     assert "- Rested at exact, loss 0.001 (atlas 0), steps 700–1000; still there at the end of the run." in text
     assert "- step 880: train loss 0.073, 52.1x its trend 0.0014" in text
     assert "## Checkpoints at shelf exits" not in text  # none were saved
+    # Saved exits name the whole-curve exit of the same shelf beside their own, later, steps.
+    saved = [
+        {"place": 1, "level": "uniform", "start_step": 0, "last_on_shelf": 500, "step": 700},
+        {"place": 0, "level": "uniform", "start_step": 0, "last_on_shelf": 100, "step": 200},
+    ]
+    text = timeline_markdown(synthetic_rows(), spec, SHELVES, SPIKES, saved)
+    assert (
+        "- place 1 (10s) left uniform (rested from step 0): `checkpoints/shelf_exit_700_place1_before.ckpt` "
+        "(step 500), `checkpoints/shelf_exit_700_place1_after.ckpt` (step 700); whole curve: left between steps 500"
+        " and 600" in text
+    )
+    assert "place 0 (units) left uniform" in text and text.count("the whole-curve detection found no shelf there") == 1
     # Without a next shelf, the place left once its smoothed loss was below half the level: step 600
     (alone,) = shelf_exits(synthetic_rows(), spec, {1: SHELVES[1][:1]})
     assert alone.until == 600 and alone.next_level is None

@@ -313,7 +313,7 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path, title: 
 
 
 def plot_confusion_evolution(
-    steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path, max_columns: int = 6
+    steps: np.ndarray, confusion: np.ndarray, spec: TaskSpec, path: Path, max_columns: int = 6, title: str = ""
 ) -> Path | None:
     """Rows: places (carry-out first); columns: checkpoints in time; cells: mean P(pred | true).
 
@@ -347,7 +347,11 @@ def plot_confusion_evolution(
                 ax.set_ylabel(f"{place_label(j, spec).replace('place ', 'p')}\ntrue digit", fontsize=7)
             if r == len(places) - 1 or digits == 2:
                 ax.set_xlabel("predicted digit", fontsize=7, labelpad=1)
-    fig.suptitle("confusion: mean predicted probability of each digit, per true digit (validation set)", fontsize=9)
+    fig.suptitle(
+        f"{title}{': ' if title else ''}confusion, {spec_words(spec)}: mean predicted probability of each digit,"
+        " per true digit (validation set)",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     bar = fig.colorbar(image, cax=fig.add_axes((0.9, 0.15, 0.015, 0.7)))
     bar.set_label("mean probability", fontsize=8)
@@ -377,8 +381,8 @@ def draw_all(
             plot_carry_conditioned(rows, spec, job_dir / "carry_conditioned.png", name),
         ]
         if confusion is not None:
-            paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png"))
-    paths += write_timeline(job_dir, rows, spec, shelves, spikes, plot=plots)
+            paths.append(plot_confusion_evolution(*confusion, spec, job_dir / "confusion.png", title=name))
+    paths += write_timeline(job_dir, rows, spec, shelves, spikes, plots, name)
     paths.append(write_spike_report(job_dir, spikes))
     return [p for p in paths if p is not None]
 

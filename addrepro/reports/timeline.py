@@ -195,19 +195,34 @@ def timeline_markdown(
     if saved_exits:
         lines += ["", "## Checkpoints at shelf exits", ""]
         lines.append(
-            "Saved during training, to analyse exactly there (`python -m addrepro.analyze checkpoint=<file>`):"
+            "Saved during training, to analyse exactly there (`python -m addrepro.analyze checkpoint=<file>`). "
+            "The detector that saves them sees only the logs so far and calls an exit once the loss is clearly "
+            "off the shelf (below half its level, or settled on a lower one), so its steps can come later than "
+            "the whole-curve detection above, which finds where the curve bends; each line gives both."
         )
         for e in saved_exits:
             stem = f"checkpoints/shelf_exit_{e['step']}_place{e['place']}"
+            after = [
+                x
+                for x in exits.values()
+                if x.place == e["place"]
+                and x.shelf.start_step <= e["last_on_shelf"]
+                and e["start_step"] <= x.shelf.end_step
+            ]
+            whole = (
+                f"; whole curve: left between steps {after[0].shelf.end_step} and {after[0].until:g}"
+                if after
+                else "; the whole-curve detection found no shelf there"
+            )
             lines.append(
                 f"- {place_label(e['place'], spec)} left {e['level']} (rested from step {e['start_step']}): "
-                f"`{stem}_before.ckpt` (step {e['last_on_shelf']}), `{stem}_after.ckpt` (step {e['step']})"
+                f"`{stem}_before.ckpt` (step {e['last_on_shelf']}), `{stem}_after.ckpt` (step {e['step']}){whole}"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot_timeline(
-    rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]], spikes: list[dict], path: Path
+    rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]], spikes: list[dict], path: Path, name: str = ""
 ) -> Path:
     """Loss with shelves, attention on own operands per head, carry probes: one step axis."""
     fig, (ax_loss, ax_attn, ax_probe) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
@@ -264,7 +279,9 @@ def plot_timeline(
         ax_probe.text(0.5, 0.5, "no carry-in probe: the task has no carries", ha="center", transform=ax_probe.transAxes)
     for ax in (ax_loss, ax_attn, ax_probe):
         ax.grid(alpha=0.2)
-    fig.suptitle(f"timeline, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})")
+    fig.suptitle(
+        f"{name}{': ' if name else ''}timeline, {spec.n_digits}-digit base {spec.base} ({spec.order}, {spec.task})"
+    )
     fig.tight_layout()
     return save(fig, path)
 
@@ -276,11 +293,12 @@ def write_timeline(
     shelves: dict[int, list[Shelf]],
     spikes: list[dict],
     plot: bool = True,
+    name: str = "",
 ) -> list[Path]:
-    """``timeline.md`` and (with ``plot``) ``timeline.png``."""
+    """``timeline.md`` and (with ``plot``) ``timeline.png`` (``name``: the run, for its title)."""
     exits_path = Path(job_dir) / "shelf_exits.json"
     exits = json.loads(exits_path.read_text()) if exits_path.exists() else []
     md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes, exits))
     if not plot:
         return [md]
-    return [plot_timeline(rows, spec, shelves, spikes, Path(job_dir) / "timeline.png"), md]
+    return [plot_timeline(rows, spec, shelves, spikes, Path(job_dir) / "timeline.png", name), md]
