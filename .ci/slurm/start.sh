@@ -39,10 +39,12 @@ mkdir -p /run/mysqld
 chown mysql:mysql /run/mysqld
 [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
 if ! pgrep -x mariadbd >/dev/null; then
+    rm -f /run/mysqld/mysqld.sock  # left by a server that is gone: it would look ready
     runuser -u mysql -- /usr/sbin/mariadbd --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
         --bind-address=127.0.0.1 >/var/log/slurm/mariadb.log 2>&1 &
 fi
-for _ in $(seq 60); do [ -S /run/mysqld/mysqld.sock ] && break; sleep 0.5; done
+# Ready when it answers (crash recovery after an unclean stop can take a few seconds).
+for _ in $(seq 120); do mariadb -e "SELECT 1" >/dev/null 2>&1 && break; sleep 0.5; done
 mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
