@@ -73,6 +73,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
     """A real pre-emption: a job of the "high" partition takes the node from the sweep's job, which gets
     submitit's signal, writes a checkpoint, is requeued by submitit and continues with resume=auto."""
     sweep = tmp_path / "sweep"
+    job = sweep / "0"  # a one-job multirun sweeps nothing: the folder is the job's number alone
     steps = 600
     run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "resume=auto"]
     # submitit takes any signal for a time-out below ~10 minutes of limit; a pre-emption needs more.
@@ -86,7 +87,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
         text=True,
     )
     try:
-        wait_for(lambda: logged_steps(job_dirs(sweep)[0]) >= 50, 120, "the sweep's job to train 50 steps")
+        wait_for(lambda: logged_steps(job) >= 50, 120, "the sweep's job to train 50 steps")
         high = subprocess.run(
             ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "-o", "/dev/null", "--wrap", "sleep 3"],
             capture_output=True,
@@ -94,26 +95,26 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
             timeout=30,
         )
         assert high.returncode == 0, high.stderr
-        wait_for(lambda: status(job_dirs(sweep)[0]).get("status") == "preempted", 60, "the job to be pre-empted")
-        preempted = status(job_dirs(sweep)[0])
+        wait_for(lambda: status(job).get("status") == "preempted", 60, "the job to be pre-empted")
+        preempted = status(job)
         out, err = sweep_proc.communicate(timeout=300)
     finally:
         if sweep_proc.poll() is None:
             sweep_proc.kill()
     assert sweep_proc.returncode == 0, err[-2000:]
-    assert preempted["step"] < steps and (job_dirs(sweep)[0] / "checkpoints" / preempted["checkpoint"]).exists()
-    assert status(job_dirs(sweep)[0])["status"] == "ok"
+    assert preempted["step"] < steps and (job / "checkpoints" / preempted["checkpoint"]).exists()
+    assert status(job)["status"] == "ok"
     (job_id,) = slurm_jobs(sweep)
     assert preempted["message"].startswith("SIGUSR2 at step")  # submitit's signal, sent by Slurm at pre-emption
     assert "PREEMPTED" in slurm_history(job_id) or "REQUEUED" in slurm_history(job_id), slurm_history(job_id)
     # The same run uninterrupted, here: weights and every metrics row bitwise equal (one thread each).
     alone = run_cli("addrepro.train", [*run_args[:-1], "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
     assert alone.returncode == 0, alone.stderr[-2000:]
-    resumed = torch.load(job_dirs(sweep)[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
     uninterrupted = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["step"] == uninterrupted["step"] == steps
     assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
-    assert load_rows(job_dirs(sweep)[0]) == load_rows(tmp_path / "alone")
+    assert load_rows(job) == load_rows(tmp_path / "alone")
 
 
 def node_cpus() -> int:
