@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from addrepro.rundir.atomic import atomic_write
 from addrepro.rundir.metrics_file import RunFileError
@@ -37,3 +38,21 @@ def load_confusion(job_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     if steps.ndim != 1 or confusion.ndim != 4 or len(steps) != len(confusion):
         raise RunFileError(f"{path} holds steps {steps.shape} and matrices {confusion.shape}, not one matrix per step")
     return steps, confusion
+
+
+def confusion_image(confusion: torch.Tensor, scale: int = 8) -> np.ndarray:
+    """Greyscale tiles of ``(n+1, base, base)`` probabilities, carry-out first; NaN rows drawn mid-grey."""
+    tiles = []
+    for j in range(confusion.shape[0] - 1, -1, -1):
+        tile = confusion[j].nan_to_num(0.5).clamp(0, 1).numpy()
+        tile = np.kron(1.0 - tile, np.ones((scale, scale)))  # dark = high probability
+        tiles += [tile, np.ones((tile.shape[0], scale))]
+    return (np.concatenate(tiles[:-1], axis=1) * 255).astype(np.uint8)
+
+
+def confusion_row(confusion: torch.Tensor, step: int) -> dict:
+    """The W&B row of one model's confusion matrices at ``step``: one image, places side by side."""
+    import wandb  # noqa: PLC0415 - only W&B runs pay for this import
+
+    caption = f"step {step}: rows true digit, cols predicted; places carry-out .. units"
+    return {"val/confusion": wandb.Image(confusion_image(confusion), caption=caption), "trainer/global_step": step}

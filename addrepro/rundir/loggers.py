@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
+from addrepro.rundir.confusion import confusion_row, load_confusion
 from addrepro.rundir.csv_logger import MetricsCSVLogger
+from addrepro.rundir.metrics_file import RunFileError, load_rows
+from addrepro.wandb_offline import STEP_KEY, WandbLogError, WandbLogWarning, read_run
 
 
 def summary_metrics(n_places: int) -> dict[str, str]:
@@ -41,10 +46,13 @@ def make_loggers(
     run_id: str | None = None,
     resume_step: int | None = None,
     tags: list[str] | None = None,
+    logged_before: int | None = None,
 ) -> list[Logger]:
     """The loggers of one model: CSV at ``<job>/csv/metrics.csv``, TensorBoard under ``<job>/tensorboard``
     and W&B under ``<job>/wandb``, each as the config switches it on. ``tags`` (the swept values) are
-    added to the W&B run's configured tags.
+    added to the W&B run's configured tags. ``logged_before``: the step before which a resumed run's
+    rows were all logged by its earlier processes (its checkpoint's step, or one past it for a run that
+    had finished training and only draws its end-of-run files); default ``resume_step``.
 
     The W&B run is created here rather than by Lightning, which would reuse any live run: the
     members of an ensemble are trained in one process, each with its own run.
@@ -62,6 +70,9 @@ def make_loggers(
     wb = cfg.logger.wandb
     mode = wandb_mode(cfg)
     if wb.enabled and mode != "disabled":
+        # Read before the new part of the run exists: the rows its earlier parts never got.
+        before = resume_step if logged_before is None else logged_before
+        backfill = missing_wandb_rows(job_dir, before) if run_id and before is not None else []
         init = dict(
             dir=str(job_dir),
             project=wb.project,
@@ -79,8 +90,68 @@ def make_loggers(
         # trainer/global_step), so each repeats that x axis.
         for key, summary in summary_metrics(cfg.data.n_digits + 1).items():
             run.define_metric(key, summary=summary, step_metric="trainer/global_step", step_sync=True)
-        loggers.append(WandbLogger(experiment=run))
+        wandb_logger = WandbLogger(experiment=run)
+        backfill_wandb(wandb_logger, job_dir, backfill)
+        loggers.append(wandb_logger)
     return loggers
+
+
+def backfill_wandb(logger: WandbLogger, job_dir: Path, rows: list[dict]) -> None:
+    """Log ``rows`` (from ``missing_wandb_rows``) in order, and each evaluation's confusion image (from
+    ``confusion.npz``) where the run logged it the first time: after the evaluation's rows, before the
+    training row of the same step."""
+    if not rows:
+        return
+    try:
+        saved = load_confusion(job_dir)
+    except RunFileError:
+        saved = None
+    images = {int(s): torch.from_numpy(m) for s, m in zip(*saved, strict=True)} if saved is not None else {}
+    evaluated: set[int] = set()
+
+    def image_due(step: int) -> None:
+        if step in evaluated and step in images:
+            logger.experiment.log(confusion_row(images.pop(step), step))
+
+    for i, row in enumerate(rows):
+        step = row["step"]
+        if any(k.startswith("train/") for k in row):
+            image_due(step)
+        logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+        if "val/loss" in row:
+            evaluated.add(step)
+        if i + 1 == len(rows) or rows[i + 1]["step"] != step:
+            image_due(step)
+
+
+def missing_wandb_rows(job_dir: Path, before_step: int) -> list[dict]:
+    """The metrics file's rows before ``before_step`` (the step a resumed run restarts at) that the
+    job's earlier W&B files lack: rows a SIGKILL caught before the W&B process had written them.
+
+    Returned from the first step with a missing row on, whole steps and in order: the resumed part of
+    the run replaces its earlier parts' rows from its own first row's step on, so the W&B history of
+    the whole run then holds every row of the metrics file. Nothing when either side cannot be read
+    (``logger.csv=false``, an online run's files) — the metrics file stays the record.
+    """
+    try:
+        rows = [r for r in load_rows(job_dir) if r["step"] < before_step]
+        with warnings.catch_warnings():  # a killed process's W&B file ends mid-record: its intact prefix is read
+            warnings.simplefilter("ignore", WandbLogWarning)
+            history = read_run(job_dir).history
+    except (OSError, ValueError, WandbLogError):  # no metrics file or no readable W&B file: nothing to compare
+        return []
+    have: dict[tuple, int] = {}
+    for r in history:
+        if STEP_KEY in r and r[STEP_KEY] < before_step:
+            key = (int(r[STEP_KEY]), frozenset(k for k in r if not k.startswith("_") and k != STEP_KEY))
+            have[key] = have.get(key, 0) + 1
+    for row in rows:
+        key = (row["step"], frozenset(k for k in row if k != "step"))
+        if have.get(key, 0) == 0:
+            first = next(j for j, r in enumerate(rows) if r["step"] == row["step"])
+            return rows[first:]
+        have[key] -= 1
+    return []
 
 
 def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wandb Run

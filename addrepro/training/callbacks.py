@@ -27,14 +27,13 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import save_checkpoint
-from addrepro.rundir.confusion import save_confusion
+from addrepro.rundir.confusion import confusion_row, save_confusion
 from addrepro.rundir.loggers import log_final_hparams
 from addrepro.shelves.spikes import Spike
 from addrepro.training.devices import cpu_cores
@@ -283,11 +282,7 @@ class ConfusionImages(pl.Callback):
         for k, m in enumerate(module.members):
             for logger in m.loggers if k not in module.recorder.failed else []:
                 if isinstance(logger, WandbLogger):
-                    import wandb  # noqa: PLC0415 - only W&B runs pay for this import
-
-                    caption = f"step {step}: rows true digit, cols predicted; places carry-out .. units"
-                    image = wandb.Image(confusion_image(confusion[k]), caption=caption)
-                    logger.experiment.log({"val/confusion": image, "trainer/global_step": step})
+                    logger.experiment.log(confusion_row(confusion[k], step))
 
 
 class EndOfRunFiles(pl.Callback):
@@ -373,13 +368,3 @@ def log_files_to_wandb(loggers: list, paths: list[Path], job_dir: Path) -> None:
             payload["shelves"] = wandb.Table(columns=columns, data=[[s.get(c) for c in columns] for s in shelves])
         if payload:
             logger.experiment.log(payload)
-
-
-def confusion_image(confusion: torch.Tensor, scale: int = 8) -> np.ndarray:
-    """Greyscale tiles of ``(n+1, base, base)`` probabilities, carry-out first; NaN rows drawn mid-grey."""
-    tiles = []
-    for j in range(confusion.shape[0] - 1, -1, -1):
-        tile = confusion[j].nan_to_num(0.5).clamp(0, 1).numpy()
-        tile = np.kron(1.0 - tile, np.ones((scale, scale)))  # dark = high probability
-        tiles += [tile, np.ones((tile.shape[0], scale))]
-    return (np.concatenate(tiles[:-1], axis=1) * 255).astype(np.uint8)

@@ -156,6 +156,8 @@ def make_member(plan: JobPlan, state: dict | None) -> Member:
         run_id=state.get("wandb_run_id") if state else previous_wandb_run_id(plan.job_dir),
         resume_step=state["step"] if state else None,
         tags=plan.tags,
+        # A finished run's final rows (at its last step) are not logged again: the W&B file must have them.
+        logged_before=state["step"] + (state["step"] >= plan.cfg.trainer.max_steps) if state else None,
     )
     return Member(
         seed=plan.cfg.seed,
