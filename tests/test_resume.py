@@ -286,3 +286,24 @@ def test_sigkills_at_random_moments_then_resume_auto_end_as_the_uninterrupted_ru
     assert comparable(quietly_read(job)) == comparable(read_run(uninterrupted))
     for name in ("timeline.md", "spikes.md", "shelves_detected.json"):
         assert (job / name).read_text() == (uninterrupted / name).read_text(), name
+
+
+def test_a_run_killed_between_its_final_checkpoint_and_last_ckpt_gets_last_ckpt_on_resume(uninterrupted, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(uninterrupted, job, symlinks=True)
+    for name in ("checkpoints/last.ckpt", "end_of_run.json", "timeline.md"):  # what such a kill leaves missing
+        (job / name).unlink()
+    proc = subprocess.run(
+        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
+        cwd=tmp_path,
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = job / "checkpoints" / "last.ckpt"
+    assert last.read_bytes() == (uninterrupted / "checkpoints" / "last.ckpt").read_bytes()
+    assert (job / "end_of_run.json").exists() and (job / "timeline.md").read_text() == (
+        uninterrupted / "timeline.md"
+    ).read_text()
+    assert json.loads((job / "status.json").read_text())["status"] == "ok"

@@ -19,6 +19,8 @@ from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from addrepro.rundir.atomic import atomic_write
+from addrepro.rundir.checkpoint_paths import LAST
 from addrepro.rundir.checkpoints import checkpoint_steps, load_checkpoint, log_spaced_steps
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.lock import release
@@ -107,6 +109,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         )
         if module.start_step >= t.max_steps:  # resumed after finishing
             log.info("already trained to step %d of %d", module.start_step, t.max_steps)
+            keep_as_last(plans)
             finish_end_of_run_files(plans, members, history, draw, t.plots, module.start_step)
             finals = [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
         else:
@@ -129,6 +132,18 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         raise
     module.recorder.close()
     return finals
+
+
+def keep_as_last(plans: list[JobPlan]) -> None:
+    """A job stopped after its final ``step_<N>.ckpt`` but before ``last.ckpt``: the checkpoint it resumed
+    from is that last state (byte for byte what the end of the run writes), so it becomes ``last.ckpt``."""
+    for plan in plans:
+        last = plan.job_dir / "checkpoints" / LAST
+        if plan.resume_from and not last.exists():
+            data = Path(plan.resume_from).read_bytes()
+            last.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(last, lambda f, data=data: f.write(data))
+            log.info("kept %s as %s: the run had stopped before writing it", Path(plan.resume_from).name, last)
 
 
 def finish_end_of_run_files(
