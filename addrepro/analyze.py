@@ -22,7 +22,7 @@ from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
-from addrepro.training.config import config_dir
+from addrepro.training.config import config_dir, unknown_key
 
 SINGLE = tuple(MODULES)
 ANALYSES = (*SINGLE, "over_training")
@@ -74,6 +74,25 @@ def check_options(name: str, options: dict) -> None:
             raise AnalyzeError(str(e)) from None
 
 
+def check_common(cfg: DictConfig) -> None:
+    """The options every analysis shares, each with what it allows."""
+
+    def count(key: str, value: object, allow_null: bool = False) -> None:
+        if (value is None and allow_null) or (type(value) is int and value >= 1):
+            return
+        allowed = "null or an integer >= 1" if allow_null else "an integer >= 1"
+        raise AnalyzeError(f"{key}={value!r} is invalid: must be {allowed}")
+
+    count("threads", cfg.threads)
+    count("data.val_size", cfg.data.val_size, allow_null=True)
+    count("data.carry_size", cfg.data.carry_size)
+    count("data.chain_size", cfg.data.chain_size)
+    if not isinstance(cfg.wandb, bool):
+        raise AnalyzeError(f"wandb={cfg.wandb!r} is invalid: must be true or false")
+    if cfg.out_dir is not None and not isinstance(cfg.out_dir, str):
+        raise AnalyzeError(f"out_dir={cfg.out_dir!r} is invalid: must be a folder path or null")
+
+
 def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else job / "analysis"
     if cfg.analysis == "over_training":
@@ -86,6 +105,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         raise AnalyzeError(f"unknown analysis={cfg.analysis!r} (choose from {', '.join(ANALYSES)})")
     if cfg.analysis == "over_training" and cfg.of not in SINGLE:
         raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
+    check_common(cfg)
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
     check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
@@ -167,5 +187,34 @@ def main(cfg: DictConfig) -> None:
         print(p)
 
 
-if __name__ == "__main__":
+def analyze_keys() -> list[str]:
+    """Every key of ``conf/analyze.yaml``, dotted (``threads``, ``data.val_size``, ``patching.places``)."""
+    cfg = OmegaConf.load(config_dir() / "analyze.yaml")
+
+    def walk(node: object, prefix: str) -> list[str]:
+        if not OmegaConf.is_dict(node):
+            return [prefix[:-1]]
+        out = [prefix[:-1]] if prefix else []  # a section may be given whole: patching={size: 8}
+        for key in node:
+            if key not in ("defaults", "hydra"):
+                out += walk(node[key], f"{prefix}{key}.")
+        return out
+
+    return walk(cfg, "")
+
+
+def cli() -> None:
+    """``python -m addrepro.analyze``: a key that does not exist (with or without ``+``) is refused in
+    one line naming the nearest keys, before Hydra or the model loads."""
+    known = analyze_keys()
+    for override in sys.argv[1:]:
+        key, eq, value = override.partition("=")
+        key = key.lstrip("+~")
+        if eq and not key.startswith("hydra") and key not in known:
+            print(f"addrepro: {key}={value} {unknown_key(key, known)}", file=sys.stderr)
+            sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -162,6 +162,29 @@ def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(
     assert not (finished / "again").exists()  # no folder, no W&B run resumed and marked failed
 
 
+ANALYZE_CASES = [
+    (["threads=0"], "threads=0 is invalid: must be an integer >= 1"),
+    (["threads=abc"], "threads='abc' is invalid: must be an integer >= 1"),
+    (["data.val_size=-5"], "data.val_size=-5 is invalid: must be null or an integer >= 1"),
+    (["data.carry_size=0"], "data.carry_size=0 is invalid: must be an integer >= 1"),
+    (["wandb=maybe"], "wandb='maybe' is invalid: must be true or false"),
+    (["threds=2"], "threds=2 is not a config key; did you mean threads?"),
+    (["+attention.nosuch=1"], "attention.nosuch=1 is not a config key; did you mean attention.top, attention?"),
+    (
+        ["analysis=patching", "patching.places=[0,9]"],
+        "patching.places=[0, 9] is invalid: this model's task has places 0..2 (2 digits and the carry-out)",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ANALYZE_CASES, ids=[" ".join(c[0]) for c in ANALYZE_CASES])
+def test_analyze_options_are_checked_in_one_line(finished, overrides, message):
+    proc = run_cli("addrepro.analyze", ["checkpoint=nocsv", "analysis=attention", *overrides], finished)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and lines == [f"addrepro: {message}"], lines
+    assert not (finished / "nocsv" / "analysis").exists()
+
+
 @pytest.mark.parametrize("name", ["no_model_config.ckpt"])
 def test_analyze_names_what_a_checkpoint_lacks(finished, name):
     proc = run_cli("addrepro.analyze", [f"checkpoint={name}", "analysis=attention"], finished)

@@ -200,6 +200,11 @@ def run(subject: Subject, size: int = 64, places: list[int] | None = None, kinds
     check_options(size, places, kinds)
     spec = subject.spec
     places = list(range(spec.n_places)) if places is None else list(places)
+    if any(j >= spec.n_places for j in places):
+        raise ValueError(
+            f"patching.places={places} is invalid: this model's task has places 0..{spec.n_places - 1}"
+            f" ({spec.n_digits} digits and the carry-out)"
+        )
     kinds = ["carry"] if kinds is None else list(kinds)
     results: dict[str, dict] = {}
     for j in places:
