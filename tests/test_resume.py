@@ -288,10 +288,15 @@ def test_sigkills_at_random_moments_then_resume_auto_end_as_the_uninterrupted_ru
         assert (job / name).read_text() == (uninterrupted / name).read_text(), name
 
 
-def test_a_run_killed_between_its_final_checkpoint_and_last_ckpt_gets_last_ckpt_on_resume(uninterrupted, tmp_path):
+def test_a_run_killed_between_its_final_checkpoint_and_last_ckpt_gets_both_on_resume(uninterrupted, tmp_path):
+    """The last step's ``step_400.ckpt`` is written after the final evaluation, then ``last.ckpt``, then the
+    end-of-run files: a kill between the two checkpoints is resumed from the first, which covers every row,
+    and gets ``last.ckpt`` (the same bytes) and the files."""
+    full = uninterrupted / "checkpoints"
+    assert (full / "step_400.ckpt").read_bytes() == (full / "last.ckpt").read_bytes()
     job = tmp_path / "job"
     shutil.copytree(uninterrupted, job, symlinks=True)
-    for name in ("checkpoints/last.ckpt", "end_of_run.json", "timeline.md"):  # what such a kill leaves missing
+    for name in ("checkpoints/last.ckpt", "end_of_run.json", "timeline.md", "spikes.md"):  # never written
         (job / name).unlink()
     proc = subprocess.run(
         train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
@@ -301,9 +306,10 @@ def test_a_run_killed_between_its_final_checkpoint_and_last_ckpt_gets_last_ckpt_
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    last = job / "checkpoints" / "last.ckpt"
-    assert last.read_bytes() == (uninterrupted / "checkpoints" / "last.ckpt").read_bytes()
-    assert (job / "end_of_run.json").exists() and (job / "timeline.md").read_text() == (
-        uninterrupted / "timeline.md"
-    ).read_text()
+    assert (job / "checkpoints" / "last.ckpt").read_bytes() == (full / "last.ckpt").read_bytes()
+    assert load_rows(job) == load_rows(uninterrupted)
+    assert comparable(quietly_read(job)) == comparable(read_run(uninterrupted))
+    for name in ("timeline.md", "spikes.md"):
+        assert (job / name).read_text() == (uninterrupted / name).read_text(), name
+    assert (job / "end_of_run.json").exists()
     assert json.loads((job / "status.json").read_text())["status"] == "ok"

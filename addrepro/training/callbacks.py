@@ -113,7 +113,9 @@ class Checkpoints(pl.Callback):
             self.on_optimizer_step_end(trainer, module, 0)
 
     def on_optimizer_step_end(self, trainer: pl.Trainer, module: AdditionModule, step: int) -> None:
-        if step in self.steps:
+        # The last step's checkpoint waits for the final evaluation (``on_last_checkpoint``): resuming a
+        # finished run evaluates nothing again, so what it resumes from must cover that evaluation.
+        if step in self.steps and step < module.config.trainer.max_steps:
             self.save(module, f"step_{step}.ckpt", step)
         elif step in self.weight_steps:
             weights = {name: t.detach().cpu() for name, t in module.model.state_dict().items()}
@@ -130,7 +132,10 @@ class Checkpoints(pl.Callback):
             logger.save()
 
     def on_last_checkpoint(self, trainer: pl.Trainer, module: AdditionModule) -> None:
-        self.save(module, "last.ckpt", module.global_step)
+        step = module.global_step
+        if step in self.steps and step >= module.config.trainer.max_steps:
+            self.save(module, f"step_{step}.ckpt", step)
+        self.save(module, "last.ckpt", step)
 
     def save(self, module: AdditionModule, filename: str, step: int) -> None:
         states = module.resumable_states(step)
