@@ -333,3 +333,20 @@ def test_a_member_with_non_finite_state_gets_no_checkpoint_the_others_do(tmp_pat
     message = "step 10: non-finite weights in embed.W_E (seed 0, m1); the last good checkpoint is kept"
     assert module.recorder.failed == {1: message}
     assert all(t.isfinite().all() for t in states[0]["model"].values())
+
+
+@pytest.mark.parametrize("content", [b"5", b"[1, 2]", b'"text"', b"\x00\x01\xff", b'{"pid": "x"'])
+def test_a_torn_or_foreign_lock_file_is_taken_over_once_old_and_refused_in_one_line_while_new(tmp_path, content):
+    from addrepro.rundir.lock import LockError, acquire, check_free, release
+
+    lock = tmp_path / ".lock"
+    lock.write_bytes(content)
+    check_free(tmp_path)  # nothing to say before the run folder is set up: acquire() decides
+    with pytest.raises(LockError, match=r"is in use \(lock file .*\.lock is being written\)"):
+        acquire(tmp_path)  # written moments ago: perhaps by a process taking it right now
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    assert acquire(tmp_path) == lock  # torn by a kill, or not a lock at all: taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release(tmp_path)
+    assert not lock.exists()

@@ -52,13 +52,20 @@ def _stale(holder: dict) -> bool:
     return holder["pid"] == me["pid"] or not _alive(holder["pid"])
 
 
+def read_holder(path: Path) -> dict:
+    """The holder a lock file names; ``{}`` for none, one being written, or one torn or written by
+    something else (not a JSON object)."""
+    try:
+        holder = json.loads(path.read_text(errors="replace") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def check_free(job_dir: Path) -> None:
     """Raise ``LockError`` when another live process holds ``<job_dir>/.lock`` (nothing is written)."""
     path = Path(job_dir) / LOCK_FILE
-    try:
-        holder = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return  # no lock, or one being written: acquire() decides
+    holder = read_holder(path)  # none, or one being written: acquire() decides
     if holder and not _stale(holder):
         raise LockError(in_use(job_dir, holder, path))
 
@@ -79,13 +86,14 @@ def acquire(job_dir: Path) -> Path:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}  # being written right now, or torn by a kill while writing
+            holder = read_holder(path)  # {}: being written right now, or torn by a kill while writing
             if holder and not _stale(holder):
                 raise LockError(in_use(job_dir, holder, path)) from None
-            if not holder and time.time() - path.stat().st_mtime < 10:  # its taker is writing it
+            try:
+                age = time.time() - path.stat().st_mtime
+            except FileNotFoundError:  # its holder just released it
+                continue
+            if not holder and age < 10:  # its taker is writing it
                 raise LockError(f"{job_dir} is in use (lock file {path} is being written)") from None
             path.unlink(missing_ok=True)
             continue
@@ -98,9 +106,6 @@ def acquire(job_dir: Path) -> Path:
 def release(job_dir: Path) -> None:
     """Remove the lock if this process holds it."""
     path = Path(job_dir) / LOCK_FILE
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
+    holder = read_holder(path)
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         path.unlink(missing_ok=True)
