@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -93,6 +94,17 @@ def check_common(cfg: DictConfig) -> None:
         raise AnalyzeError(f"out_dir={cfg.out_dir!r} is invalid: must be a folder path or null")
 
 
+def check_writable(folder: Path) -> None:
+    """The output folder can take files, checked before the analysis runs (a read-only copy of a run)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.").close()
+    except OSError as e:
+        raise AnalyzeError(
+            f"cannot write the output folder {folder} ({e.strerror or e}): give out_dir=<a writable folder>"
+        ) from None
+
+
 def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else job / "analysis"
     if cfg.analysis == "over_training":
@@ -107,6 +119,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
     check_common(cfg)
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
+    check_writable(output_stem(cfg, path, job).parent)
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
     check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
 

@@ -22,6 +22,7 @@ from addrepro.reports.dashboard import (
     workspace_from_json,
     write_workspace,
 )
+from addrepro.rundir.metrics_file import RunFileError
 
 MISSING_EXTRA = 'addrepro.dashboard: needs wandb-workspaces: pip install "addrepro[dashboard]"'
 
@@ -33,6 +34,16 @@ def publish(workspace) -> str:  # noqa: ANN001 - a Workspace
 
         workspace.entity = wandb.Api().default_entity
     return workspace.save().url
+
+
+def saved_workspace(path: Path, entity: str | None):  # noqa: ANN201 - a Workspace
+    """The workspace ``path`` holds; ``RunFileError`` naming the file when it is not one this command wrote."""
+    try:
+        spec = json.loads(path.read_text())
+        return workspace_from_json(spec, entity=entity)
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:  # JSON, then the workspace schema
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(f"{path} is not a workspace file written by addrepro.dashboard ({reason})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.publish is not None:
-            print(publish(workspace_from_json(json.loads(args.publish.read_text()), entity=args.entity)))
+            print(publish(saved_workspace(args.publish, args.entity)))
             return 0
         target = read_target(args.folder)
         workspace = to_workspace(target, plan_sections(target), entity=args.entity)
@@ -57,10 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             print(MISSING_EXTRA, file=sys.stderr)
             return 2
         raise
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RunFileError) as e:
         print(f"addrepro.dashboard: {e}", file=sys.stderr)
         return 2
-    path = write_workspace(target.folder, workspace)
+    try:
+        path = write_workspace(target.folder, workspace)
+    except OSError as e:  # a read-only copy of a sweep
+        print(
+            f"addrepro.dashboard: cannot write the workspace file in {target.folder}: {e.strerror or e}",
+            file=sys.stderr,
+        )
+        return 2
     print(f"workspace of W&B group {target.group}: {path}")
     if not target.logged_to_wandb:
         print("addrepro.dashboard: these runs did not log to W&B (logger.wandb.enabled=false)", file=sys.stderr)

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RunFileError) as e:
         print(f"addrepro.report: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only copy of a run: the reports are written beside what they read
+        print(f"addrepro.report: {e} (the reports are written into the folder they are drawn from)", file=sys.stderr)
+        return 2
     for p in paths:
         print(p)
     return 0

@@ -64,6 +64,9 @@ def load_sweep(path: str | Path) -> dict:
 
 
 def _flatten(params: dict, prefix: str = "") -> list[tuple[str, dict]]:
+    if not isinstance(params, dict):
+        where = f"parameter {prefix[: -len(NEST)]}: parameters" if prefix else "parameters"
+        raise ValueError(f"{where}: expected a mapping of names to specs, got {params!r}")
     out = []
     for key, spec in sorted(params.items()):
         if not isinstance(spec, dict):
@@ -83,7 +86,13 @@ def _choices(name: str, spec: dict) -> list[Any] | None:
     if "value" in spec and "values" not in spec:
         return None
     if "values" in spec and dist in (None, "categorical") and "probabilities" not in spec:
+        if not isinstance(spec["values"], list) or not spec["values"]:
+            raise ValueError(f"parameter {name}: values must be a non-empty list, got {spec['values']!r}")
         return list(spec["values"])
+    if dist in ("int_uniform", "q_uniform"):
+        bounds = [spec.get("min"), spec.get("max"), spec.get("q", 1)]
+        if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds) or bounds[2] <= 0:
+            raise ValueError(f"parameter {name}: {dist} needs numbers min, max (and q > 0), got {spec}")
     if dist == "int_uniform":
         return list(range(int(spec["min"]), int(spec["max"]) + 1))
     if dist == "q_uniform":

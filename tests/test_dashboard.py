@@ -7,6 +7,7 @@ runs, TensorBoard event files and CSV files are read back, and the workspace is 
 import json
 import math
 import re
+import shutil
 
 import pytest
 from conftest import FAST, run_cli
@@ -233,3 +234,20 @@ def test_a_resumed_run_has_each_step_once_in_its_tensorboard_events_and_its_prog
     steps = [e.step for e in events.Scalars("train/loss/place_0")]
     assert steps == list(range(0, 40, 5))  # train rows every 5 steps; the last one before the end
     assert steps == [s for s, _ in _csv_series(job, "train/loss/place_0")]
+
+
+def test_a_damaged_multirun_yaml_and_a_foreign_workspace_file_are_one_line(sweep, tmp_path, capsys):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, symlinks=True)
+    for body in ("{{{ not yaml", "- a list, not Hydra's mapping", "hydra: {sweeper: {params: [1]}}"):
+        (copy / "multirun.yaml").write_text(body)
+        assert dashboard.main([str(copy)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"addrepro.dashboard: {copy}/multirun.yaml is not the multirun.yaml")
+    for name, data in (("text.json", b"not json"), ("other.json", b'{"a": 1}'), ("binary.json", b"\xff\xfe")):
+        (tmp_path / name).write_bytes(data)
+        assert dashboard.main(["--publish", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [err[0]] and err[0].startswith(
+            f"addrepro.dashboard: {tmp_path / name} is not a workspace file written by addrepro.dashboard ("
+        )

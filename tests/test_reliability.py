@@ -350,3 +350,45 @@ def test_a_torn_or_foreign_lock_file_is_taken_over_once_old_and_refused_in_one_l
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     release(tmp_path)
     assert not lock.exists()
+
+
+def test_report_analyze_and_dashboard_on_a_read_only_run_are_one_line(tmp_path):
+    """A run copied read-only (an archive, a colleague's folder): each command says it cannot write there,
+    before analysing anything, and ``analyze`` says where else it can write."""
+    job = tmp_path / "job"
+    proc = subprocess.run(
+        train_cmd("trainer.max_steps=20", "hydra.run.dir=job"), cwd=tmp_path, env=one_thread_env(), capture_output=True
+    )
+    assert proc.returncode == 0
+    view = tmp_path / "view"
+    if os.geteuid() == 0:
+        view.mkdir()
+        bound = subprocess.run(["mount", "--bind", str(job), str(view)], capture_output=True)
+        if bound.returncode != 0:
+            pytest.skip(f"mount failed: {bound.stderr.decode().strip()}")
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+    else:
+        shutil.copytree(job, view)
+        for path in [view, *view.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        cases = {
+            "addrepro.report": ([str(view)], "addrepro.report: [Errno 30] cannot write"),
+            "addrepro.analyze": (
+                [f"checkpoint={view}", "analysis=attention"],
+                f"addrepro: cannot write the output folder {view}/analysis (",
+            ),
+            "addrepro.dashboard": ([str(view)], f"addrepro.dashboard: cannot write the workspace file in {view}: "),
+        }
+        for module, (args, start) in cases.items():
+            proc = run_cli(module, args, tmp_path)
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            assert proc.returncode == 2 and len(lines) == 1, (module, lines)
+            assert lines[0].startswith(start if os.geteuid() == 0 else start.split(" [Errno")[0]), (module, lines)
+        elsewhere = run_cli(
+            "addrepro.analyze", [f"checkpoint={view}", "analysis=attention", f"out_dir={tmp_path}/out"], tmp_path
+        )
+        assert elsewhere.returncode == 0 and (tmp_path / "out" / "attention_last.json").exists()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(view)], check=False)

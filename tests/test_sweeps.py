@@ -355,3 +355,30 @@ def test_only_swept_keys_name_the_folders():
     assert override == "hydra.job.config.override_dirname.exclude_keys=['data.n_digits','model.foo','resume','sweep']"
     # the user's own choice stands
     assert sweep_folder_overrides(["-m", "seed=0,1", "hydra.job.config.override_dirname.exclude_keys=[seed]"]) == []
+
+
+SWEEP_FILE_CASES = [
+    ("parameters: [1, 2]", "parameters: expected a mapping of names to specs, got [1, 2]"),
+    ("parameters: {model.width: 128}", "parameter model.width: expected a mapping, got 128"),
+    ("parameters: {model.width: {values: 128}}", "parameter model.width: values must be a non-empty list, got 128"),
+    ("parameters: {model.width: {values: []}}", "parameter model.width: values must be a non-empty list, got []"),
+    (
+        "parameters: {lr: {distribution: q_uniform, min: 0, max: 1, q: 0}}",
+        "parameter lr: q_uniform needs numbers min, max (and q > 0)",
+    ),
+    (
+        "parameters: {model: {parameters: [width]}}",
+        "parameter model: parameters: expected a mapping of names to specs, got ['width']",
+    ),
+]
+
+
+@pytest.mark.parametrize("body,message", SWEEP_FILE_CASES, ids=[c[0] for c in SWEEP_FILE_CASES])
+def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, body, message):
+    from addrepro import wandb_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"program: addrepro.train\nmethod: grid\n{body}\n")
+    assert wandb_sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"addrepro.wandb_sweep: {message}"), err

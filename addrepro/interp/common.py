@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 from addrepro.model.export import to_transformer_lens
 from addrepro.model.transformer import layer_norm
+from addrepro.rundir.atomic import atomic_write, atomic_write_text
 from addrepro.rundir.checkpoints import load_checkpoint, resolve_checkpoint
 from addrepro.task.encoding import carries_in, operands_from_tokens
 from addrepro.task.sets import CarrySets
@@ -219,12 +220,12 @@ def write_outputs(result: dict, figure: Any, stem: Path) -> list[Path]:
     """Write ``<stem>.json`` and (when a figure is given) ``<stem>.png``; returns the paths."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path = stem.with_suffix(".json")
-    json_path.write_text(json.dumps(jsonable(result), indent=1))
+    # Through temporary files: a kill mid-write never leaves a torn result that looks whole.
+    json_path = atomic_write_text(stem.with_suffix(".json"), json.dumps(jsonable(result), indent=1))
     paths = [json_path]
     if figure is not None:
         png = stem.with_suffix(".png")
-        figure.savefig(png, dpi=100, bbox_inches="tight")
+        atomic_write(png, lambda f: figure.savefig(f, format="png", dpi=100, bbox_inches="tight"))
         plt.close(figure)
         paths.append(png)
     return paths

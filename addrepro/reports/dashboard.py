@@ -28,7 +28,7 @@ from addrepro.reports.plots import place_label
 from addrepro.reports.sweep import swept_values
 from addrepro.rundir.checkpoints import CheckpointError, load_checkpoint
 from addrepro.rundir.job import is_job_dir, job_config, job_dirs
-from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.metrics_file import RunFileError, load_rows
 from addrepro.rundir.names import grid_keys, swept_keys, wandb_group
 from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
 from addrepro.task.spec import TaskSpec
@@ -86,10 +86,20 @@ class Section:
 def sweep_swept_keys(sweep_dir: Path) -> list[str]:
     """Keys the multirun swept, from its saved ``multirun.yaml``: the sweep config's grid
     (``+sweep=width``) and the command line's own sweeps (``model.width=32,64``)."""
-    saved = OmegaConf.load(sweep_dir / "multirun.yaml")
-    grid = OmegaConf.select(saved, "hydra.sweeper.params", default=None)
-    params = OmegaConf.to_container(grid, resolve=False) if grid is not None else {}
-    task = list(saved.hydra.overrides.task)
+    path = sweep_dir / "multirun.yaml"
+    try:
+        saved = OmegaConf.load(path)
+        grid = OmegaConf.select(saved, "hydra.sweeper.params", default=None)
+        params = OmegaConf.to_container(grid, resolve=False) if grid is not None else {}
+        task = [str(o) for o in OmegaConf.select(saved, "hydra.overrides.task", default=[])]
+        if not isinstance(params, dict):
+            raise ValueError("hydra.sweeper.params is not a mapping")
+    except Exception as e:  # noqa: BLE001 - YAML, OmegaConf and type errors: all mean a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(
+            f"{path} is not the multirun.yaml Hydra writes ({reason}); remove it to group the runs by the "
+            "values that differ between their configs"
+        ) from None
     swept = swept_keys(task)
     from_task = [key for key in (o.split("=", 1)[0].lstrip("+~") for o in task) if key in swept]
     return list(dict.fromkeys(grid_keys(params) + from_task))
