@@ -95,6 +95,7 @@ def finished(tmp_path_factory):
     torch.save({**last, "model": {k: v for k, v in last["model"].items() if k != "embed.W_E"}}, root / "no_WE.ckpt")
     torch.save({**last, "optimizer": {"moments": {}}}, root / "no_step_count.ckpt")
     (root / "code.ckpt").write_bytes(pickle.dumps(print, protocol=2))
+    (root / "text.ckpt").write_text("program: addrepro.train\nmethod: grid\n")  # a file of another kind
     # Tensor-only checkpoints (they load with weights_only=True) whose contents no run writes:
     moments, name = last["optimizer"]["moments"], "blocks.0.attn.W_Q"
     bad_moment = {**moments, name: {**moments[name], "exp_avg": moments[name]["exp_avg"][:, :3]}}
@@ -120,6 +121,7 @@ CKPT_CASES = [
     ("no_model_config.ckpt", "checkpoint=no_model_config.ckpt is incomplete: missing or invalid model_config"),
     ("no_WE.ckpt", "checkpoint=no_WE.ckpt does not match its model_config: missing weights embed.W_E"),
     ("code.ckpt", "checkpoint=code.ckpt cannot be read: it holds pickled Python objects"),
+    ("text.ckpt", "checkpoint=text.ckpt is not a checkpoint file (not written by torch.save)"),
     (
         "moment_shape.ckpt",
         "resume=moment_shape.ckpt cannot be resumed: optimizer moment exp_avg of blocks.0.attn.W_Q is (4, 3, 4) "

@@ -47,7 +47,9 @@ def load_checkpoint(path: str | Path) -> dict:
         with warnings.catch_warnings():  # torch warns before refusing pickled code: the error says it all
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e):  # no class or function named in it: not a pickle of objects at all
+            raise CheckpointError(f"checkpoint={path} is not a checkpoint file (not written by torch.save)") from None
         raise CheckpointError(
             f"checkpoint={path} cannot be read: it holds pickled Python objects, which addrepro never loads "
             "(only tensors and plain containers)"
