@@ -10,6 +10,7 @@ the options checked before the model is exported.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
-from addrepro.training.config import config_dir, unknown_key
+from addrepro.training.config import MAX_THREADS, config_dir, unknown_key
 
 SINGLE = tuple(MODULES)
 ANALYSES = (*SINGLE, "over_training")
@@ -41,6 +42,8 @@ def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Pat
     """
     if not checkpoint:
         raise AnalyzeError("checkpoint=<path> is required (a .ckpt file or a job folder)")
+    if not isinstance(checkpoint, str):
+        raise AnalyzeError(f"checkpoint={checkpoint!r} is invalid: must be the path of a .ckpt file or a job folder")
     path = Path(checkpoint)
     if analysis == "over_training" and path.is_dir():
         if not checkpoint_dir(path).is_dir():
@@ -68,6 +71,8 @@ def check_options(name: str, options: dict) -> None:
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be true or false")
         if type(default) is int and not (type(value) is int and value >= 1):
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer >= 1")
+        if type(default) is float and not (type(value) in (int, float) and math.isfinite(value)):
+            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be a finite number")
     if hasattr(module, "check_options"):
         try:
             module.check_options(**options)
@@ -85,6 +90,8 @@ def check_common(cfg: DictConfig) -> None:
         raise AnalyzeError(f"{key}={value!r} is invalid: must be {allowed}")
 
     count("threads", cfg.threads)
+    if cfg.threads > MAX_THREADS:
+        raise AnalyzeError(f"threads={cfg.threads} is invalid: must be an integer in 1..{MAX_THREADS}")
     count("data.val_size", cfg.data.val_size, allow_null=True)
     count("data.carry_size", cfg.data.carry_size)
     count("data.chain_size", cfg.data.chain_size)
@@ -96,9 +103,11 @@ def check_common(cfg: DictConfig) -> None:
 
 def check_writable(folder: Path) -> None:
     """The output folder can take files, checked before the analysis runs (a read-only copy of a run)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # nothing is created by the check
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check.").close()
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check.").close()
     except OSError as e:
         raise AnalyzeError(
             f"cannot write the output folder {folder} ({e.strerror or e}): give out_dir=<a writable folder>"
@@ -119,9 +128,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
         raise AnalyzeError(f"unknown of={cfg.of!r} for over_training (choose from {', '.join(SINGLE)})")
     check_common(cfg)
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
-    check_writable(output_stem(cfg, path, job).parent)
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
     check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
+    check_writable(output_stem(cfg, path, job).parent)
 
     torch.set_num_threads(cfg.threads)
     subject_options = dict(cfg.data)

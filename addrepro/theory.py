@@ -55,7 +55,11 @@ def cli() -> None:
         return
     try:
         check_fields(DataConfig, cfg.data, "data")
-        integer(1)("mc_samples", cfg.mc_samples)
+        if 2 * cfg.data.base**cfg.data.n_digits >= 2**63:
+            raise ConfigError(
+                "data.n_digits", cfg.data.n_digits, f"must keep 2 * base^n_digits below 2^63 (base {cfg.data.base})"
+            )
+        integer(1, 100_000_000)("mc_samples", cfg.mc_samples)
         integer()("mc_seed", cfg.mc_seed)
     except ConfigError as e:
         print(f"addrepro: config error: {e}", file=sys.stderr)

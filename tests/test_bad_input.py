@@ -10,6 +10,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAST, run_cli
@@ -32,6 +33,16 @@ CONFIG_CASES = [
     (["logger.wandb.init_timeout=-5"], "logger.wandb.init_timeout=-5 is invalid: must be a finite number > 0.0"),
     (["logger.csv=maybe"], "logger.csv='maybe' is invalid: must be one of True, False"),
     (["model.attn_only=true", "model.d_mlp=64"], "model.d_mlp=64 is invalid: must be null when model.attn_only=true"),
+    (
+        ["trainer.threads=100000"],
+        "trainer.threads=100000 is invalid: must be auto, null (torch's default) or an integer",
+    ),
+    (["data.n_digits=20"], "data.n_digits=20 is invalid: must keep 2 * base^n_digits below 2^63 (base 10)"),
+    (["data.val_size=1000000000"], "data.val_size=1000000000 is invalid: must be an integer in 1..1000000"),
+    (
+        ["+callbacks.x._target_=collections.OrderedDict"],
+        "callbacks.x._target_='collections.OrderedDict' is invalid: must name a Lightning Callback class",
+    ),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
@@ -103,6 +114,7 @@ def finished(tmp_path_factory):
         "moment_shape": {"optimizer": {**last["optimizer"], "moments": bad_moment}},
         "no_moment": {"optimizer": {**last["optimizer"], "moments": {k: v for k, v in moments.items() if k != name}}},
         "negative_step": {"step": -5, "optimizer": {**last["optimizer"], "step_count": -5}},
+        "bad_task": {"task": {**last["task"], "order": "zzz"}},
         "step_mismatch": {"optimizer": {**last["optimizer"], "step_count": 7}},
         "short_generator": {"data": {**last["data"], "generator": last["data"]["generator"][:100]}},
         "no_generator": {"data": {"device": "cpu"}},
@@ -131,7 +143,8 @@ CKPT_CASES = [
         "no_moment.ckpt",
         "resume=no_moment.ckpt cannot be resumed: missing optimizer moments of blocks.0.attn.W_Q at step 20",
     ),
-    ("negative_step.ckpt", "resume=negative_step.ckpt cannot be resumed: step is -5 (must be >= 0)"),
+    ("negative_step.ckpt", "checkpoint=negative_step.ckpt holds step -5 (must be >= 0)"),
+    ("bad_task.ckpt", "checkpoint=bad_task.ckpt holds an invalid task (order='zzz' must be one of msb, lsb)"),
     (
         "step_mismatch.ckpt",
         "resume=step_mismatch.ckpt cannot be resumed: optimizer.step_count is 7 but step is 20 (they count the same",
@@ -171,6 +184,13 @@ ANALYZE_CASES = [
     (["data.carry_size=0"], "data.carry_size=0 is invalid: must be an integer >= 1"),
     (["wandb=maybe"], "wandb='maybe' is invalid: must be true or false"),
     (["threds=2"], "threds=2 is not a config key; did you mean threads?"),
+    (["threads=100000"], "threads=100000 is invalid: must be an integer in 1..1024"),
+    (["checkpoint=123"], "checkpoint=123 is invalid: must be the path of a .ckpt file or a job folder"),
+    (["analysis=probes", "probes.ridge=-1"], "probes.ridge=-1 is invalid: must be a number in (0, 1e6]"),
+    (["analysis=probes", "probes.ridge=abc"], "probes.ridge='abc' is invalid: must be a finite number"),
+    (["analysis=probes", "probes.test_fraction=0"], "probes.test_fraction=0 is invalid: must be a number in (0, 1)"),
+    (["analysis=patching", "patching.kinds=carry"], "patching.kinds='carry' is invalid: must be a non-empty list"),
+    (["analysis=patching", "patching.places=[]"], "patching.places=[] is invalid: must be null or a non-empty list"),
     (["+attention.nosuch=1"], "attention.nosuch=1 is not a config key; did you mean attention.top, attention?"),
     (
         ["analysis=patching", "patching.places=[0,9]"],
@@ -183,7 +203,7 @@ ANALYZE_CASES = [
 def test_analyze_options_are_checked_in_one_line(finished, overrides, message):
     proc = run_cli("addrepro.analyze", ["checkpoint=nocsv", "analysis=attention", *overrides], finished)
     lines = error_lines(proc)
-    assert proc.returncode == 2 and lines == [f"addrepro: {message}"], lines
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"addrepro: {message}"), lines
     assert not (finished / "nocsv" / "analysis").exists()
 
 
@@ -275,7 +295,7 @@ def test_a_resume_writes_only_into_the_job_and_records_its_overrides(tmp_path):
     "override,message",
     [
         ("data.order=../../x", "data.order='../../x' is invalid: must be one of msb, lsb"),
-        ("mc_samples=0", "mc_samples=0 is invalid: must be an integer >= 1"),
+        ("mc_samples=0", "mc_samples=0 is invalid: must be an integer in 1..100000000"),
         ("data.bse=4", "data.bse=4 is invalid: is not a config key; did you mean data.base"),
     ],
 )
@@ -336,7 +356,39 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
     elif what == "torn_confusion":
         path = job / "confusion.npz"
         path.write_bytes(path.read_bytes()[:100])
+    elif what == "spikes_garbage":
+        (job / "spikes.json").write_text("{not json")
+    elif what == "spikes_records":
+        (job / "spikes.json").write_text('[1, "x", null]')
+    elif what == "exits_records":
+        (job / "shelf_exits.json").write_text('[{"place": "x"}, 5]')
+    elif what == "config_task":
+        path = job / ".hydra" / "config.yaml"
+        path.write_text(path.read_text().replace("base: 10", "base: abc"))
+    elif what == "config_list":
+        (job / ".hydra" / "config.yaml").write_text("[1, 2, 3]\n")
+    elif what == "confusion_shape":
+        np.savez(job / "confusion.npz", steps=np.array([0, 10]), confusion=np.zeros((2, 1, 1, 1)))
     return job
+
+
+REPORT_CASES = [
+    ("spikes_garbage", "spikes.json is not a JSON file as addrepro writes it ("),
+    ("spikes_records", "spikes.json: record 0 is not a record with step, loss, ratio, baseline"),
+    ("exits_records", "shelf_exits.json: record 0 is not a record with place, level, start_step, last_on_shelf, step"),
+    ("config_task", ".hydra/config.yaml holds no valid task in its data section (base='abc' must be an integer"),
+    ("config_list", ".hydra/config.yaml is not a run's config: it has no data section"),
+    ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),
+]
+
+
+@pytest.mark.parametrize("what,message", REPORT_CASES, ids=[c[0] for c in REPORT_CASES])
+def test_report_names_a_damaged_or_edited_run_file_in_one_line(csv_job, tmp_path, what, message):
+    job = damaged(csv_job, tmp_path, what)
+    report = run_cli("addrepro.report", [str(job)], tmp_path)
+    assert report.returncode == 2 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    (line,) = error_lines(report)
+    assert line.startswith("addrepro.report: ") and message in line, line
 
 
 @pytest.mark.parametrize(

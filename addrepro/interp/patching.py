@@ -188,8 +188,12 @@ def path_patch(subject: Subject, corrupt_in: torch.Tensor, clean_cache: Any, cor
 
 def check_options(size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None) -> None:
     """Raise ValueError naming the option for a value ``run`` cannot use (before a model is loaded)."""
-    if places is not None and not (isinstance(places, list | tuple) and all(type(j) is int and j >= 0 for j in places)):
-        raise ValueError(f"patching.places={places!r} is invalid: must be a list of places (integers >= 0)")
+    if places is not None and not (
+        isinstance(places, list | tuple) and places and all(type(j) is int and j >= 0 for j in places)
+    ):
+        raise ValueError(f"patching.places={places!r} is invalid: must be null or a non-empty list of places (>= 0)")
+    if kinds is not None and not (isinstance(kinds, list | tuple) and kinds):
+        raise ValueError(f"patching.kinds={kinds!r} is invalid: must be a non-empty list of {', '.join(KINDS)}")
     for kind in kinds or []:
         if kind not in KINDS:
             raise ValueError(f"patching.kinds: {kind!r} is not one of {', '.join(KINDS)}")

@@ -86,6 +86,16 @@ def pca2(x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return x @ v[:2].T, var[:2].tolist()
 
 
+def check_options(
+    max_examples: int = 2048, test_fraction: float = 0.25, ridge: float = 1e-2, pca_points: int = 512
+) -> None:
+    """Raise ValueError naming the option for a value ``run`` cannot use (before a model is loaded)."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"probes.test_fraction={test_fraction!r} is invalid: must be a number in (0, 1)")
+    if not 0 < ridge <= 1e6:
+        raise ValueError(f"probes.ridge={ridge!r} is invalid: must be a number in (0, 1e6]")
+
+
 @torch.no_grad()
 def run(
     subject: Subject, max_examples: int = 2048, test_fraction: float = 0.25, ridge: float = 1e-2, pca_points: int = 512

@@ -28,7 +28,7 @@ from addrepro.reports.timeline import write_timeline
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.confusion import load_confusion
 from addrepro.rundir.job import job_config
-from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.metrics_file import RunFileError, load_rows, read_records
 from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
 from addrepro.shelves.detection import atlas_plateaus, detect_shelves
 from addrepro.task.spec import TaskSpec
@@ -387,9 +387,11 @@ def draw_all(
     return [p for p in paths if p is not None]
 
 
+SPIKE_FIELDS = {"step": int, "loss": (int, float), "ratio": (int, float), "baseline": (int, float)}
+
+
 def load_spikes(job_dir: Path) -> list[dict]:
-    path = Path(job_dir) / "spikes.json"
-    return json.loads(path.read_text()) if path.exists() else []
+    return read_records(Path(job_dir) / "spikes.json", SPIKE_FIELDS)
 
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -432,9 +434,18 @@ def draw_job(
     reference curve. ``config``: the run's resolved config (default: the job's ``.hydra/config.yaml``)."""
     job_dir = Path(job_dir)
     cfg = OmegaConf.create(config) if config is not None else job_config(job_dir)
-    spec = TaskSpec.from_config(cfg.data)
+    try:
+        spec = TaskSpec.from_config(cfg.data)
+    except Exception as e:  # noqa: BLE001 - edited values: wrong types, out of range, unresolvable
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(f"{job_dir}/.hydra/config.yaml holds no valid task in its data section ({reason})") from None
     rows = load_rows(job_dir) if rows is None else rows
     confusion = load_confusion(job_dir) if confusion is None else confusion
+    if confusion is not None and confusion[1].shape[1:] != (spec.n_places, spec.base, spec.base):
+        raise RunFileError(
+            f"{job_dir}/confusion.npz holds matrices {confusion[1].shape[1:]}, not this task's"
+            f" {(spec.n_places, spec.base, spec.base)} (places, true digit, predicted digit)"
+        )
     reference = load_reference(cfg.get("reference"))
     paths = draw_all(job_dir, rows, spec, reference, confusion, plots, run_name(job_dir, cfg))
     if reference is not None:

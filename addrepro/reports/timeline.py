@@ -11,7 +11,6 @@ Every number in it is read from the logged metrics.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from addrepro.reports.plots import colour, place_label, running_mean, save, series, smoothing_window
 from addrepro.rundir.atomic import atomic_write_text
+from addrepro.rundir.metrics_file import read_records
 from addrepro.shelves.detection import Shelf, running_median
 from addrepro.task.spec import TaskSpec
 
@@ -296,8 +296,8 @@ def write_timeline(
     name: str = "",
 ) -> list[Path]:
     """``timeline.md`` and (with ``plot``) ``timeline.png`` (``name``: the run, for its title)."""
-    exits_path = Path(job_dir) / "shelf_exits.json"
-    exits = json.loads(exits_path.read_text()) if exits_path.exists() else []
+    exit_fields = {"place": int, "level": str, "start_step": int, "last_on_shelf": int, "step": int}
+    exits = read_records(Path(job_dir) / "shelf_exits.json", exit_fields)
     md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes, exits))
     if not plot:
         return [md]

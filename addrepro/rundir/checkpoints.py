@@ -26,6 +26,7 @@ from addrepro.rundir.checkpoint_paths import (  # noqa: F401 - part of the check
     resolve_checkpoint,
     resumable_checkpoint,
 )
+from addrepro.task.spec import TaskSpec
 
 FORMAT = "addrepro-checkpoint/1"
 
@@ -86,6 +87,12 @@ def check_model_structure(ckpt: dict, path: str | Path) -> None:
     missing = _missing(ckpt, MODEL_KEYS)
     if missing:
         raise CheckpointError(f"checkpoint={path} is incomplete: missing or invalid {', '.join(missing)}")
+    try:  # the task a weights file was trained on, as stored: it may have been edited
+        TaskSpec(**ckpt["task"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint={path} holds an invalid task ({e})") from None
+    if ckpt["step"] < 0:
+        raise CheckpointError(f"checkpoint={path} holds step {ckpt['step']} (must be >= 0)")
     try:
         expected = Transformer(ModelConfig(**ckpt["model_config"]), seeds=[0]).member_state_dict(0)
     except Exception as e:  # unknown or impossible architecture keys

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from addrepro.rundir.metrics_file import RunFileError
+
 
 def is_job_dir(path: Path) -> bool:
     """A job folder: one Hydra wrote its ``.hydra/`` configs into."""
@@ -39,7 +41,14 @@ def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
     path = Path(job_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{job_dir} is not a job folder: no .hydra/config.yaml")
-    return OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many kinds for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(f"{path} cannot be read as a run's config ({reason})") from None
+    if not OmegaConf.is_dict(cfg) or not OmegaConf.is_dict(cfg.get("data")):
+        raise RunFileError(f"{path} is not a run's config: it has no data section")
+    return cfg
 
 
 def make_folder(folder: Path) -> Path | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 
@@ -66,3 +67,29 @@ def load_rows(job_dir: Path) -> list[dict]:
             row["step"] = int(row["step"])
             rows.append(row)
     return rows
+
+
+def read_records(path: Path, fields: dict[str, type | tuple[type, ...]]) -> list[dict]:
+    """A run file holding a JSON list of records (``spikes.json``, ``shelf_exits.json``); ``[]`` when
+    there is none. A file that is not such a list — torn, foreign, a link to something else, records
+    without ``fields`` of the given types — raises ``RunFileError`` naming it and what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise RunFileError(f"{path} is not a regular file")
+    try:
+        records = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RunFileError(f"{path} is not a JSON file as addrepro writes it ({str(e).splitlines()[0]})") from None
+    if not isinstance(records, list):
+        raise RunFileError(f"{path} holds {type(records).__name__}, not a list of records")
+    for i, record in enumerate(records):
+        bad = not isinstance(record, dict) or next(
+            (k for k, kind in fields.items() if not isinstance(record.get(k), kind) or isinstance(record.get(k), bool)),
+            None,
+        )
+        if bad:
+            expected = ", ".join(fields)
+            raise RunFileError(f"{path}: record {i} is not a record with {expected} ({str(record)[:60]})")
+    return records

@@ -19,6 +19,20 @@ class TaskSpec:
     order: str = "msb"
     task: str = "add"
 
+    def __post_init__(self) -> None:
+        # A task read back from a run's files (its config, a checkpoint) may have been edited or damaged.
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (whole(self.n_digits) and self.n_digits >= 1):
+            raise ValueError(f"n_digits={self.n_digits!r} must be an integer >= 1")
+        if not (whole(self.base) and 2 <= self.base <= 36):
+            raise ValueError(f"base={self.base!r} must be an integer in 2..36")
+        if self.order not in ORDERS:
+            raise ValueError(f"order={self.order!r} must be one of {', '.join(ORDERS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} must be one of {', '.join(TASKS)}")
+
     @classmethod
     def from_config(cls, data: Any) -> TaskSpec:
         """The task of a run config's ``data`` section, read by attribute (a DictConfig, the schema's

@@ -143,10 +143,13 @@ def one_device(key: str, value: Any) -> None:
     raise ConfigError(key, shown, "must be null (the launcher's choice) or one GPU index in a list, e.g. [1]")
 
 
+MAX_THREADS = 1024  # far above any machine's cores; torch's thread pool crashes at some point beyond
+
+
 def threads_option(key: str, value: Any) -> None:
-    if value is None or value == "auto" or (_is_int(value) and value >= 1):
+    if value is None or value == "auto" or (_is_int(value) and 1 <= value <= MAX_THREADS):
         return
-    raise ConfigError(key, value, "must be auto, null (torch's default) or an integer >= 1")
+    raise ConfigError(key, value, f"must be auto, null (torch's default) or an integer in 1..{MAX_THREADS}")
 
 
 def tensorboard_switch(key: str, value: Any) -> None:
@@ -175,7 +178,7 @@ class DataConfig:
     batch_size: int | None = option(64, integer(1, null=True))  # finite data: null (or >= train_size) = full batch
     seed: Any = option("${seed}", integer())  # data stream seed; set apart from `seed` to vary data and init apart
     train_size: int | None = option(None, integer(1, null=True))  # null: infinite data; N: a fixed set of N pairs
-    val_size: int = option(2048, integer(1))  # held-out pairs (disjoint from a finite training set)
+    val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
     val_seed: int = option(1000003, integer())  # seed of the validation set for infinite data
 
 
@@ -455,6 +458,8 @@ def validate(cfg: DictConfig) -> None:
             )
         if n_pairs > 2**62:
             raise ConfigError("data.train_size", d.train_size, "finite data needs base^(2n) <= 2^62")
+    if 2 * d.base**d.n_digits >= 2**63:  # the shelf atlas and the operands need 64-bit integers
+        raise ConfigError("data.n_digits", d.n_digits, f"must keep 2 * base^n_digits below 2^63 (base {d.base})")
     if m.d_head is None and m.width % m.n_heads != 0:
         raise ConfigError(
             "model.width", m.width, f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)"
@@ -489,6 +494,10 @@ def check_callbacks(callbacks: Any) -> None:
             raise ConfigError(f"{key}._target_", target, f"cannot be imported ({e})") from None
         if not callable(found):
             raise ConfigError(f"{key}._target_", target, f"{module} has no class {attr}")
+        from pytorch_lightning import Callback  # noqa: PLC0415 - Lightning loads with training, not with the check
+
+        if not (isinstance(found, type) and issubclass(found, Callback)):
+            raise ConfigError(f"{key}._target_", target, "must name a Lightning Callback class")
 
 
 def check_cuda_graph(trainer: DictConfig) -> None:
