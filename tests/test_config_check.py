@@ -63,7 +63,7 @@ BAD = [
     (["data.batch_size=null"], "data.batch_size", "None", "null, full batch, needs data.train_size"),
     (["data.seed=abc"], "data.seed", "'abc'", "must be an integer"),
     (["seed=1.5"], "seed", "1.5", "must be an integer"),
-    (["data.val_size=0"], "data.val_size", "0", "integer >= 1"),
+    (["data.val_size=0"], "data.val_size", "0", "integer in 1..1000000"),
     (["data.train_size=0"], "data.train_size", "0", "integer >= 1 or null"),
     (
         ["data.base=2", "data.n_digits=2", "data.train_size=13", "data.val_size=4"],
@@ -107,7 +107,7 @@ BAD = [
     (["trainer.devices=1"], "trainer.devices", "1", "one GPU index in a list, e.g. [1]"),
     (["trainer.devices=[0,1]"], "trainer.devices", "[0, 1]", "one GPU index in a list, e.g. [1]"),
     (["trainer.devices=[-1]"], "trainer.devices", "[-1]", "one GPU index in a list, e.g. [1]"),
-    (["trainer.threads=0"], "trainer.threads", "0", "must be auto, null (torch's default) or an integer >= 1"),
+    (["trainer.threads=0"], "trainer.threads", "0", "must be auto, null (torch's default) or an integer in 1..1024"),
     (["trainer.threads=many"], "trainer.threads", "'many'", "must be auto, null"),
     (["metrics.every_n_steps=0"], "metrics.every_n_steps", "0", "integer >= 1"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode", "'cloud'", "one of offline, online, disabled"),

@@ -82,7 +82,12 @@ def test_options_are_checked_before_the_model_is_exported():
         ("ablation", "top_k", 2.5, "ablation.top_k=2.5 is invalid: must be an integer >= 1"),
         ("neurons", "clusters", True, "neurons.clusters=True is invalid: must be an integer >= 1"),
         ("logit_attribution", "centred", "yes", "logit_attribution.centred='yes' is invalid: must be true or false"),
-        ("patching", "places", [1, -2], "patching.places=[1, -2] is invalid: must be a list of places"),
+        (
+            "patching",
+            "places",
+            [1, -2],
+            "patching.places=[1, -2] is invalid: must be null or a non-empty list of places",
+        ),
     ]
     for analysis, key, value, message in bad_values:
         with pytest.raises(AnalyzeError) as info:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from addrepro.rundir.atomic import atomic_write
 from addrepro.rundir.metrics_file import RunFileError
+
+if TYPE_CHECKING:  # the run files are read before torch loads (the config checks come first)
+    import torch
 
 
 def save_confusion(job_dir: Path, confusions: list) -> Path | None:
