@@ -39,6 +39,11 @@ CONFIG_CASES = [
     ),
     (["data.n_digits=20"], "data.n_digits=20 is invalid: must keep 2 * base^n_digits below 2^63 (base 10)"),
     (["data.val_size=1000000000"], "data.val_size=1000000000 is invalid: must be an integer in 1..1000000"),
+    (["metrics=5"], "metrics=5 is invalid: is not an option of metrics (options: default)"),
+    (["experiment=nosuch"], "experiment=nosuch is invalid: is not an option of experiment (options: nanda_5digit,"),
+    (["~seed"], "~seed is invalid: cannot be deleted: every run needs it (give it a value)"),
+    (["~trainer.max_steps"], "~trainer.max_steps is invalid: cannot be deleted: every run needs it"),
+    (["hydra.launcher.max_members=0"], "hydra.launcher.max_members=0 is invalid: must be an integer >= 1"),
     (
         ["+callbacks.x._target_=collections.OrderedDict"],
         "callbacks.x._target_='collections.OrderedDict' is invalid: must name a Lightning Callback class",
@@ -367,6 +372,10 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
         path.write_text(path.read_text().replace("base: 10", "base: abc"))
     elif what == "config_list":
         (job / ".hydra" / "config.yaml").write_text("[1, 2, 3]\n")
+    elif what == "metrics_device":
+        path = job / "csv" / "metrics.csv"
+        path.unlink()
+        path.symlink_to("/dev/zero")  # it would never end
     elif what == "confusion_shape":
         np.savez(job / "confusion.npz", steps=np.array([0, 10]), confusion=np.zeros((2, 1, 1, 1)))
     return job
@@ -379,6 +388,7 @@ REPORT_CASES = [
     ("config_task", ".hydra/config.yaml holds no valid task in its data section (base='abc' must be an integer"),
     ("config_list", ".hydra/config.yaml is not a run's config: it has no data section"),
     ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),
+    ("metrics_device", "csv/metrics.csv is not a regular file"),
 ]
 
 

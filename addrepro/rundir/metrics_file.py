@@ -24,6 +24,8 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
     """The complete rows of a metrics file (``key -> text``, empty cells left out); a torn last line
     (no newline: the writer was killed mid-append) is dropped. A line with more or fewer cells than the
     header anywhere else was not written by a run: ``MetricsFileError`` names it."""
+    if not Path(path).is_file():  # a folder, a device (/dev/zero never ends), a pipe
+        raise MetricsFileError(f"{path} is not a regular file")
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError:

@@ -44,8 +44,9 @@ PRECISIONS = (32, "bf16-mixed")  # Lightning's names
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key, the value and what is allowed."""
 
-    def __init__(self, key: str, value: Any, allowed: str):
-        super().__init__(f"{key}={value!r} is invalid: {allowed}")
+    def __init__(self, key: str, value: Any, allowed: str, given: str | None = None):
+        # ``given``: the override as typed when it names no value (``~seed``, a deletion)
+        super().__init__(f"{given or f'{key}={value!r}'} is invalid: {allowed}")
         self.key, self.value, self.allowed = key, value, allowed
 
 
@@ -409,15 +410,34 @@ def all_keys() -> list[str]:
     return keys(RunConfig, "") + [k for group, (_, schema) in GROUPS.items() for k in keys(schema, f"{group}.")]
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``logger``: csv, many, wandb, …); ``[]`` for anything else."""
+    if group not in GROUPS and group != "experiment":
+        return []
+    folder = config_dir() / group
+    names = {p.stem for p in folder.glob("*.yaml")} if folder.is_dir() else set()
+    if group in GROUPS:
+        names.add(GROUPS[group][0])
+    return sorted(names)
+
+
 def check_override_keys(overrides: list[str]) -> None:
     """Command-line overrides of keys that do not exist (``model.widht=256``), refused before Hydra
     composes the config (its own error suggests adding a ``+``, which only moves the problem)."""
     known = set(all_keys())
     for override in overrides:
-        key, eq, _ = override.partition("=")
+        key, eq, value = override.partition("=")
+        if key.startswith("~") and key[1:].replace("/", ".") in known | set(GROUPS):
+            raise ConfigError(key[1:], None, "cannot be deleted: every run needs it (give it a value)", given=key)
+        if key == "hydra.launcher.max_members" and not any(c in value for c in ",()[]$"):
+            number = int(value) if value.lstrip("-").isdigit() else CommandLineText(value)
+            integer(1)(key, number)  # before Hydra makes the sweep folder and the launcher
         if not eq or key.startswith(("hydra", "+", "~", "-")):
             continue
         key = key.replace("/", ".")
+        options = group_options(key)
+        if options and value not in options and not any(c in value for c in ",()[]$"):  # not a sweep, list or ${}
+            raise ConfigError(key, CommandLineText(value), f"is not an option of {key} (options: {', '.join(options)})")
         if key in GROUPS and override.partition("=")[2] in ("null", "~", ""):
             raise ConfigError(key, None, f"is a config group every run needs (choose an option, e.g. {key}=...)")
         top = key.split(".", 1)[0]

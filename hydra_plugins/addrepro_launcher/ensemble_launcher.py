@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ log = logging.getLogger("addrepro")
 
 class EnsembleLauncher(Launcher):
     def __init__(self, max_members: int = 64) -> None:
+        if not (isinstance(max_members, int) and not isinstance(max_members, bool) and max_members >= 1):
+            # A value from a config file (the command line's is checked before Hydra starts): one line.
+            allowed = "must be an integer >= 1"
+            print(
+                f"addrepro: config error: hydra.launcher.max_members={max_members!r} is invalid: {allowed}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         self.max_members = max_members
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
