@@ -229,11 +229,21 @@ def cli() -> None:
     """``python -m addrepro.analyze``: a key that does not exist (with or without ``+``) is refused in
     one line naming the nearest keys, before Hydra or the model loads."""
     known = analyze_keys()
+    sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
     for override in sys.argv[1:]:
         key, eq, value = override.partition("=")
+        if key.startswith("~") and key[1:] in known:
+            print(f"addrepro: {key} is invalid: cannot be deleted (give it a value)", file=sys.stderr)
+            sys.exit(2)
         key = key.lstrip("+~")
         if eq and not key.startswith("hydra") and key not in known:
             print(f"addrepro: {key}={value} {unknown_key(key, known)}", file=sys.stderr)
+            sys.exit(2)
+        if eq and key in sections and not value.startswith("{"):
+            print(
+                f"addrepro: {key}={value} is invalid: {key} is a section; set its keys ({key}.<key>=...)",
+                file=sys.stderr,
+            )
             sys.exit(2)
     main()
 

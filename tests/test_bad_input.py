@@ -190,6 +190,8 @@ ANALYZE_CASES = [
     (["wandb=maybe"], "wandb='maybe' is invalid: must be true or false"),
     (["threds=2"], "threds=2 is not a config key; did you mean threads?"),
     (["threads=100000"], "threads=100000 is invalid: must be an integer in 1..1024"),
+    (["attention=5"], "attention=5 is invalid: attention is a section; set its keys (attention.<key>=...)"),
+    (["~threads"], "~threads is invalid: cannot be deleted (give it a value)"),
     (["checkpoint=123"], "checkpoint=123 is invalid: must be the path of a .ckpt file or a job folder"),
     (["analysis=probes", "probes.ridge=-1"], "probes.ridge=-1 is invalid: must be a number in (0, 1e6]"),
     (["analysis=probes", "probes.ridge=abc"], "probes.ridge='abc' is invalid: must be a finite number"),
@@ -372,6 +374,9 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
         path.write_text(path.read_text().replace("base: 10", "base: abc"))
     elif what == "config_list":
         (job / ".hydra" / "config.yaml").write_text("[1, 2, 3]\n")
+    elif what == "metrics_header_only":
+        path = job / "csv" / "metrics.csv"
+        path.write_text(path.read_text().splitlines(keepends=True)[0])
     elif what == "metrics_device":
         path = job / "csv" / "metrics.csv"
         path.unlink()
@@ -389,6 +394,7 @@ REPORT_CASES = [
     ("config_list", ".hydra/config.yaml is not a run's config: it has no data section"),
     ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),
     ("metrics_device", "csv/metrics.csv is not a regular file"),
+    ("metrics_header_only", "csv/metrics.csv holds no metric rows (nothing to draw)"),
 ]
 
 

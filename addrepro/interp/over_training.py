@@ -31,6 +31,8 @@ def run(job_dir: str | Path, of: str, subject_options: dict | None = None, **opt
     module = ANALYSES[of]
     steps, series = [], {}
     checkpoints = run_checkpoints(job_dir)
+    if not checkpoints:
+        raise ValueError(f"checkpoint={job_dir}: no checkpoints in {checkpoint_dir(job_dir)} to follow over training")
     for i, (step, path) in enumerate(checkpoints):
         subject: Subject = load_subject(path, **(subject_options or {}))
         values = module.summarize(module.run(subject, **options))

@@ -440,6 +440,8 @@ def draw_job(
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunFileError(f"{job_dir}/.hydra/config.yaml holds no valid task in its data section ({reason})") from None
     rows = load_rows(job_dir) if rows is None else rows
+    if not rows:
+        raise RunFileError(f"{job_dir}/csv/metrics.csv holds no metric rows (nothing to draw)")
     confusion = load_confusion(job_dir) if confusion is None else confusion
     if confusion is not None and confusion[1].shape[1:] != (spec.n_places, spec.base, spec.base):
         raise RunFileError(
