@@ -427,7 +427,7 @@ def check_override_keys(overrides: list[str]) -> None:
     known = set(all_keys())
     for override in overrides:
         key, eq, value = override.partition("=")
-        if key.startswith("~") and key[1:].replace("/", ".") in known | set(GROUPS):
+        if key.startswith("~") and key[1:].replace("/", ".") in known:  # a group's deletion: validate() says
             raise ConfigError(key[1:], None, "cannot be deleted: every run needs it (give it a value)", given=key)
         if key == "hydra.launcher.max_members" and not any(c in value for c in ",()[]$"):
             number = int(value) if value.lstrip("-").isdigit() else CommandLineText(value)
@@ -436,7 +436,8 @@ def check_override_keys(overrides: list[str]) -> None:
             continue
         key = key.replace("/", ".")
         options = group_options(key)
-        if options and value not in options and not any(c in value for c in ",()[]$"):  # not a sweep, list or ${}
+        chosen = value not in ("null", "~", "") and not any(c in value for c in ",()[]$")  # not a sweep, list, ${}
+        if options and chosen and value not in options:
             raise ConfigError(key, CommandLineText(value), f"is not an option of {key} (options: {', '.join(options)})")
         if key in GROUPS and override.partition("=")[2] in ("null", "~", ""):
             raise ConfigError(key, None, f"is a config group every run needs (choose an option, e.g. {key}=...)")
