@@ -19,6 +19,7 @@ from addrepro.reports.dashboard import (
     plan_sections,
     read_target,
     to_workspace,
+    unsynced_jobs,
     workspace_from_json,
     write_workspace,
 )
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             print(publish(saved_workspace(args.publish, args.entity)))
             return 0
         target = read_target(args.folder)
+        missing = unsynced_jobs(target)
+        if missing and len(missing) == len(target.jobs):
+            raise RunFileError(f"no offline W&B run to sync in {target.folder} (wandb/offline-run-* of its jobs)")
         workspace = to_workspace(target, plan_sections(target), entity=args.entity)
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("wandb_workspaces"):
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"workspace of W&B group {target.group}: {path}")
+    if missing:
+        names = ", ".join(job.name for job in missing[:3]) + (" …" if len(missing) > 3 else "")
+        print(f"addrepro.dashboard: {len(missing)} job(s) have no offline W&B run to sync: {names}", file=sys.stderr)
     if not target.logged_to_wandb:
         print("addrepro.dashboard: these runs did not log to W&B (logger.wandb.enabled=false)", file=sys.stderr)
         return 0

@@ -54,9 +54,12 @@ import yaml
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 ENVVAR = re.compile(r"\$\{envvar\:([A-Z0-9_]*)\}")
 NEST = ".wbnest."  # internal separator for nested parameters (W&B uses an equally unlikely string)
+MAX_RUNS = 100_000  # a grid this size is a typo (e.g. a float range with a tiny q), not a sweep
 
 
 def load_sweep(path: str | Path) -> dict:
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read
+        raise ValueError(f"{path}: not a regular file")
     config = yaml.safe_load(Path(path).read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a W&B sweep file (expected a mapping)")
@@ -93,6 +96,12 @@ def _choices(name: str, spec: dict) -> list[Any] | None:
         bounds = [spec.get("min"), spec.get("max"), spec.get("q", 1)]
         if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds) or bounds[2] <= 0:
             raise ValueError(f"parameter {name}: {dist} needs numbers min, max (and q > 0), got {spec}")
+    if dist in ("int_uniform", "q_uniform"):
+        size = (spec["max"] - spec["min"]) / (1 if dist == "int_uniform" else spec.get("q", 1))
+        if not size < MAX_RUNS:  # also NaN/inf bounds
+            raise ValueError(
+                f"parameter {name}: {dist} from {spec['min']} to {spec['max']} has more than {MAX_RUNS} values"
+            )
     if dist == "int_uniform":
         return list(range(int(spec["min"]), int(spec["max"]) + 1))
     if dist == "q_uniform":
@@ -120,6 +129,11 @@ def grid_runs(sweep: dict) -> list[dict[str, Any]]:
         raise ValueError("the sweep has no parameters")
     constants = {name: spec["value"] for name, spec in params if _choices(name, spec) is None}
     swept = [(name, _choices(name, spec)) for name, spec in params if _choices(name, spec) is not None]
+    size = 1
+    for _, values in swept:
+        size *= len(values)
+    if size > MAX_RUNS:
+        raise ValueError(f"the grid has {size} runs (at most {MAX_RUNS}): {' x '.join(str(len(v)) for _, v in swept)}")
     runs = []
     for combo in itertools.product(*(values for _, values in swept)):
         values = {**constants, **dict(zip((n for n, _ in swept), combo, strict=True))}
@@ -153,13 +167,24 @@ def command_args(args: dict[str, Any]) -> dict[str, list[str]]:
     }
 
 
+def check_command(command: Any) -> list:
+    """The sweep's ``command``: a list of words (strings or numbers), as the agent reads it."""
+    if not isinstance(command, list) or not all(
+        isinstance(c, str | int | float) and not isinstance(c, bool) for c in command
+    ):
+        raise ValueError(f"command: expected a list of words like {DEFAULT_COMMAND}, got {command!r}")
+    return command
+
+
 def expand_command(sweep: dict, args: dict[str, Any], json_file: str = "", env: dict | None = None) -> list[str]:
     """One run's command line, as ``wandb agent`` builds it."""
     env = os.environ if env is None else env
-    command = [str(c) for c in (sweep.get("command") or DEFAULT_COMMAND)]
+    command = [str(c) for c in check_command(sweep.get("command") or DEFAULT_COMMAND)]
     command = [ENVVAR.sub(lambda m: env.get(m.group(1), m.group(1)), c) for c in command]
     macros = command_args(args)
     macros["interpreter"] = ["python"]
+    if "program" in sweep and not isinstance(sweep["program"], str):
+        raise ValueError(f"program: expected a file or module name, got {sweep['program']!r}")
     if "program" in sweep:
         macros["program"] = [str(sweep["program"])]
     elif "${program}" in command:
@@ -231,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser.epilog = "Words after `--` are appended to every command that --run runs (e.g. trainer.max_steps=100)."
     ns = parser.parse_args(argv)
+    if ns.run < 0:
+        parser.error(f"--run: expected a number of commands >= 0, got {ns.run}")
     try:
         commands = expand_commands(ns.sweep)
     except (OSError, ValueError, KeyError, yaml.YAMLError) as e:

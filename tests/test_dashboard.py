@@ -251,3 +251,57 @@ def test_a_damaged_multirun_yaml_and_a_foreign_workspace_file_are_one_line(sweep
         assert err == [err[0]] and err[0].startswith(
             f"addrepro.dashboard: {tmp_path / name} is not a workspace file written by addrepro.dashboard ("
         )
+
+
+EDITED_CONFIGS = [
+    (("logger", "wandb", "project"), ["a", "b"], "logger.wandb.project is ['a', 'b'], expected str"),
+    (("logger", "wandb", "group"), {"a": 1}, "logger.wandb.group is {'a': 1}, expected str or null"),
+    (("logger", "wandb", "enabled"), "yes", "logger.wandb.enabled is 'yes', expected bool"),
+    (("logger", "wandb"), None, "has no logger.wandb section"),
+    (("logger",), None, "has no logger.wandb section"),
+    (("data", "base"), "ten", "its data section is not a task (base='ten' must be an integer in 2..36)"),
+]
+
+
+@pytest.mark.parametrize("keys,value,message", EDITED_CONFIGS, ids=[".".join(c[0]) for c in EDITED_CONFIGS])
+def test_a_job_config_edited_out_of_shape_is_one_line_naming_it(sweep, tmp_path, capsys, keys, value, message):
+    import yaml
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, symlinks=True)
+    (copy / WORKSPACE_JSON).unlink(missing_ok=True)
+    config = job_dirs(copy)[1] / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    node = cfg
+    for key in keys[:-1]:
+        node = node[key]
+    if value is None:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    config.write_text(yaml.safe_dump(cfg))
+    assert dashboard.main([str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(f"addrepro.dashboard: {config}"), err
+    assert message in err[0]
+    assert not (copy / WORKSPACE_JSON).exists()
+
+
+def test_runs_without_offline_wandb_files_are_named_not_offered_for_sync(sweep, tmp_path, capsys):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, symlinks=True)
+    (copy / WORKSPACE_JSON).unlink(missing_ok=True)
+    jobs = job_dirs(copy)
+    shutil.rmtree(jobs[0] / "wandb")
+    (jobs[0] / "wandb").write_text("")  # a file where the W&B folder was
+    assert dashboard.main([str(copy)]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip() == f"addrepro.dashboard: 1 job(s) have no offline W&B run to sync: {jobs[0].name}"
+    assert "wandb sync" in out
+    (copy / WORKSPACE_JSON).unlink()
+    for job in jobs[1:]:
+        shutil.rmtree(job / "wandb")
+    assert dashboard.main([str(copy)]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == f"addrepro.dashboard: no offline W&B run to sync in {copy} (wandb/offline-run-* of its jobs)"
+    assert out == "" and not (copy / WORKSPACE_JSON).exists()

@@ -370,6 +370,21 @@ SWEEP_FILE_CASES = [
         "parameters: {model: {parameters: [width]}}",
         "parameter model: parameters: expected a mapping of names to specs, got ['width']",
     ),
+    ("command: 5\nparameters: {seed: {values: [1]}}", "command: expected a list of words like ['${env}'"),
+    ("command: [[python], x]\nparameters: {seed: {values: [1]}}", "command: expected a list of words"),
+    (
+        "parameters: {seed: {min: 0, max: 1000000000000}}",
+        "parameter seed: int_uniform from 0 to 1000000000000 has more",
+    ),
+    (
+        "parameters: {lr: {distribution: q_uniform, min: 0, max: 1, q: 1.0e-12}}",
+        "parameter lr: q_uniform from 0 to 1 has more than 100000 values",
+    ),
+    ("parameters: {lr: {distribution: q_uniform, min: 0, max: .inf}}", "parameter lr: q_uniform from 0 to inf has"),
+    (
+        "parameters: {a: {min: 0, max: 999}, b: {min: 0, max: 999}}",
+        "the grid has 1000000 runs (at most 100000): 1000 x",
+    ),
 ]
 
 
@@ -382,3 +397,22 @@ def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, body, mes
     assert wandb_sweep.main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"addrepro.wandb_sweep: {message}"), err
+
+
+def test_a_sweep_program_or_file_that_cannot_be_one_is_one_line(tmp_path, capsys):
+    from addrepro import wandb_sweep
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("program: [a]\nmethod: grid\nparameters: {seed: {values: [1]}}\n")
+    assert wandb_sweep.main([str(path)]) == 2
+    assert capsys.readouterr().err.strip() == "addrepro.wandb_sweep: program: expected a file or module name, got ['a']"
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would block for ever
+    assert wandb_sweep.main([str(fifo)]) == 2
+    assert capsys.readouterr().err.strip() == f"addrepro.wandb_sweep: {fifo}: not a regular file"
+    with pytest.raises(SystemExit) as exit_:
+        wandb_sweep.main([str(path), "--run", "-2"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].endswith("--run: expected a number of commands >= 0, got -2")
+    )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from addrepro.reports.job import GUIDE_LEVELS, place_atlas
 from addrepro.reports.plots import place_label
@@ -61,6 +62,7 @@ class Target:
     logged: set[str] | None  # metric keys in the jobs' CSV files; None when there are none
     run_id: str | None = None  # a single job's W&B run id: its workspace shows that run alone
     logged_to_wandb: bool = True  # False when the jobs ran with W&B switched off
+    offline: bool = True  # the jobs logged offline: their runs are synced from ``<job>/wandb/offline-run-*``
 
 
 @dataclass
@@ -105,6 +107,32 @@ def sweep_swept_keys(sweep_dir: Path) -> list[str]:
     return list(dict.fromkeys(grid_keys(params) + from_task))
 
 
+WANDB_KEYS = {
+    "project": (str,),
+    "entity": (str, type(None)),
+    "group": (str, type(None)),
+    "enabled": (bool,),
+    "mode": (str,),
+}
+
+
+def wandb_settings(job: Path, cfg: Any) -> dict[str, Any]:
+    """The job's ``logger.wandb`` settings the workspace needs; ``RunFileError`` naming the config file
+    when they were edited into something a run could not have logged with."""
+    where = Path(job) / ".hydra" / "config.yaml"
+    section = OmegaConf.select(cfg, "logger.wandb", default=None, throw_on_resolution_failure=False)
+    if not OmegaConf.is_dict(section):
+        raise RunFileError(f"{where} has no logger.wandb section, so its W&B runs cannot be named")
+    settings = {}
+    for key, kinds in WANDB_KEYS.items():
+        value = OmegaConf.select(section, key, default=None, throw_on_resolution_failure=False)
+        if OmegaConf.is_config(value) or not isinstance(value, kinds):
+            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise RunFileError(f"{where}: logger.wandb.{key} is {value!r}, expected {allowed}")
+        settings[key] = value
+    return settings
+
+
 def job_identity(job: Path, cfg: Any, multirun: bool) -> tuple[str, str | None]:
     """The W&B group a job logged to and its run id (None when unknown). The group is the configured
     one, else the one its checkpoint recorded (it survives the folder being moved), else the one the
@@ -113,7 +141,7 @@ def job_identity(job: Path, cfg: Any, multirun: bool) -> tuple[str, str | None]:
         ckpt = load_checkpoint(job)
     except CheckpointError:
         ckpt = {}
-    group = cfg.logger.wandb.get("group") or ckpt.get("wandb_group")
+    group = wandb_settings(job, cfg)["group"] or ckpt.get("wandb_group")
     return group or wandb_group(job.parent if multirun else job, multirun), ckpt.get("wandb_run_id")
 
 
@@ -127,6 +155,13 @@ def read_target(folder: Path) -> Target:
         if not jobs:
             raise FileNotFoundError(f"{folder} is neither a job folder nor a sweep folder of job folders")
     configs = [job_config(job) for job in jobs]
+    settings = [wandb_settings(job, cfg) for job, cfg in zip(jobs, configs, strict=True)]
+    for job, cfg in zip(jobs, configs, strict=True):
+        try:
+            spec = TaskSpec.from_config(cfg.data)
+        except (ValueError, TypeError, KeyError, AttributeError, OmegaConfBaseException) as e:
+            raise RunFileError(f"{job / '.hydra' / 'config.yaml'}: its data section is not a task ({e})") from None
+    spec = TaskSpec.from_config(configs[0].data)
     if multirun and (folder / "multirun.yaml").exists():
         keys = sweep_swept_keys(folder)
     else:  # a W&B sweep's folder (no multirun.yaml): the keys whose value differs between jobs
@@ -144,15 +179,23 @@ def read_target(folder: Path) -> Target:
     return Target(
         folder=folder,
         jobs=jobs,
-        project=cfg.logger.wandb.project,
-        entity=cfg.logger.wandb.get("entity"),
+        project=settings[0]["project"],
+        entity=settings[0]["entity"],
         group=group,
         swept=swept,
-        spec=TaskSpec.from_config(cfg.data),
+        spec=spec,
         logged=(logged - {"step"}) or None,
         run_id=None if multirun else run_id,
-        logged_to_wandb=any(c.logger.wandb.enabled and c.logger.wandb.mode != "disabled" for c in configs),
+        logged_to_wandb=any(s["enabled"] and s["mode"] != "disabled" for s in settings),
+        offline=any(s["enabled"] and s["mode"] == "offline" for s in settings),
     )
+
+
+def unsynced_jobs(target: Target) -> list[Path]:
+    """Jobs of an offline target without an offline W&B run to sync (deleted, or ``wandb`` not a folder)."""
+    if not (target.logged_to_wandb and target.offline):
+        return []
+    return [job for job in target.jobs if not any(p.is_dir() for p in (job / "wandb").glob("offline-run-*"))]
 
 
 def _is_leaf(cfg: Any, key: str) -> bool:
