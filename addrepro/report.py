@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"addrepro.report: {folder} is not a folder (give a job folder or a sweep folder)", file=sys.stderr)
         return 2
     try:
-        paths = draw_sweep(folder) if is_sweep_dir(folder) else draw_job(folder)
+        if is_sweep_dir(folder):
+            paths = draw_sweep(folder, warn=lambda line: print(f"addrepro.report: {line}", file=sys.stderr))
+        else:
+            paths = draw_job(folder)
     except (FileNotFoundError, RunFileError) as e:
         print(f"addrepro.report: {e}", file=sys.stderr)
         return 2

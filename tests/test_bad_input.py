@@ -381,6 +381,12 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
         path = job / "csv" / "metrics.csv"
         path.unlink()
         path.symlink_to("/dev/zero")  # it would never end
+    elif what.startswith("step="):  # the first row's step edited by hand
+        path = job / "csv" / "metrics.csv"
+        header, first, *rest = path.read_text().splitlines(keepends=True)
+        cells = first.split(",")
+        cells[header.split(",").index("step")] = what.removeprefix("step=")
+        path.write_text("".join([header, ",".join(cells), *rest]))
     elif what == "confusion_shape":
         np.savez(job / "confusion.npz", steps=np.array([0, 10]), confusion=np.zeros((2, 1, 1, 1)))
     return job
@@ -395,6 +401,9 @@ REPORT_CASES = [
     ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),
     ("metrics_device", "csv/metrics.csv is not a regular file"),
     ("metrics_header_only", "csv/metrics.csv holds no metric rows (nothing to draw)"),
+    ("step=-5", "csv/metrics.csv, line 2: step='-5' is not a step (a whole number >= 0)"),
+    ("step=2.5", "csv/metrics.csv, line 2: step='2.5' is not a step"),
+    ("step=1e300", "csv/metrics.csv, line 2: step='1e300' is not a step"),
 ]
 
 
@@ -426,6 +435,23 @@ def test_a_damaged_run_file_is_named_in_one_line_by_resume_and_report(csv_job, t
     assert report.returncode == 2 and "Traceback" not in report.stderr
     (line,) = error_lines(report)
     assert line.startswith("addrepro.report: ") and message in line, line
+
+
+def test_a_sweep_report_names_the_job_it_cannot_read_and_draws_the_rest(csv_job, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    shutil.copytree(csv_job, sweep / "0_seed=0")
+    damaged(csv_job, tmp_path, "step=zero").rename(sweep / "1_seed=1")
+    path = sweep / "1_seed=1" / "csv" / "metrics.csv"
+    report = run_cli("addrepro.report", [str(sweep)], tmp_path)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    (line,) = error_lines(report)
+    assert line == f"addrepro.report: left out {sweep / '1_seed=1'}: {path}, line 2: step='zero' is not a number"
+    table = (sweep / "sweep_shelves.md").read_text()
+    assert "| 1 | ok (unreadable) |" in table and f"- 1_seed=1: {path}, line 2: step='zero'" in table
+    entries = json.loads((sweep / "sweep_shelves.json").read_text())["jobs"]
+    assert [e["unreadable"] is None for e in entries] == [True, False]
+    assert entries[0]["shelves"] is not None  # the readable job is drawn
 
 
 def test_a_torn_or_foreign_status_file_reads_as_unknown(tmp_path):

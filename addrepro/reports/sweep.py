@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,14 +272,18 @@ def shelf_table(entries: list[dict], keys: list[str], roles: list[str]) -> str:
         # The job's number where it has one: the swept values its folder is also named by have columns.
         number = job_number(Path(e["folder"]))
         cells = [str(number) if number is not None else e["job"], *(_fmt(e["swept"].get(k, "")) for k in keys)]
-        cells.append(e["status"])
+        cells.append(e["status"] + (" (unreadable)" if e.get("unreadable") else ""))
         cells += [_cell(e["shelves"], role) if e["shelves"] is not None else "–" for role in roles]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
-def draw_sweep(sweep_dir: Path) -> list[Path]:
-    """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder."""
+def draw_sweep(sweep_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
+    """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder.
+
+    A job whose files cannot be read (a damaged metrics file or config) is left out of the figure,
+    named with the reason in the table and the JSON, and passed to ``warn``; a job without a metrics
+    file yet (pending, or failed before its first row) is shown by its status alone."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
     if not jobs:
@@ -286,14 +291,20 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     configs = [job_config(job) for job in jobs]
     keys, values = swept_values(jobs, configs)
     statuses = read_statuses(sweep_dir)
-    entries, plotted = [], []
+    entries, plotted, unread = [], [], []
     for job, cfg, vals in zip(jobs, configs, values, strict=True):
         status = statuses.get(job.name, {}).get("status", "unknown")
+        problem = None
         try:
             spec = TaskSpec.from_config(cfg.data)
             rows = [r for r in load_rows(job) if r.get("member", 0) == 0]
-        except (FileNotFoundError, TypeError, ValueError):
+        except FileNotFoundError:
             rows, spec = [], None
+        except (TypeError, ValueError, AttributeError) as e:  # RunFileError, or a config edited out of shape
+            rows, spec, problem = [], None, str(e).splitlines()[0]
+            unread.append(f"{job.name}: {problem}")
+            if warn is not None:
+                warn(f"left out {job}: {problem}")
         has_curve = spec is not None and any("train/loss/place_0" in r for r in rows)
         shelves = shelf_records(rows, spec) if has_curve else None
         entries.append(
@@ -306,6 +317,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
                 if spec is None
                 else {"n_digits": spec.n_digits, "base": spec.base, "order": spec.order, "task": spec.task},
                 "shelves": shelves,
+                "unreadable": problem,
             }
         )
         if has_curve:
@@ -324,9 +336,12 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
         "shelf; consecutive rests at one level count as one unless the loss left it in between; "
         "`(still)`: on it at the end of training."
     )
+    left_out = "".join(f"\n- {line}" for line in unread)
+    left_out = f"\nLeft out, their files cannot be read:{left_out}\n" if unread else ""
     md = atomic_write_text(
         sweep_dir / TABLE,
-        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n",
+        f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n"
+        + left_out,
     )
     payload = {"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}
     js = atomic_write_text(sweep_dir / TABLE_JSON, json.dumps(payload, indent=1, default=str))

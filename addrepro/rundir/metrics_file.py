@@ -66,7 +66,10 @@ def load_rows(job_dir: Path) -> list[dict]:
             bad = next((k, v) for k, v in raw.items() if not _is_float(v))
             raise MetricsFileError(f"{path}, line {line}: {bad[0]}={bad[1]!r} is not a number") from None
         if "step" in row:
-            row["step"] = int(row["step"])
+            step = row["step"]
+            if not (step.is_integer() and 0 <= step < 2**63):
+                raise MetricsFileError(f"{path}, line {line}: step={raw['step']!r} is not a step (a whole number >= 0)")
+            row["step"] = int(step)
             rows.append(row)
     return rows
 
