@@ -24,7 +24,7 @@ from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
-from addrepro.training.config import MAX_THREADS, config_dir, unknown_key
+from addrepro.training.config import MAX_THREADS, ConfigError, check_override_grammar, config_dir, unknown_key
 
 SINGLE = tuple(MODULES)
 ANALYSES = (*SINGLE, "over_training")
@@ -245,6 +245,11 @@ def cli() -> None:
                 file=sys.stderr,
             )
             sys.exit(2)
+    try:
+        check_override_grammar(sys.argv[1:], keys=sorted(known))
+    except ConfigError as e:
+        print(f"addrepro: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
 
 

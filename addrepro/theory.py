@@ -17,7 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from addrepro.shelves.atlas import format_atlas_table, shelf_atlas
-from addrepro.training.config import ConfigError, DataConfig, check_fields, config_dir, integer, unknown_key
+from addrepro.training.config import (
+    ConfigError,
+    DataConfig,
+    check_fields,
+    check_override_grammar,
+    config_dir,
+    integer,
+    unknown_key,
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="theory")
@@ -47,6 +55,11 @@ def cli() -> None:
         if key not in known:
             print(f"addrepro: config error: {key}={value} is invalid: {unknown_key(key, known)}", file=sys.stderr)
             sys.exit(2)
+    try:
+        check_override_grammar(overrides, keys=known)
+    except ConfigError as e:
+        print(f"addrepro: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="theory", overrides=overrides)

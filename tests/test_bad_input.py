@@ -48,6 +48,19 @@ CONFIG_CASES = [
         ["+callbacks.x._target_=collections.OrderedDict"],
         "callbacks.x._target_='collections.OrderedDict' is invalid: must name a Lightning Callback class",
     ),
+    (
+        ["+callbacks.x._target_=os.system"],
+        "callbacks.x._target_='os.system' is invalid: must name a Lightning Callback",
+    ),
+    (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
+    (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
+    (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
+    (["callbacks=null"], "callbacks=None is invalid: choose a list of callbacks: callbacks=[] for none, or of early_"),
+    (["-m", "logger=csv,nosuch"], "logger=nosuch is invalid: is not an option of logger (options: csv, many,"),
+    (["callbacks.nosuch.x=1"], "callbacks.nosuch.x=1 is invalid: nosuch is not a callback of conf/callbacks (early_"),
+    (["callbacks.lr_monitor.logging_interval=step"], "callbacks.lr_monitor.logging_interval=step is invalid: choose"),
+    (["model.width=${oops}"], "model.width=${oops} is invalid: ${oops} names no key of the config"),
+    (["seed=${nosuch:1}"], "seed=${nosuch:1} is invalid: ${nosuch:...} names no resolver"),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
@@ -198,6 +211,8 @@ ANALYZE_CASES = [
     (["analysis=probes", "probes.test_fraction=0"], "probes.test_fraction=0 is invalid: must be a number in (0, 1)"),
     (["analysis=patching", "patching.kinds=carry"], "patching.kinds='carry' is invalid: must be a non-empty list"),
     (["analysis=patching", "patching.places=[]"], "patching.places=[] is invalid: must be null or a non-empty list"),
+    (["analysis=[attention"], "config error: analysis=[attention is invalid: Hydra cannot read it: no viable"),
+    (["attention.top=${oops}"], "config error: attention.top=${oops} is invalid: ${oops} names no key of the config"),
     (["+attention.nosuch=1"], "attention.nosuch=1 is not a config key; did you mean attention.top, attention?"),
     (
         ["analysis=patching", "patching.places=[0,9]"],
@@ -304,6 +319,8 @@ def test_a_resume_writes_only_into_the_job_and_records_its_overrides(tmp_path):
         ("data.order=../../x", "data.order='../../x' is invalid: must be one of msb, lsb"),
         ("mc_samples=0", "mc_samples=0 is invalid: must be an integer in 1..100000000"),
         ("data.bse=4", "data.bse=4 is invalid: is not a config key; did you mean data.base"),
+        ("data.n_digits=3)", "data.n_digits=3) is invalid: Hydra cannot read it: extraneous input ')'"),
+        ("data.n_digits=${oops}", "data.n_digits=${oops} is invalid: ${oops} names no key of the config"),
     ],
 )
 def test_theory_checks_its_values_before_its_folder_is_named_after_them(tmp_path, override, message):

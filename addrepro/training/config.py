@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -421,10 +422,86 @@ def group_options(group: str) -> list[str]:
     return sorted(names)
 
 
+GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic"
+INTERPOLATION = re.compile(r"\$\{([^${}:]*)(:?)")  # ${key} or ${resolver:...}; nested ones are checked from inside
+
+
+def check_override_grammar(overrides: list[str], keys: list[str] | None = None) -> None:
+    """Overrides Hydra cannot read (``seed=1)``), config groups given options that do not exist
+    (``callbacks=[nosuch]``, ``logger=csv,nosuch``) and ``${...}`` naming no key or resolver: one line
+    each, before Hydra makes a folder (it would make it, then print a stack of lines). ``keys``: the
+    config's keys when it is not a training config (``analyze``, ``theory``: no groups there)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415 - antlr grammar
+    from hydra.errors import HydraException  # noqa: PLC0415
+
+    parser = OverridesParser.create()
+    chosen_callbacks = {
+        name
+        for word in overrides
+        if word.partition("=")[0].lstrip("+") == "callbacks"
+        for name in word.partition("=")[2].strip("[]").split(",")
+    }
+    groups = keys is None
+    keys = [*all_keys(), *TOP_LEVEL] if keys is None else keys
+    known = {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 2)}
+    for word in overrides:
+        if word.startswith("-") or ("=" not in word and not word.startswith("~")):
+            continue  # Hydra's own flags (-m, --cfg job, -cn name)
+        try:
+            (parsed,) = parser.parse_overrides([word])
+        except HydraException as e:
+            if "ConfigLoader is not set" in str(e):  # glob(...): only Hydra's loader can expand it
+                continue
+            lines = [line for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
+            reason = lines[-1] if lines else type(e).__name__
+            raise ConfigError(word, None, f"Hydra cannot read it: {reason} (grammar: {GRAMMAR})", given=word) from None
+        key = parsed.key_or_group.replace("/", ".")
+        if parsed.is_delete() or key.startswith("hydra"):
+            continue
+        text = word.partition("=")[2]
+        for name, colon in INTERPOLATION.findall(text):
+            if colon and not OmegaConf.has_resolver(name):
+                raise ConfigError(key, CommandLineText(text), f"${{{name}:...}} names no resolver")
+            if not colon and name.lstrip(".") not in known and not name.startswith("hydra"):
+                raise ConfigError(key, CommandLineText(text), f"${{{name}}} names no key of the config")
+        if not groups:
+            continue
+        choices = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else [parsed.value()]
+        options = group_options(key) if key != "callbacks" else callback_options()
+        if key == "callbacks" and None in choices:
+            raise ConfigError(
+                key, None, f"choose a list of callbacks: callbacks=[] for none, or of {', '.join(options)}"
+            )
+        name = key.split(".")[1] if key.startswith("callbacks.") else None
+        if name is not None and not parsed.is_add() and not parsed.is_force_add() and name not in chosen_callbacks:
+            known_ones = callback_options()
+            raise ConfigError(
+                key,
+                CommandLineText(word.partition("=")[2]),
+                f"choose it first: callbacks=[{name}]"
+                if name in known_ones
+                else f"{name} is not a callback of conf/callbacks ({', '.join(known_ones)}); add your own with "
+                f"+callbacks.{name}._target_=<a Lightning Callback class>",
+            )
+        for choice in choices:
+            names = choice if isinstance(choice, list) else [choice]
+            bad = next((n for n in names if options and isinstance(n, str) and n not in options), None)
+            if bad is not None and not (len(names) == 1 and bad in ("null", "~", "")):
+                raise ConfigError(
+                    key, CommandLineText(bad), f"is not an option of {key} (options: {', '.join(options)})"
+                )
+
+
+def callback_options() -> list[str]:
+    """The callbacks of ``callbacks=[...]``: the files of ``conf/callbacks``."""
+    return sorted(p.stem for p in (config_dir() / "callbacks").glob("*.yaml"))
+
+
 def check_override_keys(overrides: list[str]) -> None:
     """Command-line overrides of keys that do not exist (``model.widht=256``), refused before Hydra
     composes the config (its own error suggests adding a ``+``, which only moves the problem)."""
     known = set(all_keys())
+    check_override_grammar(overrides)
     for override in overrides:
         key, eq, value = override.partition("=")
         if key.startswith("~") and key[1:].replace("/", ".") in known:  # a group's deletion: validate() says
