@@ -482,3 +482,16 @@ def test_a_torn_or_foreign_status_file_reads_as_unknown(tmp_path):
     assert statuses["0"] == {"status": "unknown", "message": "status.json cannot be read (JSONDecodeError)"}
     assert statuses["1"] == {"status": "unknown", "message": "status.json holds no status"}
     assert statuses["2"] == {"status": "ok"}
+
+
+def test_a_sweep_folder_given_for_one_job_names_a_job_to_give(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name in ("0_seed=0", "1_seed=1"):
+        (sweep / name / "checkpoints").mkdir(parents=True)
+    proc = run_cli("addrepro.train", [*TINY, f"resume={sweep}", "hydra.run.dir=again"], tmp_path)
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line == (
+        f"addrepro: checkpoint error: resume={sweep}: no checkpoints/last.ckpt or checkpoints/step_N.ckpt in this "
+        f"folder; it holds job folders: name one, e.g. resume={sweep / '0_seed=0'} … (2 jobs)"
+    )
+    assert not (tmp_path / "again").exists()

@@ -58,12 +58,26 @@ def resolve_checkpoint(value: str | Path, key: str = "checkpoint", resumable: bo
     if resumable:
         found = resumable_checkpoint(path)
         if found is None:
-            raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} or checkpoints/step_N.ckpt in this folder")
+            raise CheckpointError(
+                f"{key}={path}: no checkpoints/{LAST} or checkpoints/step_N.ckpt in this folder{sweep_hint(path, key)}"
+            )
         return found
     found = checkpoint_dir(path) / LAST
     if not found.exists():
-        raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} in this folder")
+        raise CheckpointError(f"{key}={path}: no checkpoints/{LAST} in this folder{sweep_hint(path, key)}")
     return found
+
+
+def sweep_hint(folder: Path, key: str) -> str:
+    """For a sweep folder given where a job folder is meant: which of its jobs could be named."""
+    try:
+        jobs = sorted(p for p in folder.iterdir() if p.is_dir() and checkpoint_dir(p).is_dir())
+    except OSError:
+        return ""
+    if not jobs:
+        return ""
+    more = f" … ({len(jobs)} jobs)" if len(jobs) > 1 else ""
+    return f"; it holds job folders: name one, e.g. {key}={jobs[0]}{more}"
 
 
 def find_resume_checkpoint(resume: str, job_dir: Path) -> Path | None:
