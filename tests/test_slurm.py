@@ -150,3 +150,60 @@ def wait_for(condition, seconds: float, what: str) -> None:  # noqa: ANN001
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def test_a_packed_sweep_runs_in_fewer_array_tasks_and_a_rerun_submits_only_what_is_left(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1,2", "optimizer.lr=1e-3,3e-3", *TINY, "trainer.max_steps=20", "resume=auto"]
+    args += [*LAUNCHER, "hydra/launcher=slurm_ensemble", "hydra.launcher.max_members=4", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli("addrepro.train", args, tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6/6 jobs ok" in proc.stderr
+    (job_id,) = slurm_jobs(sweep)
+    assert sorted(slurm_states(job_id)) == [f"{job_id}_0", f"{job_id}_1"]  # 6 jobs: stacks of 4 and 2
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 6 and all(max(r["step"] for r in load_rows(job)) == 20 for job in jobs)
+    # Every member trained its own model: no two jobs end with the same weights.
+    finals = [torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["model"]["embed.W_E"] for job in jobs]
+    assert all(not torch.equal(finals[i], finals[j]) for i in range(6) for j in range(i))
+    # The submitting shell died while job 4 ran: the same command again re-submits that job alone.
+    (jobs[4] / "status.json").write_text(json.dumps({"status": "running", "pid": 2**22 + 1, "host": "elsewhere"}))
+    again = run_cli("addrepro.train", args, tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "6/6 jobs ok (5 finished before, not run again)" in again.stderr
+    assert len(slurm_jobs(sweep)) == 2
+    (new_id,) = slurm_jobs(sweep) - {job_id}
+    assert len(slurm_states(new_id)) == 1  # one task (submitit sends a single task as a plain job)
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [("skipped" in summary[job.name]) for job in jobs] == [True, True, True, True, False, True]
+
+
+def test_array_tasks_cancelled_before_they_start_are_failed_jobs_of_the_sweep(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", *TINY, "trainer.max_steps=20", *LAUNCHER, f"hydra.sweep.dir={sweep}"]
+    args.append("+hydra.launcher.additional_parameters.begin=now+3600")  # held: it never starts
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "addrepro.train", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (sweep / ".submitit").is_dir() and slurm_jobs(sweep), 60, "the array to be submitted")
+        (job_id,) = slurm_jobs(sweep)
+        subprocess.run(["scancel", job_id], check=True, timeout=30)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    assert "0/2 jobs ok" in err and "Traceback" not in err, err[-2000:]
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    jobs = job_dirs(sweep)
+    assert [job.name for job in jobs] == ["0_seed=0", "1_seed=1"]  # made with Hydra's configs, never run
+    for job in jobs:
+        assert summary[job.name]["status"] == "failed"
+        assert summary[job.name]["message"].startswith(f"Slurm job {job_id}_") and "state CANCELLED" in err
+        assert (job / ".hydra" / "config.yaml").is_file() and not (job / "csv").exists()

@@ -9,28 +9,44 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from addrepro.training.plan import JobPlan
 
 PER_MEMBER_KEYS = ("seed", "data.seed", "optimizer.lr", "optimizer.weight_decay", "logger.wandb.name")
 
 T = TypeVar("T")
 
 
-def packing_key(cfg: DictConfig) -> str:
-    """Jobs with equal keys can share one stack: the resolved config without the per-member keys."""
+def packing_key(cfg: DictConfig, resumed_at: int | None = None) -> str:
+    """Jobs with equal keys can share one stack: the resolved config without the per-member keys (and
+    ``resume``), and the step the jobs continue from (``resumed_at``; a stack's members move together)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
+    plain.pop("resume", None)
     for dotted in PER_MEMBER_KEYS:
         *parents, leaf = dotted.split(".")
         node = plain
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
-    if plain.get("resume"):
-        return json.dumps({"resume": plain["resume"], "alone": id(cfg)})  # a resumed job runs alone
-    return json.dumps(plain, sort_keys=True, default=str)
+    return json.dumps({"config": plain, "resumed_at": resumed_at}, sort_keys=True, default=str)
+
+
+def plan_key(plan: JobPlan) -> str:
+    """The packing key of a checked job: a job that continues its own checkpoints with ``resume=auto``
+    (a requeued stack's members) stacks with those resumed at the same step; a job resumed from a
+    checkpoint named by path runs alone."""
+    if plan.resume_from is None:
+        return packing_key(plan.cfg)
+    if plan.cfg.get("resume") != "auto" or not plan.own_checkpoint:
+        return json.dumps({"alone": str(plan.job_dir)})
+    from addrepro.rundir.checkpoints import load_checkpoint  # noqa: PLC0415 - torch, once a job resumes
+
+    return packing_key(plan.cfg, int(load_checkpoint(plan.resume_from)["step"]))
 
 
 def pack(items: Sequence[T], keys: Sequence[str], max_members: int) -> list[list[T]]:

@@ -16,6 +16,12 @@ from addrepro.rundir.job import make_folder
 from addrepro.rundir.lock import LockError, check_free
 from addrepro.rundir.status import read_statuses
 
+SKIPPED: list[str] = []  # job folders a launcher did not run again: an earlier run of the sweep finished them
+
+
+def note_skipped(job_name: str) -> None:
+    SKIPPED.append(job_name)
+
 
 class SweepSummary(Callback):
     """After a multirun: write ``sweep_summary.json``, print the failed jobs, exit non-zero if any."""
@@ -25,9 +31,16 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         statuses = read_statuses(sweep_dir)
+        for name in SKIPPED:
+            if name in statuses:
+                statuses[name]["skipped"] = "finished by an earlier run of this sweep"
         (sweep_dir / "sweep_summary.json").write_text(json.dumps(statuses, indent=1))
         failed = {k: v for k, v in statuses.items() if v["status"] != "ok"}
-        print(f"addrepro: sweep {sweep_dir}: {len(statuses) - len(failed)}/{len(statuses)} jobs ok", file=sys.stderr)
+        skipped = f" ({len(SKIPPED)} finished before, not run again)" if SKIPPED else ""
+        print(
+            f"addrepro: sweep {sweep_dir}: {len(statuses) - len(failed)}/{len(statuses)} jobs ok{skipped}",
+            file=sys.stderr,
+        )
         for job, status in failed.items():
             print(f"addrepro: job {job} {status['status']}: {status['message']}", file=sys.stderr)
         if failed:
