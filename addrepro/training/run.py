@@ -114,6 +114,7 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
             finals = [next((r for r in reversed(rows) if "val/loss" in r), {}) for rows in history]
         else:
             trainer = make_trainer(cfg, config, plans, module, draw, accelerator, devices)
+            log.info("training steps %d to %d (%d job(s) in this process)", module.start_step, t.max_steps, len(plans))
             try:
                 trainer.fit(module)
             finally:
