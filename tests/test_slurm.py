@@ -207,3 +207,43 @@ def test_array_tasks_cancelled_before_they_start_are_failed_jobs_of_the_sweep(sl
         assert summary[job.name]["status"] == "failed"
         assert summary[job.name]["message"].startswith(f"Slurm job {job_id}_") and "state CANCELLED" in err
         assert (job / ".hydra" / "config.yaml").is_file() and not (job / "csv").exists()
+
+
+def test_a_job_reaching_its_time_limit_is_requeued_and_ends_bitwise_equal(slurm, tmp_path):
+    """A 2-minute limit with the signal 60 s before it: submitit's SIGUSR2 comes while the job trains
+    (Slurm checks signal times about once a minute, so it can come earlier), the job checkpoints and is
+    requeued as timed out, and continues with resume=auto until it ends."""
+    sweep = tmp_path / "sweep"
+    job = sweep / "0"
+    steps = 24_000  # well over a minute of training on the CPUs this suite runs on (~2 min on a 2-core EPYC)
+    run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=4000"]
+    launcher = [*LAUNCHER, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"]
+    sweep_proc = subprocess.Popen(
+        [sys.executable, "-m", "addrepro.train", "-m", *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:  # the same run uninterrupted, meanwhile (one thread each: bitwise comparable)
+        alone = run_cli("addrepro.train", [*run_args, "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        out, err = sweep_proc.communicate(timeout=600)
+    finally:
+        if sweep_proc.poll() is None:
+            sweep_proc.kill()
+    assert sweep_proc.returncode == 0, err[-2000:]
+    log = (job / "train.log").read_text()
+    assert "Job has timed out" in log and "resuming" in log, log[-3000:]
+    (job_id,) = slurm_jobs(sweep)
+    assert "REQUEUED" in slurm_history(job_id), slurm_history(job_id)
+    assert status(job)["status"] == "ok"
+    assert json.loads((sweep / "sweep_summary.json").read_text())["0"]["status"] == "ok"
+    resumed = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["step"] == uninterrupted["step"] == steps
+    assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
+    moments = uninterrupted["optimizer"]["moments"]
+    assert all(torch.equal(resumed["optimizer"]["moments"][k][m], v[m]) for k, v in moments.items() for m in v)
+    assert load_rows(job) == load_rows(tmp_path / "alone")
