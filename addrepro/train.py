@@ -48,8 +48,17 @@ def main(cfg: DictConfig) -> None:
         run_plans([plan])
 
 
+# Hydra's modes: one per command (it raises a ValueError with a traceback otherwise).
+MODES = {"-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": "cfg", "-i": "info", "--info": "info"}
+MODES |= {"--run": "run", "-r": "run", "--shell-completion": "completion", "-sc": "completion"}
+
+
 def cli() -> None:
     """``python -m addrepro.train``: a key that does not exist is refused in one line before Hydra runs."""
+    modes = [a for a in sys.argv[1:] if a in MODES]
+    if len({MODES[a] for a in modes}) > 1:
+        print(f"addrepro: {' and '.join(modes)} cannot be combined: give one of them", file=sys.stderr)
+        sys.exit(2)
     try:
         check_override_keys(sys.argv[1:])
     except ConfigError as e:

@@ -495,3 +495,9 @@ def test_a_sweep_folder_given_for_one_job_names_a_job_to_give(tmp_path):
         f"folder; it holds job folders: name one, e.g. resume={sweep / '0_seed=0'} … (2 jobs)"
     )
     assert not (tmp_path / "again").exists()
+
+
+def test_two_hydra_modes_at_once_are_one_line(tmp_path):
+    proc = run_cli("addrepro.train", ["-m", "seed=0,1", "--cfg", "job"], tmp_path)
+    assert proc.returncode == 2 and error_lines(proc) == ["addrepro: -m and --cfg cannot be combined: give one of them"]
+    assert list(tmp_path.iterdir()) == []
