@@ -1,7 +1,9 @@
 """``python -m addrepro.theory data.n_digits=5 data.base=10``: print the shelf atlas, write ``shelves.json``.
 
 The atlas lists, for every answer place, the Bayes-optimal loss of each knowledge level (see
-``addrepro.shelves.atlas``); it uses the same ``data`` config group as training.
+``addrepro.shelves.atlas``); it uses the same ``data`` config group as training. For addition it also
+gives the exact frequencies of the carry-complexity classes S0..Sn (``classes.json``, see
+``addrepro.task.complexity``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def main(cfg: DictConfig) -> None:
     print(f"shelf atlas (nats), {d.n_digits}-digit base {d.base}, order {d.order}, task {d.task}")
     print(format_atlas_table(entries))
     print(f"written: {path}")
+    if d.task == "add":
+        from addrepro.task.complexity import class_frequencies  # noqa: PLC0415 - torch, after the checks
+
+        freq = {f"S{k}": p for k, p in enumerate(class_frequencies(d.n_digits, d.base))}
+        classes = out_dir / "classes.json"
+        classes.write_text(json.dumps(freq, indent=1))
+        shown = "  ".join(f"{name} {100 * p:.4g}%" for name, p in freq.items())
+        print(f"carry-complexity classes under uniform operands (longest carry cascade): {shown}")
+        print(f"written: {classes}")
 
 
 def cli() -> None:

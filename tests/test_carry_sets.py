@@ -145,7 +145,7 @@ def test_chain_set_is_deterministic_and_varied():
 
 def test_carry_sets_layout_n3():
     spec = TaskSpec(n_digits=3, base=10)
-    sets = CarrySets.build(spec, carry_size=20, chain_size=10, seed=4)
+    sets = CarrySets.build(spec, carry_size=20, chain_size=10, seed=4, class_size=0)
     names = [f"carry/place_{j}/cin_{c}" for j in (1, 2, 3) for c in (0, 1)]
     names += [f"chain/place_{j}/len_{length}" for j in (1, 2, 3) for length in range(min(j, 2) + 1)]
     assert list(sets.slices) == names
@@ -163,7 +163,7 @@ def test_carry_sets_layout_n3():
             else:
                 assert py_chain_length(x, y, place, 10) == int(name.split("_")[-1]), name
     assert stop == len(sets.tokens)
-    again = CarrySets.build(spec, carry_size=20, chain_size=10, seed=4)
+    again = CarrySets.build(spec, carry_size=20, chain_size=10, seed=4, class_size=0)
     assert torch.equal(sets.tokens, again.tokens) and again.slices == sets.slices
 
 
@@ -211,7 +211,7 @@ class NaiveZeroModel(torch.nn.Module):
 @pytest.mark.parametrize("order", ["msb", "lsb"])
 def test_carry_metric_dict_naive_zero_model(order):
     spec = TaskSpec(n_digits=3, base=10, order=order)
-    sets = CarrySets.build(spec, carry_size=16, chain_size=8, seed=9)
+    sets = CarrySets.build(spec, carry_size=16, chain_size=8, seed=9, class_size=0)
     ps = [0.8, 0.35]
     metrics = carry_metric_dict(NaiveZeroModel(spec, ps), sets, spec)
     assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in ("loss", "acc", "p_plus0", "p_plus1")}

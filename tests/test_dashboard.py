@@ -148,12 +148,14 @@ def test_sweep_workspace_filters_the_group_and_groups_by_the_swept_key(sweep, ca
     naive = [p["config"]["metrics"] for p in by_name["Naive-sum and depth-sum probabilities"]]
     assert naive[0] == ["val/carry_out/p0", "val/carry_out/p1"]
     assert naive[1] == [f"val/naive/place_1/plus_{k}" for k in (0, 1, 2, 9)]
-    carry = [p["config"]["metrics"] for p in by_name["Carry-in and chain-length sets"]]
+    carry = [p["config"]["metrics"] for p in by_name["Carry-in, chain-length and carry-complexity sets"]]
     assert carry == [
         ["carry/place_2/cin_0/loss", "carry/place_2/cin_1/loss"],
         ["chain/place_2/len_0/loss", "chain/place_2/len_1/loss"],
         ["carry/place_1/cin_0/loss", "carry/place_1/cin_1/loss"],
         ["chain/place_1/len_0/loss", "chain/place_1/len_1/loss"],
+        ["class/S0/acc", "class/S1/acc", "class/S2/acc"],
+        ["class/S0/loss", "class/S1/loss", "class/S2/loss"],
     ]
     mech = [p["config"]["metrics"] for p in by_name["Mechanism: attention and carry probes"]]
     heads = [f"L0H{h}" for h in range(4)]  # the default model: 1 layer, 4 heads

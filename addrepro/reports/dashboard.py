@@ -40,7 +40,7 @@ SECTIONS = (
     "Per-place loss",
     "Per-place accuracy",
     "Naive-sum and depth-sum probabilities",
-    "Carry-in and chain-length sets",
+    "Carry-in, chain-length and carry-complexity sets",
     "Mechanism: attention and carry probes",
     "Gradient norms",
     "Detected shelves",
@@ -274,6 +274,24 @@ def plan_sections(target: Target) -> list[Section]:
             Panel(
                 title=f"loss by carry-chain length, {place_label(j, spec)}",
                 y=have([f"chain/place_{j}/len_{length}/loss" for length in range(n)]),
+                y_label="loss (nats)",
+                log_y=True,
+            )
+        )
+    if spec.task == "add":
+        classes = range(n + 1)
+        carry.append(
+            Panel(
+                title="whole-answer accuracy by carry-complexity class (S_k: longest carry cascade k places)",
+                y=have([f"class/S{k}/acc" for k in classes]),
+                y_label="exact match",
+                y_range=(0.0, 1.0),
+            )
+        )
+        carry.append(
+            Panel(
+                title="loss by carry-complexity class",
+                y=have([f"class/S{k}/loss" for k in classes]),
                 y_label="loss (nats)",
                 log_y=True,
             )

@@ -6,15 +6,18 @@ each condition gets its own set, built directly rather than filtered from random
 * ``carry in c at place j`` (j = 1..n, c = 0/1): pairs whose carry into place j is c;
 * ``chain length L at place j`` (0 <= L <= j): the L pairs right below j each sum to base-1 and
   the pair below them does not (or the chain reaches the units), so the carry into j is decided
-  L places further down.
+  L places further down;
+* ``class S_k`` (k = 0..n): whole sums whose longest carry cascade spans k places, drawn as uniform
+  sums conditioned on the class (``addrepro.task.complexity``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from addrepro.task.complexity import class_set
 from addrepro.task.encoding import carries_in, encode, sample_operands
 from addrepro.task.spec import TaskSpec
 
@@ -61,9 +64,15 @@ class CarrySets:
 
     tokens: torch.Tensor  # (N, T)
     slices: dict[str, tuple[int, int, int]]  # name -> (place, start, stop)
+    # The carry-complexity class sets (``addrepro.task.complexity``), evaluated in a pass of their own
+    # so the carry sets' numbers stay bitwise what they were without them: "class/S<k>" -> (start, stop).
+    class_tokens: torch.Tensor | None = None  # (M, T)
+    classes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, spec: TaskSpec, carry_size: int = 128, chain_size: int = 64, seed: int = 7) -> CarrySets:
+    def build(
+        cls, spec: TaskSpec, carry_size: int = 128, chain_size: int = 64, seed: int = 7, class_size: int = 128
+    ) -> CarrySets:
         g = torch.Generator().manual_seed(seed)
         parts, slices, start = [], {}, 0
         if spec.task != "add":
@@ -78,7 +87,15 @@ class CarrySets:
                 parts.append(chain_set(spec, j, length, chain_size, g))
                 slices[f"chain/place_{j}/len_{length}"] = (j, start, start + chain_size)
                 start += chain_size
-        return cls(tokens=torch.cat(parts), slices=slices)
+        # Drawn from their own generator: adding them left the carry and chain sets as they were.
+        g_classes = torch.Generator().manual_seed(seed + 1)
+        class_parts, classes = [], {}
+        for k in range(spec.n_digits + 1) if class_size else ():
+            class_parts.append(class_set(spec, k, class_size, g_classes))
+            classes[f"class/S{k}"] = (k * class_size, (k + 1) * class_size)
+        class_tokens = torch.cat(class_parts) if class_parts else None
+        return cls(tokens=torch.cat(parts), slices=slices, class_tokens=class_tokens, classes=classes)
 
     def to(self, device: torch.device | str) -> CarrySets:
-        return CarrySets(self.tokens.to(device), self.slices)
+        classes = None if self.class_tokens is None else self.class_tokens.to(device)
+        return CarrySets(self.tokens.to(device), self.slices, classes, self.classes)

@@ -70,7 +70,9 @@ class Stack:
             else:
                 self.streams.append(FiniteBatches(train.to(device), d.batch_size, m.data_seed, self.spec))
             val_sets.append(val)
-        carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size).to(device)
+        carry_sets = CarrySets.build(self.spec, mc.carry_set_size, mc.chain_set_size, class_size=mc.class_set_size).to(
+            device
+        )
         self.sets = EvaluationSets(torch.stack(val_sets).to(device), carry_sets)  # (K, V, T)
         self.first_nonfinite = torch.full((len(self.members),), -1, dtype=torch.long, device=device)
 
