@@ -172,6 +172,9 @@ def data_state_problem(data: dict) -> str | None:
         return f"data.device is {device!r} (cpu or cuda expected)"
     if state.numel() != sizes[device]:
         return f"data.generator holds {state.numel()} bytes ({sizes[device]} expected for a {device} generator)"
+    draws = data.get("draws", 0)  # a non-uniform sampler's batches so far
+    if not isinstance(draws, int) or isinstance(draws, bool) or not 0 <= draws < 2**62:
+        return f"data.draws is {draws!r} (a count of batches >= 0 expected)"
     return None
 
 

@@ -79,36 +79,53 @@ def class_frequencies(n: int, base: int) -> list[float]:
     return [float(_success(n, base, k)[0, 0, 0]) for k in range(n + 1)]
 
 
-def _pairs_by_operation(base: int) -> list[torch.Tensor]:
-    a, b = torch.meshgrid(torch.arange(base), torch.arange(base), indexing="ij")
-    pairs = torch.stack([a.flatten(), b.flatten()], dim=-1)  # (base², 2)
-    ops = operations(pairs[:, 0], pairs[:, 1], base)
-    return [pairs[ops == op] for op in range(3)]
+class ClassSampler:
+    """Uniform sums conditioned on a class given per example, drawn with fixed shapes and no host
+    synchronisation (a CUDA graph can record it): tables of the backward pass and of the pairs of each
+    operation are built once, on the device; every draw is ``torch.rand`` from the caller's generator."""
+
+    def __init__(self, spec: TaskSpec, device: torch.device | str = "cpu"):
+        n, base = spec.n_digits, spec.base
+        self.n, self.base = n, base
+        # value[k, j, run, best]: P(class k at the end | state after j places)
+        self.value = torch.stack([_success(n, base, k) for k in range(n + 1)]).to(device)
+        self.p = operation_probs(base).to(device)
+        self.possible = self.value[:, 0, 0, 0] > 0  # (n+1,) classes that occur
+        a, b = torch.meshgrid(torch.arange(base), torch.arange(base), indexing="ij")
+        pairs = torch.stack([a.flatten(), b.flatten()], dim=-1)  # (base², 2)
+        ops = operations(pairs[:, 0], pairs[:, 1], base)
+        self.counts = torch.bincount(ops, minlength=3).to(device)  # pairs of each operation
+        order = torch.argsort(ops, stable=True)
+        self.pairs = pairs[order].to(device)  # grouped by operation: BA, then MS9, then MC1
+        self.starts = torch.cumsum(self.counts, 0) - self.counts  # (3,)
+
+    def draw(self, k: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Operands ``(B, n)`` each, place-indexed, of sums whose classes are ``k`` ``(B,)``."""
+        size, n = k.shape[0], self.n
+        run = torch.zeros_like(k)
+        best = torch.zeros_like(k)
+        u = torch.rand(size, n, 2, generator=g, device=k.device, dtype=torch.float64)
+        a, b = [], []
+        for j in range(n):
+            nexts = [_next_state(run, best, op, n) for op in range(3)]
+            weights = torch.stack([self.p[op] * self.value[k, j + 1, r, m] for op, (r, m) in enumerate(nexts)], -1)
+            cdf = torch.cumsum(weights, -1)
+            op = (u[:, j, 0:1] * cdf[:, -1:] >= cdf).sum(-1).clamp(max=2)  # inverse CDF: (B,) in 0..2
+            run = torch.stack([r for r, _ in nexts], -1).gather(-1, op[:, None]).squeeze(-1)
+            best = torch.stack([m for _, m in nexts], -1).gather(-1, op[:, None]).squeeze(-1)
+            count = self.counts[op]
+            pick = self.starts[op] + (u[:, j, 1] * count).long().clamp(max=count - 1)
+            a.append(self.pairs[pick, 0])
+            b.append(self.pairs[pick, 1])
+        return torch.stack(a, -1), torch.stack(b, -1)
 
 
 def class_operands(spec: TaskSpec, k: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` uniform operand pairs conditioned on class ``k``, place-indexed ``(size, n)`` each."""
-    n, base = spec.n_digits, spec.base
-    value = _success(n, base, k)
-    if value[0, 0, 0] <= 0:
-        raise ValueError(f"class S{k} does not occur with {n} digits (S0..S{n})")
-    p = operation_probs(base)
-    run = torch.zeros(size, dtype=torch.long)
-    best = torch.zeros(size, dtype=torch.long)
-    pairs = _pairs_by_operation(base)
-    a = torch.empty(size, n, dtype=torch.long)
-    b = torch.empty(size, n, dtype=torch.long)
-    for j in range(n):
-        nexts = [_next_state(run, best, op, n) for op in range(3)]
-        weights = torch.stack([p[op] * value[j + 1][r, m] for op, (r, m) in enumerate(nexts)], dim=-1)  # (size, 3)
-        op = torch.multinomial(weights, 1, generator=g).squeeze(-1)
-        run = torch.stack([r for r, _ in nexts], dim=-1).gather(-1, op[:, None]).squeeze(-1)
-        best = torch.stack([m for _, m in nexts], dim=-1).gather(-1, op[:, None]).squeeze(-1)
-        for o in range(3):
-            rows = (op == o).nonzero().squeeze(-1)
-            pick = torch.randint(0, len(pairs[o]), (len(rows),), generator=g)
-            a[rows, j], b[rows, j] = pairs[o][pick, 0], pairs[o][pick, 1]
-    return a, b
+    sampler = ClassSampler(spec)
+    if not 0 <= k <= spec.n_digits or not sampler.possible[k]:
+        raise ValueError(f"class S{k} does not occur with {spec.n_digits} digits (S0..S{spec.n_digits})")
+    return sampler.draw(torch.full((size,), k, dtype=torch.long), g)
 
 
 def class_set(spec: TaskSpec, k: int, size: int, g: torch.Generator) -> torch.Tensor:

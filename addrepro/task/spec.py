@@ -10,6 +10,7 @@ ORDERS = ("msb", "lsb")
 
 
 TASKS = ("add", "digitwise")
+SAMPLERS = ("uniform", "carry_enriched", "carry_balanced", "curriculum")  # training distributions (task.samplers)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from addrepro.task.encoding import encode, operands_from_ints, sample_operands
+from addrepro.task.samplers import OperandSampler, SamplerSpec
 from addrepro.task.spec import TaskSpec
 
 
@@ -15,20 +16,38 @@ class InfiniteBatches:
     exactly where it stopped.
     """
 
-    def __init__(self, spec: TaskSpec, batch_size: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        sampler: SamplerSpec | None = None,
+    ):
         self.spec, self.batch_size, self.device, self.seed = spec, batch_size, torch.device(device), seed
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.sampler = sampler or SamplerSpec()
+        self.operands = OperandSampler(spec, self.sampler, batch_size, self.device)
+        # Batches drawn so far, on the device: a replayed CUDA graph advances it as eager steps do.
+        self.draws = torch.zeros((), dtype=torch.long, device=self.device)
 
     def next(self) -> torch.Tensor:
         return encode(*self.draw(), self.spec)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch's place-indexed operands ``(B, n)`` each (what ``next`` encodes)."""
-        return sample_operands(self.spec, self.batch_size, self.generator, self.device)
+        if self.sampler.name == "uniform":  # the default stream, exactly as it always was
+            return sample_operands(self.spec, self.batch_size, self.generator, self.device)
+        operands = self.operands.draw(self.generator, self.draws)
+        self.draws += 1
+        return operands
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "device": self.device.type}
+        state = {"generator": self.generator.get_state(), "device": self.device.type}
+        if self.sampler.name != "uniform":
+            state["draws"] = int(self.draws)
+        return state
 
     def load_state_dict(self, state: dict, step: int = 0) -> str | None:
         """Continue the saved stream; returns None, or a one-line notice when it cannot continue.
@@ -39,6 +58,7 @@ class InfiniteBatches:
         an uninterrupted run would have drawn.
         """
         saved = state.get("device") or _generator_device(state["generator"])
+        self.draws.fill_(int(state.get("draws", step)))
         if saved == self.device.type:
             self.generator.set_state(state["generator"])
             return None

@@ -33,7 +33,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from addrepro.model.config import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
-from addrepro.task.spec import ORDERS, TASKS, TaskSpec
+from addrepro.task.spec import ORDERS, SAMPLERS, TASKS, TaskSpec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -86,6 +86,11 @@ def number(lo: float, strict: bool = False) -> Check:
             raise ConfigError(key, value, f"must be a finite number {'>' if strict else '>='} {lo}")
 
     return check
+
+
+def fraction(key: str, value: Any) -> None:
+    if not (_is_number(value) and 0 <= value <= 1):
+        raise ConfigError(key, value, "must be a number in [0, 1]")
 
 
 def choice(choices: tuple) -> Check:
@@ -182,6 +187,11 @@ class DataConfig:
     train_size: int | None = option(None, integer(1, null=True))  # null: infinite data; N: a fixed set of N pairs
     val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
     val_seed: int = option(1000003, integer())  # seed of the validation set for infinite data
+    # The training distribution (addrepro.task.samplers); held-out sets and metrics stay uniform.
+    sampler: str = option("uniform", choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
+    enrich_batches: float = option(0.4, fraction)  # carry_enriched: share of batches enriched
+    enrich_digits: float = option(0.4, fraction)  # carry_enriched: share of digit positions made to sum base-1
+    curriculum_steps: int = option(500, integer(1))  # curriculum: batches before the next carry class joins
 
 
 @dataclass
@@ -546,6 +556,10 @@ def validate(cfg: DictConfig) -> None:
     d, m = cfg.data, cfg.model
     if d.batch_size is None and d.train_size is None:
         raise ConfigError("data.batch_size", None, "must be an integer >= 1 (null, full batch, needs data.train_size)")
+    if d.sampler != "uniform" and d.task != "add":
+        raise ConfigError("data.sampler", d.sampler, "shapes carries: needs data.task=add")
+    if d.sampler != "uniform" and d.train_size is not None:
+        raise ConfigError("data.sampler", d.sampler, "draws fresh sums: needs infinite data (data.train_size=null)")
     if d.train_size is not None:
         n_pairs = d.base ** (2 * d.n_digits)
         need = d.train_size + d.val_size

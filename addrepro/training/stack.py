@@ -17,6 +17,7 @@ from addrepro.metrics.grad_norms import grad_norm_keys
 from addrepro.metrics.place import compiled_place_stats, place_stats
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import Transformer
+from addrepro.task.samplers import SamplerSpec
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
@@ -66,7 +67,8 @@ class Stack:
                 self.spec, d.val_size, d.val_seed, d.train_size, m.data_seed, with_train=True
             )
             if train is None:
-                self.streams.append(InfiniteBatches(self.spec, d.batch_size, m.data_seed, device))
+                sampler = SamplerSpec.from_config(d)
+                self.streams.append(InfiniteBatches(self.spec, d.batch_size, m.data_seed, device, sampler))
             else:
                 self.streams.append(FiniteBatches(train.to(device), d.batch_size, m.data_seed, self.spec))
             val_sets.append(val)
