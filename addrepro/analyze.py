@@ -56,6 +56,12 @@ def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Pat
     return path, path.parent.parent
 
 
+# Far above what the analyses need; beyond, the sets they build would exhaust memory (per_cell is
+# multiplied by base² cells and every place).
+MAX_COUNT = 100_000
+MAX_PER_CELL = 1024
+
+
 def check_options(name: str, options: dict) -> None:
     """Refuse an analysis option the analysis does not have, or (where it checks them) a value it cannot
     use, before the model is exported (seconds of TransformerLens start-up)."""
@@ -69,8 +75,9 @@ def check_options(name: str, options: dict) -> None:
         # Every integer option is a count or a size (examples, neurons, clusters, components).
         if isinstance(default, bool) and not isinstance(value, bool):
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be true or false")
-        if type(default) is int and not (type(value) is int and value >= 1):
-            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer >= 1")
+        top = MAX_PER_CELL if key == "per_cell" else MAX_COUNT
+        if type(default) is int and not (type(value) is int and 1 <= value <= top):
+            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer in 1..{top}")
         if type(default) is float and not (type(value) in (int, float) and math.isfinite(value)):
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be a finite number")
     if hasattr(module, "check_options"):

@@ -39,6 +39,10 @@ def publish(workspace) -> str:  # noqa: ANN001 - a Workspace
 
 def saved_workspace(path: Path, entity: str | None):  # noqa: ANN201 - a Workspace
     """The workspace ``path`` holds; ``RunFileError`` naming the file when it is not one this command wrote."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_file():  # a folder, a pipe (would block), a device (/dev/zero never ends)
+        raise RunFileError(f"{path} is not a regular file")
     try:
         spec = json.loads(path.read_text())
         return workspace_from_json(spec, entity=entity)

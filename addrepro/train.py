@@ -65,6 +65,8 @@ def cli() -> None:
         print(f"addrepro: config error: {e}", file=sys.stderr)
         sys.exit(2)
     if {"-m", "--multirun"} & set(sys.argv[1:]):
+        # Hydra's parser takes -m only before the overrides: `key=value -m key=a,b` would be refused.
+        sys.argv = [sys.argv[0], "-m", *(a for a in sys.argv[1:] if a not in ("-m", "--multirun"))]
         sys.argv += sweep_folder_overrides(sys.argv[1:])
     main()
 

@@ -60,7 +60,12 @@ MAX_RUNS = 100_000  # a grid this size is a typo (e.g. a float range with a tiny
 def load_sweep(path: str | Path) -> dict:
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read
         raise ValueError(f"{path}: not a regular file")
-    config = yaml.safe_load(Path(path).read_text())
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: not YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a W&B sweep file (expected a mapping)")
     return config
@@ -72,6 +77,8 @@ def _flatten(params: dict, prefix: str = "") -> list[tuple[str, dict]]:
         raise ValueError(f"{where}: expected a mapping of names to specs, got {params!r}")
     out = []
     for key, spec in sorted(params.items()):
+        if not isinstance(key, str) or not key or any(c.isspace() or c == "=" for c in key):
+            raise ValueError(f"parameter {prefix}{key!r}: a name without spaces or '=' expected")
         if not isinstance(spec, dict):
             raise ValueError(f"parameter {prefix}{key}: expected a mapping, got {spec!r}")
         if "parameters" in spec and "value" not in spec and "values" not in spec:

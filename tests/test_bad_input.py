@@ -8,12 +8,14 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, cli_env, run_cli
 from omegaconf import OmegaConf
 
 from addrepro.rundir.checkpoints import CheckpointError, check_resumable, load_checkpoint
@@ -67,6 +69,14 @@ CONFIG_CASES = [
     (["callbacks.lr_monitor.logging_interval=step"], "callbacks.lr_monitor.logging_interval=step is invalid: choose"),
     (["model.width=${oops}"], "model.width=${oops} is invalid: ${oops} names no key of the config"),
     (["seed=${nosuch:1}"], "seed=${nosuch:1} is invalid: ${nosuch:...} names no resolver"),
+    (["+data.n_digits=3"], "data.n_digits=3 is invalid: exists already: set it with data.n_digits=... (no +)"),
+    (["model.width=" + "1" * 5000], "model.width=1111111111"),
+    (["mödel.width=16"], "mödel.width=16 is invalid: Hydra cannot read it: LexerNoViableAltException: mödel.width=16"),
+    (["resume="], "resume='' is invalid: must be a job folder, a checkpoint file or auto"),
+    (["model.depth=1000000"], "model.depth=1000000 is invalid: must be an integer in 1..64"),
+    (["-m", "seed=0,1,abc"], "seed='abc' is invalid: must be an integer (in job 2: seed=abc; no job was started)"),
+    (["-m", "model.n_heads=4,3"], "model.width=16 is invalid: must be divisible by model.n_heads=3"),
+    (["-m", "seed=glob(*)"], "the sweep has no jobs (a glob(...) that matched nothing?)"),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append((["trainer.accelerator=gpu"], "trainer.accelerator='gpu' is invalid: no CUDA GPU visible"))
@@ -144,12 +154,20 @@ def finished(tmp_path_factory):
         "no_generator": {"data": {"device": "cpu"}},
         "nan_weights": {"model": {**last["model"], name: last["model"][name].clone().fill_(float("nan"))}},
         "double_weights": {"model": {**last["model"], name: last["model"][name].double()}},
+        "huge_model": {"model_config": {**last["model_config"], "n_layers": 1_000_000}},
+        "config_text": {"config": "garbage"},
+        "escaping_run_id": {"wandb_run_id": "../../x/ESCAPE"},
+        "bad_draws": {"data": {**last["data"], "draws": -3}},
     }.items():
         torch.save({**last, **change}, root / f"{label}.ckpt")
     return root
 
 
 CKPT_CASES = [
+    ("huge_model.ckpt", "checkpoint=huge_model.ckpt has a model_config of 3.07e+09 parameters (at most 2e+09)"),
+    ("config_text.ckpt", "checkpoint=config_text.ckpt holds a config of type str (a mapping expected)"),
+    ("escaping_run_id.ckpt", "checkpoint=escaping_run_id.ckpt holds wandb_run_id='../../x/ESCAPE' (letters, digits"),
+    ("bad_draws.ckpt", "resume=bad_draws.ckpt cannot be resumed: data.draws is -3 (a count of batches >= 0 expected)"),
     ("spike_20_at.ckpt", "resume=spike_20_at.ckpt cannot be resumed: missing optimizer, data (weights-only"),
     ("no_config.ckpt", "resume=no_config.ckpt cannot be resumed: missing config"),
     ("no_step_count.ckpt", "resume=no_step_count.ckpt cannot be resumed: missing optimizer.step_count"),
@@ -212,7 +230,16 @@ ANALYZE_CASES = [
     (["attention=5"], "attention=5 is invalid: attention is a section; set its keys (attention.<key>=...)"),
     (["~threads"], "~threads is invalid: cannot be deleted (give it a value)"),
     (["checkpoint=123"], "checkpoint=123 is invalid: must be the path of a .ckpt file or a job folder"),
-    (["analysis=probes", "probes.ridge=-1"], "probes.ridge=-1 is invalid: must be a number in (0, 1e6]"),
+    (["analysis=probes", "probes.ridge=-1"], "probes.ridge=-1 is invalid: must be a number in [1e-9, 1e6]"),
+    (["analysis=probes", "probes.ridge=1e-300"], "probes.ridge=1e-300 is invalid: must be a number in [1e-9, 1e6]"),
+    (
+        ["analysis=breakdown", "breakdown.per_cell=100000000"],
+        "breakdown.per_cell=100000000 is invalid: must be an integer in 1..1024",
+    ),
+    (
+        ["analysis=patching", "patching.size=1000000000"],
+        "patching.size=1000000000 is invalid: must be an integer in 1..100000",
+    ),
     (["analysis=probes", "probes.ridge=abc"], "probes.ridge='abc' is invalid: must be a finite number"),
     (["analysis=probes", "probes.test_fraction=0"], "probes.test_fraction=0 is invalid: must be a number in (0, 1)"),
     (["analysis=patching", "patching.kinds=carry"], "patching.kinds='carry' is invalid: must be a non-empty list"),
@@ -507,3 +534,113 @@ def test_two_hydra_modes_at_once_are_one_line(tmp_path):
     proc = run_cli("addrepro.train", ["-m", "seed=0,1", "--cfg", "job"], tmp_path)
     assert proc.returncode == 2 and error_lines(proc) == ["addrepro: -m and --cfg cannot be combined: give one of them"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_is_refused_a_folder_that_holds_files_and_a_sweep_one_that_is_a_job(tmp_path, csv_job):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own file")
+    proc = run_cli("addrepro.train", [*TINY, f"hydra.run.dir={mine}"], tmp_path)
+    assert proc.returncode == 2 and error_lines(proc) == [
+        f"addrepro: run folder error: hydra.run.dir={mine} already holds files (notes.txt, …): give a new folder"
+    ]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    before = {p: p.read_bytes() for p in job.rglob("*") if p.is_file()}
+    proc = run_cli("addrepro.train", [*TINY, "seed=5", f"hydra.run.dir={job}"], tmp_path)
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line.endswith(f"give a new folder, or resume={job} to continue the run in it")
+    proc = run_cli(
+        "addrepro.train", ["-m", *TINY, "seed=0", f"hydra.sweep.dir={job}", "hydra.sweep.subdir=."], tmp_path
+    )
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line.startswith(f"addrepro: run folder error: hydra.sweep.dir={job} already holds")
+    assert {p: p.read_bytes() for p in job.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("what", ["config_fifo", "confusion_fifo"])
+def test_report_and_resume_refuse_a_special_run_file_without_blocking(csv_job, tmp_path, what):
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    path = job / (".hydra/config.yaml" if what == "config_fifo" else "confusion.npz")
+    path.unlink()
+    os.mkfifo(path)  # reading it would block for ever
+    report = run_cli("addrepro.report", [str(job)], tmp_path, timeout=60)
+    assert report.returncode == 2 and error_lines(report) == [f"addrepro.report: {path} is not a regular file"]
+    if what == "confusion_fifo":
+        proc = run_cli(
+            "addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=30", "resume=job"], tmp_path, timeout=60
+        )
+        (line,) = error_lines(proc)
+        assert proc.returncode == 2 and line.startswith(f"addrepro: run file error: {path} is not a regular file")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["job"]  # no folder of the refused command
+
+
+@pytest.mark.parametrize("what", ["log_fifo", "log_link"])
+def test_a_resume_refuses_run_files_that_are_links_or_special_files(csv_job, tmp_path, what):
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's file\n")
+    (job / "train.log").unlink()
+    if what == "log_fifo":
+        os.mkfifo(job / "train.log")
+    else:
+        (job / "train.log").symlink_to(outside)
+    status = (job / "status.json").read_text()
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=30", "resume=job"], tmp_path, timeout=60)
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line == (
+        f"addrepro: run file error: {job / 'train.log'} is not a regular file (a link or a special file); "
+        "a run writes only its own files"
+    )
+    assert outside.read_text() == "someone else's file\n" and (job / "status.json").read_text() == status
+    assert not (job / ".lock").exists()
+
+
+def test_a_garbled_resumes_file_and_an_unknown_wandb_mode_are_one_line(csv_job, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    (job / ".hydra" / "resumes.yaml").write_text("{not: [valid")
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=30", "resume=job"], tmp_path)
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line.startswith(
+        f"addrepro: run file error: {job / '.hydra' / 'resumes.yaml'} cannot"
+    )
+    env = {**cli_env(), "WANDB_MODE": "garbage"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "addrepro.train", *TINY, "hydra.run.dir=new"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and error_lines(proc) == [
+        "addrepro: config error: WANDB_MODE='garbage' is invalid: (an environment variable) must be one of online, "
+        "offline, disabled, dryrun, run, shared"
+    ]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_metrics_line_beyond_the_csv_field_limit_is_one_line(csv_job, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    path = job / "csv" / "metrics.csv"
+    header, first, *rest = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([header, first.replace(",", "," + "9" * 200_000, 1), *rest]))
+    report = run_cli("addrepro.report", [str(job)], tmp_path)
+    (line,) = error_lines(report)
+    assert report.returncode == 2 and line.startswith(f"addrepro.report: {path}, line ") and "field larger" in line
+
+
+def test_dashboard_refuses_a_workspace_to_publish_that_is_no_regular_file(tmp_path, capsys):
+    from addrepro import dashboard
+
+    fifo = tmp_path / "p.json"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path, tmp_path / "none.json"):
+        assert dashboard.main(["--publish", str(path)]) == 2
+        why = "does not exist" if path.name == "none.json" else "is not a regular file"
+        assert capsys.readouterr().err.strip() == f"addrepro.dashboard: {path} {why}"

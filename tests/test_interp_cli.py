@@ -77,10 +77,15 @@ def test_options_are_checked_before_the_model_is_exported():
     with pytest.raises(AnalyzeError, match=r"^patching.kinds: 'bogus' is not one of carry, a, b$"):
         check_options("patching", {"kinds": ["bogus"]})
     bad_values = [
-        ("patching", "size", 0, "patching.size=0 is invalid: must be an integer >= 1"),
-        ("attention", "max_examples", "many", "attention.max_examples='many' is invalid: must be an integer >= 1"),
-        ("ablation", "top_k", 2.5, "ablation.top_k=2.5 is invalid: must be an integer >= 1"),
-        ("neurons", "clusters", True, "neurons.clusters=True is invalid: must be an integer >= 1"),
+        ("patching", "size", 0, "patching.size=0 is invalid: must be an integer in 1..100000"),
+        (
+            "attention",
+            "max_examples",
+            "many",
+            "attention.max_examples='many' is invalid: must be an integer in 1..100000",
+        ),
+        ("ablation", "top_k", 2.5, "ablation.top_k=2.5 is invalid: must be an integer in 1..100000"),
+        ("neurons", "clusters", True, "neurons.clusters=True is invalid: must be an integer in 1..100000"),
         ("logit_attribution", "centred", "yes", "logit_attribution.centred='yes' is invalid: must be true or false"),
         (
             "patching",

@@ -202,8 +202,8 @@ def test_a_second_process_in_a_run_folder_is_refused_and_a_dead_holders_lock_tak
         p.write_bytes(b"half a file")
     users = tmp_path / "job" / ".notes.txt.tmp"  # a temporary file of another program: never touched
     users.write_text("mine")
-    third = subprocess.run(
-        train_cmd("trainer.max_steps=20", "trainer.plots=true", "logger=csv", "hydra.run.dir=job"),
+    third = subprocess.run(  # resume=auto: a folder that holds files is taken only to continue what is there
+        train_cmd("trainer.max_steps=20", "trainer.plots=true", "logger=csv", "hydra.run.dir=job", "resume=auto"),
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -98,12 +98,23 @@ def test_unknown_key_is_refused_without_traceback(cli):
     assert "widht" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_bad_value_in_one_job_stops_the_sweep_before_any_job_starts(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = cli("addrepro.train", "-m", "data.base=10,40", "data.n_digits=2", f"hydra.sweep.dir={sweep}", *FAST)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "addrepro: config error: data.base=40 is invalid: must be an integer in 2..36 (in job 1: data.base=40; "
+        "no job was started)"
+    ]
+    assert not sweep.exists()
+
+
 def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cli(
         "addrepro.train",
         "-m",
-        "data.base=40,10",
+        "optimizer.lr=1e30,1e-3",  # the first job diverges while it trains (a bad value would stop the sweep)
         "data.n_digits=2",
         "trainer.max_steps=5",
         "logger=csv",
@@ -115,8 +126,8 @@ def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     summary = json.loads((sweep / "sweep_summary.json").read_text())
     assert (
         summary[job_dirs(sweep)[0].name]["status"] == "failed"
-        and "data.base=40" in summary[job_dirs(sweep)[0].name]["message"]
+        and "Divergence" in summary[job_dirs(sweep)[0].name]["message"]
     )
     assert summary[job_dirs(sweep)[1].name]["status"] == "ok"
-    assert f"job {job_dirs(sweep)[0].name} failed: config: data.base=40" in proc.stderr
+    assert f"job {job_dirs(sweep)[0].name} failed: " in proc.stderr
     assert torch.load(job_dirs(sweep)[1] / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5

@@ -92,8 +92,8 @@ def check_options(
     """Raise ValueError naming the option for a value ``run`` cannot use (before a model is loaded)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"probes.test_fraction={test_fraction!r} is invalid: must be a number in (0, 1)")
-    if not 0 < ridge <= 1e6:
-        raise ValueError(f"probes.ridge={ridge!r} is invalid: must be a number in (0, 1e6]")
+    if not 1e-9 <= ridge <= 1e6:  # below, the standardised Gram matrix is singular in float32
+        raise ValueError(f"probes.ridge={ridge!r} is invalid: must be a number in [1e-9, 1e6]")
 
 
 @torch.no_grad()

@@ -89,6 +89,8 @@ def sweep_swept_keys(sweep_dir: Path) -> list[str]:
     """Keys the multirun swept, from its saved ``multirun.yaml``: the sweep config's grid
     (``+sweep=width``) and the command line's own sweeps (``model.width=32,64``)."""
     path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        raise RunFileError(f"{path} is not a regular file")
     try:
         saved = OmegaConf.load(path)
         grid = OmegaConf.select(saved, "hydra.sweeper.params", default=None)

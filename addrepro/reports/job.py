@@ -441,7 +441,10 @@ def draw_job(
         raise RunFileError(f"{job_dir}/.hydra/config.yaml holds no valid task in its data section ({reason})") from None
     rows = load_rows(job_dir) if rows is None else rows
     if not rows:
-        raise RunFileError(f"{job_dir}/csv/metrics.csv holds no metric rows (nothing to draw)")
+        path = Path(job_dir) / "csv" / "metrics.csv"
+        header = path.read_text().partition("\n")[0].split(",") if path.is_file() else []
+        what = "has no step column" if header and "step" not in header else "holds no metric rows"
+        raise RunFileError(f"{job_dir}/csv/metrics.csv {what} (nothing to draw)")
     confusion = load_confusion(job_dir) if confusion is None else confusion
     if confusion is not None and confusion[1].shape[1:] != (spec.n_places, spec.base, spec.base):
         raise RunFileError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def check_model_structure(ckpt: dict, path: str | Path) -> None:
         raise CheckpointError(f"checkpoint={path} holds an invalid task ({e})") from None
     if ckpt["step"] < 0:
         raise CheckpointError(f"checkpoint={path} holds step {ckpt['step']} (must be >= 0)")
+    problem = header_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint={path} {problem}")
     try:
         expected = Transformer(ModelConfig(**ckpt["model_config"]), seeds=[0]).member_state_dict(0)
     except Exception as e:  # unknown or impossible architecture keys
@@ -110,6 +114,35 @@ def check_model_structure(ckpt: dict, path: str | Path) -> None:
         parts += [f"wrong shapes {', '.join(wrong)}"] if wrong else []
         parts += [f"unexpected weights {', '.join(extra)}"] if extra else []
         raise CheckpointError(f"checkpoint={path} does not match its model_config: " + "; ".join(parts))
+
+
+MAX_PARAMETERS = 2 * 10**9  # far above these models; a model_config edited past it would exhaust memory
+SIZE_KEYS = ("d_vocab", "d_vocab_out", "n_ctx", "d_model", "n_layers", "n_heads", "d_head", "d_mlp")
+WANDB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def header_problem(ckpt: dict) -> str | None:
+    """What is wrong with a checkpoint's header (architecture sizes, stored config, W&B identity)."""
+    mc = ckpt["model_config"]
+    sizes = {k: mc.get(k) for k in SIZE_KEYS if k in mc}
+    bad = next((k for k, v in sizes.items() if not _subtype(v, int) or v < 1), None)
+    if bad:
+        return f"has an invalid model_config ({bad}={sizes[bad]!r}, a positive integer expected)"
+    d, layers, heads = sizes.get("d_model", 128), sizes.get("n_layers", 1), sizes.get("n_heads", 4)
+    per_layer = 4 * d * heads * sizes.get("d_head", 32) + 2 * d * sizes.get("d_mlp", 512)
+    count = layers * per_layer + d * (sizes.get("d_vocab", 12) + sizes.get("d_vocab_out", 10) + sizes.get("n_ctx", 18))
+    if count > MAX_PARAMETERS:
+        return f"has a model_config of {count:.3g} parameters (at most {MAX_PARAMETERS:.0e})"
+    if "config" in ckpt and not isinstance(ckpt["config"], dict):
+        return f"holds a config of type {type(ckpt['config']).__name__} (a mapping expected)"
+    for key in ("wandb_run_id", "wandb_name", "wandb_group"):
+        value = ckpt.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"holds {key}={value!r} (a string expected)"
+    run_id = ckpt.get("wandb_run_id")
+    if run_id is not None and not WANDB_ID.fullmatch(run_id):
+        return f"holds wandb_run_id={run_id[:40]!r} (letters, digits, _ . - expected)"
+    return None
 
 
 def check_resumable(ckpt: dict, path: str | Path) -> None:

@@ -32,6 +32,8 @@ def load_confusion(job_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     path = Path(job_dir) / "confusion.npz"
     if not path.exists():
         return None
+    if not path.is_file():  # a pipe would block, a device never end
+        raise RunFileError(f"{path} is not a regular file")
     try:
         with np.load(path, allow_pickle=False) as data:
             steps, confusion = data["steps"], data["confusion"]

@@ -41,6 +41,8 @@ def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
     path = Path(job_dir) / ".hydra" / "config.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{job_dir} is not a job folder: no .hydra/config.yaml")
+    if not path.is_file():  # a pipe would block, a device never end
+        raise RunFileError(f"{path} is not a regular file")
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many kinds for a damaged file

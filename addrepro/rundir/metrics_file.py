@@ -34,6 +34,13 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         text = text[: text.rfind("\n") + 1]
     rows = []
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        return _read_rows(reader, path, rows)
+    except csv.Error as e:  # e.g. a cell beyond the csv module's field limit: not a run's file
+        raise MetricsFileError(f"{path}, line {reader.line_num}: {e}") from None
+
+
+def _read_rows(reader: csv.DictReader, path: Path, rows: list[dict[str, str]]) -> list[dict[str, str]]:
     for row in reader:
         if None in row or None in row.values():  # cells beyond the header, or missing ones
             given = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])

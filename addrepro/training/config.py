@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import re
 import secrets
 from collections.abc import Callable
@@ -91,6 +92,11 @@ def number(lo: float, strict: bool = False) -> Check:
 def fraction(key: str, value: Any) -> None:
     if not (_is_number(value) and 0 <= value <= 1):
         raise ConfigError(key, value, "must be a number in [0, 1]")
+
+
+def resume_value(key: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigError(key, value, "must be a job folder, a checkpoint file or auto (leave it out to start afresh)")
 
 
 def choice(choices: tuple) -> Check:
@@ -198,11 +204,12 @@ class DataConfig:
 class ModelSchema:
     """``model``: the transformer (see ``architecture`` for the TransformerLens names)."""
 
-    width: int = option(128, integer(1))  # d_model
-    depth: int = option(1, integer(1))  # n_layers
-    n_heads: int = option(4, integer(1))
-    d_head: int | None = option(None, integer(1, null=True))  # null: width // n_heads
-    d_mlp: int | None = option(None, integer(1, null=True))  # null: 4 * width
+    # Limits far above these tiny models, below what would exhaust memory before a step runs.
+    width: int = option(128, integer(1, 16384))  # d_model
+    depth: int = option(1, integer(1, 64))  # n_layers
+    n_heads: int = option(4, integer(1, 256))
+    d_head: int | None = option(None, integer(1, 16384, null=True))  # null: width // n_heads
+    d_mlp: int | None = option(None, integer(1, 65536, null=True))  # null: 4 * width
     act_fn: str = option("relu", choice(ACTIVATIONS))
     normalization: str | None = option(None, choice(NORMALIZATIONS))  # null | LN
     attn_only: bool = option(False, BOOLEAN)  # true: no MLP
@@ -293,7 +300,7 @@ class RunConfig:
     """The keys of ``train.yaml`` itself."""
 
     seed: int = option(0, integer())  # initialisation seed of the model
-    resume: str | None = option(None, text(null=True))  # a job folder, a checkpoint, or auto
+    resume: str | None = option(None, resume_value)  # a job folder, a checkpoint, or auto
     reference: str | None = option(None, reference_name)  # a published curve in addrepro/reports/reference
 
 
@@ -460,12 +467,21 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
             continue  # Hydra's own flags (-m, --cfg job, -cn name)
         try:
             (parsed,) = parser.parse_overrides([word])
+            choices = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else [parsed.value()]
         except HydraException as e:
             if "ConfigLoader is not set" in str(e):  # glob(...): only Hydra's loader can expand it
                 continue
-            lines = [line for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
-            reason = lines[-1] if lines else type(e).__name__
-            raise ConfigError(word, None, f"Hydra cannot read it: {reason} (grammar: {GRAMMAR})", given=word) from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip() and "hydra.cc" not in line]
+            lines = [line for line in lines if set(line) != {"^"} and not line.startswith("Error parsing")]
+            reason = lines[-1] if lines else "not an override (key=value)"
+            raise ConfigError(
+                word, None, f"Hydra cannot read it: {reason} (grammar: {GRAMMAR})", given=short(word)
+            ) from None
+        except ValueError as e:  # e.g. an integer of thousands of digits
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                word, None, f"Hydra cannot read it: {reason} (grammar: {GRAMMAR})", given=short(word)
+            ) from None
         key = parsed.key_or_group.replace("/", ".")
         if parsed.is_delete() or key.startswith("hydra"):
             continue
@@ -477,7 +493,6 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 raise ConfigError(key, CommandLineText(text), f"${{{name}}} names no key of the config")
         if not groups:
             continue
-        choices = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else [parsed.value()]
         options = group_options(key) if key != "callbacks" else callback_options()
         if key == "callbacks" and None in choices:
             raise ConfigError(
@@ -503,6 +518,11 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 )
 
 
+def short(text: str, limit: int = 80) -> str:
+    """``text`` as shown in a message: a value of thousands of characters cut in the middle."""
+    return text if len(text) <= limit else f"{text[: limit - 20]}…{text[-10:]} ({len(text)} characters)"
+
+
 def callback_options() -> list[str]:
     """The callbacks of ``callbacks=[...]``: the files of ``conf/callbacks``."""
     return sorted(p.stem for p in (config_dir() / "callbacks").glob("*.yaml"))
@@ -515,6 +535,8 @@ def check_override_keys(overrides: list[str]) -> None:
     check_override_grammar(overrides)
     for override in overrides:
         key, eq, value = override.partition("=")
+        if key.startswith("+") and not key.startswith("++") and key[1:] in known:
+            raise ConfigError(key[1:], CommandLineText(value), f"exists already: set it with {key[1:]}=... (no +)")
         if key.startswith("~") and key[1:].replace("/", ".") in known:  # a group's deletion: validate() says
             raise ConfigError(key[1:], None, "cannot be deleted: every run needs it (give it a value)", given=key)
         if key == "hydra.launcher.max_members" and not any(c in value for c in ",()[]$"):
@@ -544,8 +566,14 @@ class CommandLineText(str):
         return str(self)
 
 
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # what wandb accepts in WANDB_MODE
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for the first invalid value of a training config."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode is not None and mode not in WANDB_MODES and cfg.logger.wandb.get("enabled", True):
+        raise ConfigError("WANDB_MODE", mode, f"(an environment variable) must be one of {', '.join(WANDB_MODES)}")
     check_fields(RunConfig, cfg, "", others=TOP_LEVEL)
     for group, (_, schema) in GROUPS.items():
         if not OmegaConf.is_dict(cfg.get(group)):  # ~optimizer, trainer=null

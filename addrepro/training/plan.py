@@ -121,10 +121,43 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     return dataclasses.replace(plan, cfg=cfg, job_dir=owner, name=name, group=group, resume_from=path)
 
 
+RUN_FILES = (
+    "train.log",
+    "status.json",
+    "end_of_run.json",
+    "confusion.npz",
+    "spikes.json",
+    "spikes.md",
+    "shelf_exits.json",
+    "timeline.md",
+    "csv/metrics.csv",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    ".hydra/hydra.yaml",
+    ".hydra/resumes.yaml",
+)
+
+
 def check_run_files(plan: JobPlan) -> None:
     """The files a resume reads back (metrics, confusion matrices) must be readable: ``RunFileError``."""
     if plan.resume_from is None or not plan.own_checkpoint:
         return
+    for name in RUN_FILES:  # a resume appends to and rewrites these: a link could lead out of the job
+        path = plan.job_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise RunFileError(
+                f"{path} is not a regular file (a link or a special file); a run writes only its own files"
+            )
+    resumes = plan.job_dir / ".hydra" / "resumes.yaml"
+    if resumes.is_file():
+        try:
+            earlier = OmegaConf.load(resumes)
+        except Exception as e:  # noqa: BLE001 - YAML and OmegaConf raise many kinds for a damaged file
+            raise RunFileError(
+                f"{resumes} cannot be read ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+            ) from None
+        if not OmegaConf.is_list(earlier):
+            raise RunFileError(f"{resumes} is not the list of earlier resumes addrepro writes")
     if (plan.job_dir / "csv" / "metrics.csv").exists():
         load_rows(plan.job_dir)
     load_confusion(plan.job_dir)
@@ -171,12 +204,13 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
         if plan.multirun:  # the sweep's summary names the failed job
             try_status(plan.job_dir, "failed", f"{kind}: {e}")
         else:  # nothing of the refused run is left behind
-            hc = HydraConfig.get()
-            remove_refused_job_dir(plan.job_dir, hc.output_subdir, f"{hc.job.name}.log", WritableOutput.created)
+            remove_refused_run()
         return refused(plan, f"{kind} error: {e}")
     except LockError as e:  # the folder's status belongs to the process that holds it
         return refused(plan, f"run folder error: {e}")
     except RunFileError as e:  # a run file a resume reads back, torn or not written by a run
+        if not plan.multirun:
+            remove_refused_run()
         return refused(plan, f"run file error: {e}")
     except OSError as e:
         return refused(plan, f"storage error: {e}")
@@ -220,6 +254,12 @@ def continue_in_job_dir(plan: JobPlan, hydra_dir: Path) -> None:
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     logging.getLogger().addHandler(handler)
     log.info("resumed with %s", " ".join(hc.overrides.task))
+
+
+def remove_refused_run() -> None:
+    """The folder Hydra made for this single run, which was refused before it wrote anything."""
+    hc = HydraConfig.get()
+    remove_refused_job_dir(Path(hc.runtime.output_dir), hc.output_subdir, f"{hc.job.name}.log", WritableOutput.created)
 
 
 def refused(plan: JobPlan, line: str) -> None:

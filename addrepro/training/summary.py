@@ -12,7 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from addrepro.rundir.job import make_folder
+from addrepro.rundir.job import is_job_dir, make_folder
 from addrepro.rundir.lock import LockError, check_free
 from addrepro.rundir.status import read_statuses
 
@@ -60,10 +60,29 @@ class WritableOutput(Callback):
         except LockError as e:
             print(f"addrepro: run folder error: {e}", file=sys.stderr)
             sys.exit(2)
+        if not config.get("resume") and folder.is_dir() and any(folder.iterdir()):
+            shown = ", ".join(sorted(p.name for p in folder.iterdir())[:3])
+            hint = f", or resume={folder} to continue the run in it" if is_job_dir(folder) else ""
+            print(
+                f"addrepro: run folder error: hydra.run.dir={folder} already holds files ({shown}, …): give a new "
+                f"folder{hint}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         WritableOutput.created = self.check(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check(Path(str(config.hydra.sweep.dir)))
+        folder = Path(str(config.hydra.sweep.dir))
+        # A sweep folder is new, or one an earlier run of a sweep made (re-running a sweep continues it).
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "multirun.yaml").is_file():
+            shown = ", ".join(sorted(p.name for p in folder.iterdir())[:3])
+            print(
+                f"addrepro: run folder error: hydra.sweep.dir={folder} already holds files ({shown}, …) and is "
+                "not a sweep folder: give a new folder",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        WritableOutput.created = self.check(folder)
 
     @staticmethod
     def check(folder: Path) -> Path | None:
