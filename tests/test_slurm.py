@@ -78,14 +78,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
     run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "resume=auto"]
     # submitit takes any signal for a time-out below ~10 minutes of limit; a pre-emption needs more.
     launcher = [*LAUNCHER, "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=15"]
-    sweep_proc = subprocess.Popen(
-        [sys.executable, "-m", "addrepro.train", "-m", *run_args, *launcher, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweep_proc = start_train(["-m", *run_args, *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
     try:
         wait_for(lambda: logged_steps(job) >= 50, 120, "the sweep's job to train 50 steps")
         high = subprocess.run(
@@ -115,6 +108,18 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
     assert resumed["step"] == uninterrupted["step"] == steps
     assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
     assert load_rows(job) == load_rows(tmp_path / "alone")
+
+
+def start_train(args: list[str], cwd) -> subprocess.Popen:  # noqa: ANN001
+    """``python -m addrepro.train <args>`` started in the background, as a user's shell would."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "addrepro.train", *args],
+        cwd=cwd,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def node_cpus() -> int:
@@ -182,14 +187,7 @@ def test_array_tasks_cancelled_before_they_start_are_failed_jobs_of_the_sweep(sl
     sweep = tmp_path / "sweep"
     args = ["-m", "seed=0,1", *TINY, "trainer.max_steps=20", *LAUNCHER, f"hydra.sweep.dir={sweep}"]
     args.append("+hydra.launcher.additional_parameters.begin=now+3600")  # held: it never starts
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "addrepro.train", *args],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train(args, tmp_path)
     try:
         wait_for(lambda: (sweep / ".submitit").is_dir() and slurm_jobs(sweep), 60, "the array to be submitted")
         (job_id,) = slurm_jobs(sweep)
@@ -218,14 +216,7 @@ def test_a_job_reaching_its_time_limit_is_requeued_and_ends_bitwise_equal(slurm,
     steps = 24_000  # well over a minute of training on the CPUs this suite runs on (~2 min on a 2-core EPYC)
     run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=4000"]
     launcher = [*LAUNCHER, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"]
-    sweep_proc = subprocess.Popen(
-        [sys.executable, "-m", "addrepro.train", "-m", *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    sweep_proc = start_train(["-m", *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
     try:  # the same run uninterrupted, meanwhile (one thread each: bitwise comparable)
         alone = run_cli("addrepro.train", [*run_args, "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
         assert alone.returncode == 0, alone.stderr[-2000:]
