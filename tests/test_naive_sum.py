@@ -321,11 +321,11 @@ def test_digitwise_metric_dict_has_no_depth_sums(order):
 def test_carry_metric_dict_of_naive_plus_model(order, k0):
     spec = TaskSpec(n_digits=3, base=10, order=order)
     base = 10
-    sets = CarrySets.build(spec, carry_size=24, chain_size=12, seed=3)
+    sets = CarrySets.build(spec, carry_size=24, chain_size=12, seed=3, class_size=0)  # classes: test_complexity
     ps = [0.7, 0.4]
     model = NaivePlusModel(spec, ps, k0=k0)
     metrics = carry_metric_dict(model, sets, spec)
-    assert model.calls == 1  # one forward pass for all sets
+    assert model.calls == 1  # one forward pass for all the carry and chain sets
     assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in ("loss", "acc", "p_plus0", "p_plus1")}
     rows = sets.tokens.tolist()
     for m, p in enumerate(ps):

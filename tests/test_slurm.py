@@ -69,18 +69,27 @@ def test_a_sweep_runs_as_slurm_array_tasks_and_a_failed_job_is_reported_failed(s
     assert max(r["step"] for r in load_rows(job_dirs(sweep)[0])) == 30
 
 
-def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bitwise_equal(slurm, tmp_path):
-    """A real pre-emption: a job of the "high" partition takes the node from the sweep's job, which gets
-    submitit's signal, writes a checkpoint, is requeued by submitit and continues with resume=auto."""
+@pytest.mark.parametrize("launcher_name,seeds", [("slurm", [0]), ("slurm_ensemble", [0, 1])], ids=["single", "stacked"])
+def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bitwise_equal(
+    slurm, tmp_path, launcher_name, seeds
+):
+    """A real pre-emption: a job of the "high" partition takes the node from the sweep's task, which gets
+    submitit's signal, writes a checkpoint per job, is requeued by submitit and continues with
+    resume=auto — one job alone, or a stack of two as one task (each job ends as it would alone)."""
     sweep = tmp_path / "sweep"
-    job = sweep / "0"  # a one-job multirun sweeps nothing: the folder is the job's number alone
+    # a one-job multirun sweeps nothing: the folder is the job's number alone
+    jobs = [sweep / "0"] if len(seeds) == 1 else [sweep / f"{i}_seed={s}" for i, s in enumerate(seeds)]
     steps = 600
-    run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "resume=auto"]
+    run_args = [*TINY, f"trainer.max_steps={steps}"]
     # submitit takes any signal for a time-out below ~10 minutes of limit; a pre-emption needs more.
-    launcher = [*LAUNCHER, "hydra.launcher.partition=debug", "hydra.launcher.timeout_min=15"]
-    sweep_proc = start_train(["-m", *run_args, *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
+    launcher = [*LAUNCHER[1:], f"hydra/launcher={launcher_name}", "hydra.launcher.partition=debug"]
+    launcher.append("hydra.launcher.timeout_min=15")
+    seed_arg = f"seed={','.join(map(str, seeds))}"
+    sweep_proc = start_train(
+        ["-m", seed_arg, *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"], tmp_path
+    )
     try:
-        wait_for(lambda: logged_steps(job) >= 50, 120, "the sweep's job to train 50 steps")
+        wait_for(lambda: logged_steps(jobs[0]) >= 50, 120, "the sweep's job to train 50 steps")
         high = subprocess.run(
             ["sbatch", "--parsable", "-p", "high", "-c", str(node_cpus()), "-o", "/dev/null", "--wrap", "sleep 3"],
             capture_output=True,
@@ -88,26 +97,42 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
             timeout=30,
         )
         assert high.returncode == 0, high.stderr
-        wait_for(lambda: status(job).get("status") == "preempted", 60, "the job to be pre-empted")
-        preempted = status(job)
+        for job in jobs:
+            wait_for(lambda job=job: status(job).get("status") == "preempted", 60, f"{job.name} to be pre-empted")
+        preempted = [status(job) for job in jobs]
         out, err = sweep_proc.communicate(timeout=300)
     finally:
         if sweep_proc.poll() is None:
             sweep_proc.kill()
     assert sweep_proc.returncode == 0, err[-2000:]
-    assert preempted["step"] < steps and (job / "checkpoints" / preempted["checkpoint"]).exists()
-    assert status(job)["status"] == "ok"
     (job_id,) = slurm_jobs(sweep)
-    assert preempted["message"].startswith("SIGUSR2 at step")  # submitit's signal, sent by Slurm at pre-emption
+    assert len(slurm_states(job_id)) == 1  # one task, even for the stack
     assert "PREEMPTED" in slurm_history(job_id) or "REQUEUED" in slurm_history(job_id), slurm_history(job_id)
-    # The same run uninterrupted, here: weights and every metrics row bitwise equal (one thread each).
-    alone = run_cli("addrepro.train", [*run_args[:-1], "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    resumed = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
-    uninterrupted = torch.load(tmp_path / "alone" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["step"] == uninterrupted["step"] == steps
-    assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
-    assert load_rows(job) == load_rows(tmp_path / "alone")
+    # The same sweep uninterrupted, here (a stack as a local stack: its global gradient norm is summed in
+    # another order than a lone model's), one thread: weights and every metrics row bitwise equal.
+    local = "hydra/launcher=ensemble" if len(seeds) > 1 else "hydra/launcher=basic"
+    alone = tmp_path / "alone"
+    args = ["-m", seed_arg, *run_args, "trainer.threads=1", local, f"hydra.sweep.dir={alone}"]
+    proc = run_cli("addrepro.train", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for job, before in zip(jobs, preempted, strict=True):
+        assert before["message"].startswith("SIGUSR2 at step")  # submitit's signal, sent by Slurm at pre-emption
+        assert before["step"] < steps and (job / "checkpoints" / before["checkpoint"]).exists()
+        assert status(job)["status"] == "ok"
+        resumed = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        uninterrupted = torch.load(alone / job.name / "checkpoints" / "last.ckpt", weights_only=True)
+        assert resumed["step"] == uninterrupted["step"] == steps
+        assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
+        moments = uninterrupted["optimizer"]["moments"]
+        assert all(torch.equal(resumed["optimizer"]["moments"][k][m], v[m]) for k, v in moments.items() for m in v)
+        # Every metrics row equal; a resumed stack's gradient norms (metrics only: weights and moments are
+        # equal) can differ from the uninterrupted stack's in the last bit, so they are compared to 1e-6.
+        rows, expected = load_rows(job), load_rows(alone / job.name)
+        assert [sorted(r) for r in rows] == [sorted(r) for r in expected]
+        for row, want in zip(rows, expected, strict=True):
+            norms = [k for k in row if "grad_norm" in k] if len(seeds) > 1 else []
+            assert {k: v for k, v in row.items() if k not in norms} == {k: v for k, v in want.items() if k not in norms}
+            assert all(row[k] == pytest.approx(want[k], rel=1e-6) for k in norms)
 
 
 def start_train(args: list[str], cwd) -> subprocess.Popen:  # noqa: ANN001
