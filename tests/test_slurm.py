@@ -240,7 +240,9 @@ def test_a_job_reaching_its_time_limit_is_requeued_and_ends_bitwise_equal(slurm,
     job = sweep / "0"
     steps = 24_000  # well over a minute of training on the CPUs this suite runs on (~2 min on a 2-core EPYC)
     run_args = ["seed=0", *TINY, f"trainer.max_steps={steps}", "trainer.ckpt_every_n_steps=4000"]
+    # As many requeues as a slow or busy machine needs: each life trains about a minute.
     launcher = [*LAUNCHER, "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60"]
+    launcher.append("hydra.launcher.max_num_timeout=20")
     sweep_proc = start_train(["-m", *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
     try:  # the same run uninterrupted, meanwhile (one thread each: bitwise comparable)
         alone = run_cli("addrepro.train", [*run_args, "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)

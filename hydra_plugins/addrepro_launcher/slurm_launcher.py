@@ -86,12 +86,21 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
         submitted = executor.map_array(self, tasks, [Singleton.get_state()] * len(tasks))
         for job, task in zip(submitted, tasks, strict=True):
             try:
-                returns += job.results()[0]
+                results = job.results()[0]
             except Exception as e:  # noqa: BLE001 - submitit's UncompletedJobError, FailedJobError, …
                 state = re.search(r"\(state: ([^)]*)\)", str(e))
                 reason = f"state {state.group(1)}" if state else type(e).__name__
                 message = f"Slurm job {job.job_id} ended without a result ({reason}; log in {job.paths.stderr})"
                 returns += [self.failed(number, overrides, message) for number, overrides in task]
+                continue
+            for (number, overrides), ret in zip(task, results, strict=True):
+                if ret.status == JobStatus.COMPLETED:
+                    returns.append(ret)
+                    continue
+                # The task ran but raised: e.g. submitit's "timed-out too many times" in its signal handler.
+                error = ret._return_value  # noqa: SLF001 - reading it through return_value would raise it
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                returns.append(self.failed(number, overrides, f"Slurm job {job.job_id}: {reason}"))
         return returns
 
     def executor(self) -> Any:  # noqa: ANN401 - a submitit AutoExecutor
