@@ -60,6 +60,34 @@ CONFIG_CASES = [
         ["+callbacks.x._target_=os.system"],
         "callbacks.x._target_='os.system' is invalid: must name a Lightning Callback",
     ),
+    (
+        ["callbacks=[early_stopping]", "callbacks.early_stopping.monitor=nosuch"],
+        "callbacks.early_stopping.monitor='nosuch' is invalid: is not a key the run publishes: val/loss, val/acc,",
+    ),
+    (
+        ["callbacks=[model_checkpoint]", "callbacks.model_checkpoint.monitor=val/acc/place_9"],
+        "callbacks.model_checkpoint.monitor='val/acc/place_9' is invalid: is not a key the run publishes",
+    ),
+    (
+        ["callbacks=[early_stopping]", "callbacks.early_stopping.patience=abc"],
+        "callbacks.early_stopping.patience='abc' is invalid: must be an integer",
+    ),
+    (
+        ["callbacks=[model_checkpoint]", "+callbacks.model_checkpoint.every_n_train_steps=1.5"],
+        "callbacks.model_checkpoint.every_n_train_steps=1.5 is invalid: must be an integer or null",
+    ),
+    (
+        ["callbacks=[model_checkpoint]", "callbacks.model_checkpoint.every_n_train_steps=10"],
+        "callbacks.model_checkpoint.every_n_train_steps=10 is invalid: conf/callbacks/model_checkpoint.yaml does not",
+    ),
+    (
+        ["callbacks=[early_stopping]", "callbacks.early_stopping.mode=bad"],
+        "callbacks.early_stopping is invalid: cannot be made: `mode` can be min, max, got bad",
+    ),
+    (
+        ["callbacks=[early_stopping]", "+callbacks.early_stopping.bogus=1"],
+        "callbacks.early_stopping.bogus=1 is invalid: is not an argument of EarlyStopping (monitor, min_delta,",
+    ),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -94,6 +122,26 @@ def test_bad_values_give_one_line_before_anything_is_created(cli, tmp_path, over
     lines = error_lines(proc)
     assert len(lines) == 1 and lines[0].startswith(f"addrepro: config error: {message}"), lines
     assert list(tmp_path.iterdir()) == []  # Hydra's folder for the run is gone again
+
+
+def test_a_monitor_the_config_cannot_know_is_checked_at_the_first_evaluation(cli, tmp_path):
+    # Shelf-science keys depend on the task: a misspelt one is named at the first evaluation that
+    # published them, in one line, instead of Lightning's error after training.
+    proc = cli(
+        "addrepro.train",
+        *TINY,
+        "callbacks=[early_stopping]",
+        "callbacks.early_stopping.monitor=val/naive/place_1/plus_O",
+        "hydra.run.dir=job",
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in error_lines(proc) if line.startswith("addrepro:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "addrepro: config error: EarlyStopping.monitor='val/naive/place_1/plus_O' is invalid: is not a key this run "
+        "logs at its evaluations; did you mean val/naive/place_1/plus_"
+    ), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "failed"
 
 
 def hydra_files(job: Path) -> None:

@@ -21,10 +21,12 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import re
 import secrets
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,6 +511,16 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 else f"{name} is not a callback of conf/callbacks ({', '.join(known_ones)}); add your own with "
                 f"+callbacks.{name}._target_=<a Lightning Callback class>",
             )
+        if name is not None and name in chosen_callbacks and not parsed.is_add() and not parsed.is_force_add():
+            arg = key.split(".")[2] if key.count(".") >= 2 else None
+            node = OmegaConf.load(config_dir() / "callbacks" / f"{name}.yaml").get(name) or {}
+            if arg is not None and arg not in node:
+                raise ConfigError(
+                    key,
+                    CommandLineText(word.partition("=")[2]),
+                    f"conf/callbacks/{name}.yaml does not set {arg} ({', '.join(node)}); give another argument "
+                    f"of its class with +{key}=...",
+                )
         for choice in choices:
             names = choice if isinstance(choice, list) else [choice]
             bad = next((n for n in names if options and isinstance(n, str) and n not in options), None)
@@ -610,11 +622,13 @@ def validate(cfg: DictConfig) -> None:
     check_accelerator(cfg.trainer.accelerator)
     check_devices(cfg.trainer)
     check_cuda_graph(cfg.trainer)
-    check_callbacks(cfg.get("callbacks"))
+    check_callbacks(cfg.get("callbacks"), task_spec(d))
 
 
-def check_callbacks(callbacks: Any) -> None:
-    """``callbacks``: a mapping of names to nodes whose ``_target_`` names an importable class."""
+def check_callbacks(callbacks: Any, spec: TaskSpec) -> None:
+    """``callbacks``: a mapping of names to nodes whose ``_target_`` names a Lightning Callback class,
+    given arguments that class takes, of its annotated types; made once here so that its own checks
+    (``mode``, ``save_top_k`` …) speak now; a ``monitor`` names a key the run publishes."""
     if callbacks is None:
         return
     if not OmegaConf.is_dict(callbacks):
@@ -639,6 +653,100 @@ def check_callbacks(callbacks: Any) -> None:
 
         if not (isinstance(found, type) and issubclass(found, Callback)):
             raise ConfigError(f"{key}._target_", target, "must name a Lightning Callback class")
+        check_callback_arguments(key, found, node)
+        monitor = getattr(made_callback(key, node), "monitor", None)
+        if isinstance(monitor, str) and not monitorable(monitor, spec):
+            raise ConfigError(
+                f"{key}.monitor",
+                monitor,
+                f"is not a key the run publishes: {', '.join(held_out_keys(spec)[:4])}, val/<loss|acc>/place_<j> "
+                f"(j in 0..{spec.n_places - 1}), train/loss, train/acc or another val/ key of the metrics",
+            )
+
+
+def held_out_keys(spec: TaskSpec) -> list[str]:
+    """The keys of every held-out evaluation (``metrics.place.place_metric_dict``)."""
+    places = [f"val/{what}/place_{j}" for j in range(spec.n_places) for what in ("loss", "acc")]
+    return ["val/loss", "val/acc", *places]
+
+
+def monitorable(key: str, spec: TaskSpec) -> bool:
+    """Could a callback watch ``key``? The held-out and train keys exactly; another ``val/`` key (the
+    shelf-science metrics, which vary with the task) is checked at the first evaluation."""
+    return key in ("train/loss", "train/acc", *held_out_keys(spec)) or (
+        key.startswith("val/") and key not in ("val/", "val/loss/", "val/acc/") and not _place_beyond(key, spec)
+    )
+
+
+def _place_beyond(key: str, spec: TaskSpec) -> bool:
+    found = re.fullmatch(r"val/(?:loss|acc)/place_(\d+)", key)
+    return found is not None and int(found.group(1)) >= spec.n_places
+
+
+def made_callback(key: str, node: DictConfig) -> Any:
+    """The callback of ``node``, made as the run will make it; its own refusal in one line."""
+    from hydra.utils import instantiate  # noqa: PLC0415 - only a config with callbacks needs it
+
+    try:
+        return instantiate(node)
+    except Exception as e:  # Hydra wraps what the class raised
+        cause = e.__cause__ or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise ConfigError(key, None, f"cannot be made: {short(first, 160)}", given=key) from None
+
+
+def check_callback_arguments(key: str, cls: type, node: DictConfig) -> None:
+    """Each argument given to a callback class is one of its parameters, of the type it is annotated with
+    (Lightning checks few of them itself: ``patience: abc`` would fail at the first evaluation)."""
+    signature = inspect.signature(cls.__init__)
+    params = {n: p for n, p in signature.parameters.items() if n != "self"}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that cannot be resolved: only the names are checked
+        hints = {}
+    values = OmegaConf.to_container(node, resolve=True)
+    for arg, value in values.items():
+        if arg.startswith("_"):  # Hydra's own keys: _target_, _partial_, _args_ ...
+            continue
+        if arg not in params:
+            if takes_any:
+                continue
+            raise ConfigError(f"{key}.{arg}", value, f"is not an argument of {cls.__name__} ({', '.join(params)})")
+        hint = hints.get(arg)
+        if hint is not None and not fits(value, hint):
+            raise ConfigError(f"{key}.{arg}", value, f"must be {describe(hint)}")
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Does a config value fit a simple annotation? Types a config cannot hold pass unchecked."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
+        return any(fits(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value) and not math.isnan(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # Path, timedelta, a class: Hydra or the callback converts or checks it
+
+
+def describe(hint: Any) -> str:
+    """An annotation in words: ``Optional[int]`` is "an integer or null"."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or (origin is not None and origin.__name__ == "UnionType"):
+        return " or ".join(describe(h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return words.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def check_cuda_graph(trainer: DictConfig) -> None:

@@ -21,6 +21,7 @@ Lightning batch, so Lightning's own batch hooks cannot say which.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
@@ -30,7 +31,7 @@ import pytorch_lightning as pl
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import ModelConfig, Transformer
 from addrepro.task.spec import TaskSpec
-from addrepro.training.config import TrainConfig
+from addrepro.training.config import ConfigError, TrainConfig
 from addrepro.training.evaluation import evaluate
 from addrepro.training.recorder import Member, Recorder
 from addrepro.training.stack import Stack
@@ -70,6 +71,7 @@ class AdditionModule(pl.LightningModule):
             on_failed=lambda k, message: self.call_hooks("on_member_failed", k, message),
         )
         self.finished = False
+        self.monitors_checked = False  # see check_monitors
         self.last_evaluated: int | None = None  # the step of the last held-out evaluation
         self.publishing = False  # inside training_step: evaluations reach trainer.callback_metrics
 
@@ -158,6 +160,27 @@ class AdditionModule(pl.LightningModule):
             self.publish(self.recorder.emit(result.science, step, self.stack.first_nonfinite))
             self.recorder.add_confusion(step, result.confusion)
             self.call_hooks("on_confusion", step, result.confusion)
+        if held_out and science and not self.monitors_checked:
+            self.check_monitors()
+
+    def check_monitors(self) -> None:
+        """A callback's ``monitor`` must be a key this run publishes. The held-out and train keys are
+        checked with the config; the shelf-science keys depend on the task, so they are checked here, at
+        the first evaluation that published both, in one line instead of Lightning's error."""
+        if not self.publishing or self._trainer is None:
+            return
+        self.monitors_checked = True
+        published = self.trainer.callback_metrics
+        for cb in self.trainer.callbacks:
+            key = getattr(cb, "monitor", None)
+            if isinstance(key, str) and key not in published:
+                near = difflib.get_close_matches(key, list(published), n=3, cutoff=0.6)
+                raise ConfigError(
+                    f"{type(cb).__name__}.monitor",
+                    key,
+                    "is not a key this run logs at its evaluations"
+                    + (f"; did you mean {', '.join(near)}?" if near else " (see the metrics file's columns)"),
+                )
 
     def publish(self, row: dict[str, float] | None) -> None:
         """Member 0's values into ``trainer.callback_metrics`` (for EarlyStopping, ModelCheckpoint and the

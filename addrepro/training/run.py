@@ -39,7 +39,7 @@ from addrepro.training.callbacks import (
     log_files_to_wandb,
     mark_end_of_run_files,
 )
-from addrepro.training.config import TrainConfig, architecture, task_spec, typed
+from addrepro.training.config import ConfigError, TrainConfig, architecture, task_spec, typed
 from addrepro.training.devices import apply_settings, cpu_cores, job_devices, job_threads, step_work, visible_gpus
 from addrepro.training.module import AdditionModule
 from addrepro.training.plan import Draw, JobPlan, try_status
@@ -265,8 +265,8 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
             if not plans[0].multirun:
                 sys.exit(1)
             return False
-        if isinstance(e, Divergence):  # an expected way for a run to end: one line, no traceback
-            print(f"addrepro: diverged: {e}", file=sys.stderr)
+        if isinstance(e, (Divergence, ConfigError)):  # expected ways for a run to end: one line, no traceback
+            print(f"addrepro: {'diverged' if isinstance(e, Divergence) else 'config error'}: {e}", file=sys.stderr)
             if not plans[0].multirun:
                 sys.exit(1)
             return False
