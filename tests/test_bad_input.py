@@ -485,6 +485,12 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
         cells = first.split(",")
         cells[header.split(",").index("step")] = what.removeprefix("step=")
         path.write_text("".join([header, ",".join(cells), *rest]))
+    elif what == "column_twice":  # a second column named as the first metric
+        path = job / "csv" / "metrics.csv"
+        header, *rest = path.read_text().splitlines(keepends=True)
+        names = header.rstrip("\n").split(",")
+        names[2] = names[1]
+        path.write_text("".join([",".join(names) + "\n", *rest]))
     elif what == "confusion_shape":
         np.savez(job / "confusion.npz", steps=np.array([0, 10]), confusion=np.zeros((2, 1, 1, 1)))
     return job
@@ -502,6 +508,7 @@ REPORT_CASES = [
     ("step=-5", "csv/metrics.csv, line 2: step='-5' is not a step (a whole number >= 0)"),
     ("step=2.5", "csv/metrics.csv, line 2: step='2.5' is not a step"),
     ("step=1e300", "csv/metrics.csv, line 2: step='1e300' is not a step"),
+    ("column_twice", "csv/metrics.csv, line 1: the column "),
 ]
 
 

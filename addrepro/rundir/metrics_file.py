@@ -41,6 +41,10 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _read_rows(reader: csv.DictReader, path: Path, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    header = reader.fieldnames or []
+    twice = next((k for i, k in enumerate(header) if k in header[:i]), None)
+    if twice is not None:  # a run writes each key once; a second column would silently replace the first
+        raise MetricsFileError(f"{path}, line 1: the column {twice!r} appears twice (not a file a run writes)")
     for row in reader:
         if None in row or None in row.values():  # cells beyond the header, or missing ones
             given = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
