@@ -254,6 +254,28 @@ def test_spike_thresholds() -> None:
     assert detect_spikes(steps, loss, factor=25.0) == []
 
 
+def test_a_large_jump_from_a_near_zero_loss_is_a_spike_below_the_absolute_floor() -> None:
+    # 1.3e-4 -> 0.025 (190x, 0.025 nats) is below min_excess=0.05 but far above the trend; a loss that
+    # only wiggles about its trend, or keeps returning to the same height (a batch with one wrong
+    # example), is not a spike, however small its baseline.
+    steps = np.arange(0, 2000, 10)
+    loss = np.full(len(steps), 1.3e-4) * np.exp(np.random.default_rng(0).normal(0, 0.3, len(steps)))
+    loss[100] = 0.025
+    assert [s.step for s in detect_spikes(steps, loss)] == [1000]
+    assert detect_spikes(steps, loss, ratio_alone=500.0) == []  # 190x is below that ratio
+    recurring = loss.copy()
+    recurring[::7] = 0.01  # the same jump every 7th log: the window always holds one as high
+    recurring[100] = 0.01
+    assert detect_spikes(steps, recurring) == []
+    tiny = np.full(len(steps), 1e-7)
+    tiny[100] = 5e-4  # 5000x, but only 5e-4 nats: below RATIO_ALONE_FLOOR
+    assert detect_spikes(steps, tiny) == []
+    monitor = SpikeMonitor()
+    for step, value in zip(steps, loss, strict=True):
+        monitor.update(int(step), float(value))
+    assert monitor.spikes == detect_spikes(steps, loss)
+
+
 def test_spikes_ignore_nan_and_short_series() -> None:
     steps, loss = flat_curve_with_spikes()
     loss = loss.copy()

@@ -58,10 +58,20 @@ def trend_baseline(history: np.ndarray) -> float:
 _FLOOR = 1e-12
 
 
-def _is_spike(loss: float, baseline: float, factor: float, min_excess: float) -> bool:
-    # Both conditions: the ratio alone fires on tiny absolute wiggles of a
-    # near-zero loss, the excess alone on ordinary noise of a high loss.
-    return loss > factor * baseline and loss - baseline > min_excess
+# A jump of ``ratio_alone`` x the trend needs to rise only this far (nats) to count, so that a loss near
+# zero that jumps 100-fold (1e-4 -> 0.02) is a spike, while float noise of an exact fit is not.
+RATIO_ALONE_FLOOR = 1e-3
+
+
+def _is_spike(
+    loss: float, baseline: float, factor: float, min_excess: float, ratio_alone: float, recent_max: float
+) -> bool:
+    # The ratio alone would fire on tiny wiggles of a near-zero loss, the excess alone on ordinary noise of
+    # a high loss: both, or a jump so large against the trend (and above every recent loss, so not the
+    # usual noise of a batch that holds one wrong example) that the absolute floor would hide it.
+    if loss > factor * baseline and loss - baseline > min_excess:
+        return True
+    return loss > ratio_alone * baseline and loss - baseline > RATIO_ALONE_FLOOR and loss > recent_max
 
 
 def detect_spikes(
@@ -71,12 +81,15 @@ def detect_spikes(
     window: int = 50,
     factor: float = 3.0,
     min_excess: float = 0.05,
+    ratio_alone: float = 30.0,
 ) -> list[Spike]:
     """Find loss spikes in a whole curve.
 
     A point is a spike point when its loss exceeds ``factor`` x its baseline
     (``trend_baseline`` of the previous ``window`` finite losses) and exceeds it
-    by more than ``min_excess``. Runs of consecutive spike points are one spike,
+    by more than ``min_excess`` — or exceeds ``ratio_alone`` x its baseline and
+    every loss of the window, by more than ``RATIO_ALONE_FLOOR`` (a jump from a
+    near-zero loss). Runs of consecutive spike points are one spike,
     reported at its peak. NaN/inf points are skipped. The baseline includes
     earlier spike points, exactly as :class:`SpikeMonitor` sees them, and
     needs at least min(window, 10) earlier points.
@@ -100,7 +113,8 @@ def detect_spikes(
     spikes: list[Spike] = []
     in_spike = False
     for i in range(need, n):
-        if not _is_spike(loss_arr[i], baseline[i], factor, min_excess):
+        recent_max = float(loss_arr[max(0, i - window) : i].max())
+        if not _is_spike(loss_arr[i], baseline[i], factor, min_excess, ratio_alone, recent_max):
             in_spike = False
             continue
         candidate = _make_spike(steps_arr[i], loss_arr[i], baseline[i], spikes[-1].first_step if in_spike else None)
@@ -127,12 +141,13 @@ class SpikeMonitor:
     the spike continues, and so equals ``detect_spikes`` on the same series.
     """
 
-    def __init__(self, window: int = 50, factor: float = 3.0, min_excess: float = 0.05):
+    def __init__(self, window: int = 50, factor: float = 3.0, min_excess: float = 0.05, ratio_alone: float = 30.0):
         if window < 1:
             raise ValueError("window must be >= 1")
         self.window = window
         self.factor = factor
         self.min_excess = min_excess
+        self.ratio_alone = ratio_alone
         self._history: deque[float] = deque(maxlen=window)
         self._in_spike = False
         self.spikes: list[Spike] = []
@@ -144,7 +159,8 @@ class SpikeMonitor:
         new_spike: Spike | None = None
         if len(self._history) >= _min_history(self.window):
             baseline = trend_baseline(np.array(self._history, dtype=np.float64))
-            if _is_spike(loss, baseline, self.factor, self.min_excess):
+            recent_max = max(self._history)
+            if _is_spike(loss, baseline, self.factor, self.min_excess, self.ratio_alone, recent_max):
                 first = self.spikes[-1].first_step if self._in_spike else None
                 candidate = _make_spike(step, loss, baseline, first)
                 if not self._in_spike:

@@ -293,6 +293,8 @@ class MetricsConfig:
     spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x the trend of the last window logs
     spike_factor: float = option(3.0, number(1.0, strict=True))
     spike_min_excess: float = option(0.05, number(0.0))  # ... and above it by more than this (nats)
+    # ... or above it this many times (and above every loss of the window): a jump from a near-zero loss
+    spike_ratio_alone: float = option(30.0, number(1.0, strict=True))
     # Attention mass of every head on own/lower operands and carry-probe accuracy (metrics.mechanism).
     mechanism: bool = option(True, BOOLEAN)
 

@@ -64,7 +64,10 @@ class Recorder:
         self.history: list[dict] = []  # host copies of logged rows, each with its "member"
         self.confusions: list[tuple[int, torch.Tensor]] = []  # (step, (K, n+1, base, base)) on the host
         self.spike_monitors = [
-            SpikeMonitor(metrics.spike_window, metrics.spike_factor, metrics.spike_min_excess) for _ in members
+            SpikeMonitor(
+                metrics.spike_window, metrics.spike_factor, metrics.spike_min_excess, metrics.spike_ratio_alone
+            )
+            for _ in members
         ]
         levels = atlas_by_place(shelf_atlas(spec.n_digits, spec.base, spec.order, spec.task))
         self.exit_monitors = [ShelfExitMonitor(levels) for _ in members]
