@@ -17,18 +17,52 @@ from addrepro.interp.common import answer_positions, answer_targets, load_subjec
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_periodicity_of_planted_waves():
+def test_decomposition_of_planted_maps():
     base = 10
-    s = (torch.arange(base)[:, None] + torch.arange(base)[None, :]).double()
-    waves = torch.stack([torch.cos(2 * math.pi * f * s / base + 0.3) for f in (1, 2, 3, 5)])
-    freq, share = neurons.periodicity(waves)
-    assert freq.tolist() == [1, 2, 3, 5]
-    assert share == pytest.approx([1.0] * 4, abs=1e-9)
-    mixed = waves[0] + 0.5 * waves[1]  # power 1 : 0.25
-    freq, share = neurons.periodicity(mixed)
-    assert int(freq) == 1 and float(share) == pytest.approx(1 / 1.25, abs=1e-9)
-    # a map of a + b that is not periodic mod base (a ramp) is spread over frequencies
-    assert float(neurons.periodicity(s)[1]) < 0.9
+    a, b = torch.arange(base).double()[:, None], torch.arange(base).double()[None, :]
+    w = 2 * math.pi / base
+    cases = {
+        "a alone": (torch.cos(w * a + 0.3).expand(base, base), [1, 0, 0, 0]),
+        "b alone": ((b**2).expand(base, base), [0, 1, 0, 0]),
+        "a wave in (a + b) mod base": (torch.cos(2 * w * (a + b)), [0, 0, 1, 0]),
+        "a + b, linear (additive)": (a + b, [0.5, 0.5, 0, 0]),
+        "a - b wave": (torch.cos(w * (a - b)), None),
+        "a threshold on a + b": ((a + b >= 10).double(), None),
+    }
+    for name, (grid, expected) in cases.items():
+        shares = neurons.decompose(grid)
+        assert float(shares.sum()) == pytest.approx(1.0, abs=1e-9), name
+        if expected is not None:
+            assert shares.tolist() == pytest.approx(expected, abs=1e-9), name
+    # cos(w (a - b)) has no main effect and is no wave in a + b, but the short anti-diagonals near the
+    # grid's corners (s = 0 is one cell) do not average it out: "other" holds most of it, not all.
+    shares = neurons.decompose(cases["a - b wave"][0])
+    assert float(shares[0]) == pytest.approx(0, abs=1e-9) and float(shares[1]) == pytest.approx(0, abs=1e-9)
+    assert 0.6 < float(shares[3]) < 0.9
+    # The carry threshold: its main effects are two equal ramps, the rest a function of a + b alone.
+    shares = neurons.decompose(cases["a threshold on a + b"][0])
+    assert float(shares[0]) == pytest.approx(float(shares[1]), abs=1e-12) and float(shares[3]) < 1e-12
+    # Parts add in variance: 2 cos(w a) + cos(2w (a + b)): a holds 4/5 of it, the sum wave 1/5.
+    mixed = 2 * torch.cos(w * a).expand(base, base) + torch.cos(2 * w * (a + b))
+    assert neurons.decompose(mixed).tolist() == pytest.approx([0.8, 0, 0.2, 0], abs=1e-9)
+    assert neurons.decompose(torch.full((base, base), 3.0)).tolist() == [0, 0, 0, 0]  # a dead neuron
+    # A stack of maps keeps its leading shape.
+    stacked = torch.stack([cases["a alone"][0], cases["b alone"][0]])
+    assert neurons.decompose(stacked).shape == (2, 4)
+
+
+def test_strongest_wave_of_planted_maps():
+    base = 10
+    a, b = torch.arange(base).double()[:, None], torch.arange(base).double()[None, :]
+    w = 2 * math.pi / base
+    wave, share = neurons.strongest_wave(torch.cos(3 * w * (a + b) + 0.4))
+    assert wave.tolist() == [3, 3] and float(share) == pytest.approx(1.0, abs=1e-9)
+    wave, share = neurons.strongest_wave(torch.cos(2 * w * a - 0.1) + 0.5 * torch.cos(4 * w * b))  # power 1 : 0.25
+    assert wave.tolist() == [2, 0] and float(share) == pytest.approx(0.8, abs=1e-9)
+    wave, _ = neurons.strongest_wave(torch.cos(w * (a - b)))  # a wave in a - b: (1, -1) = (1, 9)
+    assert wave.tolist() == [1, 9]
+    wave, share = neurons.strongest_wave(torch.cos(5 * w * a).expand(base, base))  # Nyquist: its own conjugate
+    assert wave.tolist() == [5, 0] and float(share) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_clusters_recover_planted_groups():
@@ -53,6 +87,11 @@ def test_adder_threshold_neurons_and_group_ablation(tmp_path):
     for k in range(adder.N_THRESHOLDS):
         diff = maps[0, 2 * k, 0] - maps[0, 2 * k + 1, 0]
         assert torch.equal(diff, (s >= k + 1).float()), k
+    # ... and each of them reads a0 + b0 alone: no variance outside the operand and sum parts.
+    shares = torch.as_tensor(result["shares"])[0, : 2 * adder.N_THRESHOLDS, 0]  # (2 N_THRESHOLDS, 4)
+    live = shares.sum(-1) > 0
+    assert live.any() and float(shares[live, 3].max()) < 1e-6
+    assert torch.allclose(shares[live, 0], shares[live, 1], atol=1e-6)  # a0 and b0 alike
     # Neurons 38..63 are never written by the adder: dead, grouped as -1, and ablating them does nothing.
     dead = next(g for g in result["clusters"] if g["cluster"] == -1)
     assert set(range(2 * adder.N_THRESHOLDS, adder.D_MLP)) <= set(dead["neurons"])

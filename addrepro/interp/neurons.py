@@ -1,12 +1,16 @@
-"""Neuron maps for lookup tables, clusters of neurons, their group ablation, and attribution patching.
+"""Neuron maps and what they read, clusters of neurons, their group ablation, and attribution patching.
 
 Maps: every MLP neuron's mean activation (``hook_post``) at the position predicting place j, over the
 grid of place j's operand pair ``(a_j, b_j)`` (the top pair for the carry-out; the same grid sets
 as ``breakdown``): ``maps (layer, neuron, place, base, base)``.
 
-Periodicity: each map averaged over cells with the same ``(a_j + b_j) mod base`` and Fourier
-transformed; ``frequency`` is the strongest non-constant frequency and ``periodic`` its share of the
-non-constant power (1: a pure wave in the pair sum modulo the base, as for a lookup of the digit).
+Decomposition: each map's variance over the grid split into four orthogonal parts, ``shares (..., 4)``
+summing to 1 — a function of a_j alone, of b_j alone (the two-way main effects), the part of what is
+left that is a function of a_j + b_j (a sum feature), and the rest (other interactions). A neuron that
+reads the sum, as a lookup of the digit would, has a large sum share; one built from separate
+functions of each operand (a Fourier-style feature, cos(w a) + cos(w b)) has its variance in the
+operand shares. ``wave``: the strongest 2-D frequency (k_a, k_b) of the centred map over
+Z_base x Z_base and ``wave_share`` its share of the power (k_a = k_b: a wave in (a_j + b_j) mod base).
 
 Clusters: neurons whose maps (centred, unit norm, all places together) are alike, by k-means with
 a deterministic farthest-point start; dead neurons (map constant) form their own group. Every
@@ -53,22 +57,51 @@ def neuron_maps(subject: Subject, per_cell: int) -> torch.Tensor:
     return torch.stack(maps, 2)  # (L, d_mlp, P, base, base)
 
 
-def periodicity(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strongest non-constant frequency ``(...,)`` and its share of the non-constant power over
-    ``(a + b) mod base``, from maps ``(..., base, base)``."""
+SHARE_NAMES = ("a_j", "b_j", "a_j+b_j", "other")
+SHARE_COLOURS = ("#0072B2", "#56B4E9", "#D55E00", "#999999")  # colour-blind safe (Okabe-Ito)
+
+
+def sum_basis(base: int) -> torch.Tensor:
+    """Orthonormal basis ``(base*base, r)`` of the grid functions that depend on a + b alone and have no
+    main effect (every row and column mean zero); r = 2 base - 3 (affine functions of a + b are additive)."""
+    s = (torch.arange(base)[:, None] + torch.arange(base)[None, :]).flatten()
+    x = (s[:, None] == torch.arange(2 * base - 1)[None, :]).double().view(base, base, -1)
+    x = x - x.mean(0, keepdim=True) - x.mean(1, keepdim=True) + x.mean((0, 1), keepdim=True)
+    u, sv, _ = torch.linalg.svd(x.reshape(base * base, -1), full_matrices=False)
+    return u[:, sv > 1e-9 * sv.max()]
+
+
+def decompose(maps: torch.Tensor) -> torch.Tensor:
+    """Shares ``(..., 4)`` of each map's variance (maps ``(..., base, base)``, indexed [a, b]): a alone,
+    b alone, a + b beyond the main effects, the rest; they sum to 1 (0 everywhere for a constant map)."""
     base = maps.shape[-1]
-    sums = (torch.arange(base)[:, None] + torch.arange(base)[None, :]) % base
-    profile = torch.stack([maps[..., sums == r].mean(-1) for r in range(base)], -1)  # (..., base)
-    power = torch.fft.rfft(profile.double(), dim=-1).abs() ** 2
-    power = power[..., 1:]
-    if base % 2 == 0:  # the Nyquist term appears once, the others stand for two conjugate terms
-        power[..., :-1] *= 2
-    else:
-        power *= 2
-    total = power.sum(-1)
-    best = power.argmax(-1)
-    share = torch.where(total > 1e-12, power.gather(-1, best[..., None]).squeeze(-1) / total.clamp(min=1e-30), 0)
-    return best + 1, share
+    x = maps.double() - maps.double().mean((-2, -1), keepdim=True)
+    row = x.mean(-1, keepdim=True).expand_as(x)  # (..., base, base): the function of a
+    col = x.mean(-2, keepdim=True).expand_as(x)  # the function of b
+    inter = (x - row - col).flatten(-2)  # (..., base*base)
+    total = x.pow(2).sum((-2, -1))
+    parts = [row.pow(2).sum((-2, -1)), col.pow(2).sum((-2, -1)), (inter @ sum_basis(base)).pow(2).sum(-1)]
+    parts.append(total - sum(parts))
+    shares = torch.stack(parts, -1) / total.clamp(min=1e-30)[..., None]
+    return torch.where(total[..., None] > 1e-24, shares.clamp(min=0.0), 0.0)
+
+
+def strongest_wave(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The strongest 2-D frequency ``(..., 2)`` of each centred map over Z_base x Z_base, as (k_a, k_b)
+    with 0 <= k_a <= base/2, and the share of the power it holds with its conjugate ``(...,)``."""
+    base = maps.shape[-1]
+    x = maps.double() - maps.double().mean((-2, -1), keepdim=True)
+    power = torch.fft.fft2(x).abs().pow(2).flatten(-2)  # (..., base*base)
+    k = torch.arange(base)
+    ka, kb = k.repeat_interleave(base), k.repeat(base)
+    conjugate = ((-ka) % base) * base + (-kb) % base
+    paired = power + power[..., conjugate] * (conjugate != torch.arange(base * base))
+    best = paired.argmax(-1)
+    share = paired.gather(-1, best[..., None]).squeeze(-1) / power.sum(-1).clamp(min=1e-30)
+    a, b = best // base, best % base
+    flip = a > base // 2  # name each pair by its member with k_a <= base/2
+    a, b = torch.where(flip, (-a) % base, a), torch.where(flip, (-b) % base, b)
+    return torch.stack([a, b], -1), torch.where(power.sum(-1) > 1e-24, share, 0.0)
 
 
 def cluster_maps(maps: torch.Tensor, k: int, iters: int = 50) -> torch.Tensor:
@@ -150,7 +183,8 @@ def run(subject: Subject, per_cell: int = 8, clusters: int = 8, max_examples: in
     tokens = subject.val_tokens[:max_examples]
     maps = neuron_maps(subject, per_cell)  # (L, d_mlp, P, base, base)
     n_layers, d_mlp = maps.shape[:2]
-    frequency, share = periodicity(maps)  # (L, d_mlp, P)
+    shares = decompose(maps)  # (L, d_mlp, P, 4)
+    wave, wave_share = strongest_wave(maps)  # (L, d_mlp, P, 2), (L, d_mlp, P)
     names = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
     means = position_means(subject.bridge, subject.val_tokens, set(names))
     baseline = val_losses(subject, tokens)
@@ -186,8 +220,10 @@ def run(subject: Subject, per_cell: int = 8, clusters: int = 8, max_examples: in
         "places": list(range(spec.n_places)),
         "base": spec.base,
         "maps": maps.float(),
-        "frequency": frequency,
-        "periodic": share.float(),
+        "share_names": list(SHARE_NAMES),
+        "shares": shares.float(),
+        "wave": wave,
+        "wave_share": wave_share.float(),
         "baseline": baseline.tolist(),
         "clusters": groups,
         "attribution": estimate.float(),
@@ -195,10 +231,25 @@ def run(subject: Subject, per_cell: int = 8, clusters: int = 8, max_examples: in
     }
 
 
+def median_shares(result: dict) -> np.ndarray:
+    """Median share of each part ``(P, 4)`` over the neurons whose map at that place is not constant."""
+    shares = np.asarray(result["shares"], dtype=float)  # (L, d_mlp, P, 4)
+    flat = shares.reshape(-1, *shares.shape[2:])  # (L*d_mlp, P, 4)
+    out = np.zeros(flat.shape[1:])
+    for j in range(flat.shape[1]):
+        live = flat[:, j][flat[:, j].sum(-1) > 0]
+        out[j] = np.median(live, 0) if len(live) else 0.0
+    return out
+
+
 def summarize(result: dict) -> dict[str, float]:
-    """Largest group-ablation effect per place, and the attribution check's worst relative error."""
+    """Largest group-ablation effect per place, the median share of each part of the live neurons' maps
+    per place, and the attribution check's top neuron."""
     out = {}
+    shares = median_shares(result)  # (P, 4)
     for j in result["places"]:
+        for name, value in zip(result["share_names"], shares[j], strict=True):
+            out[f"place_{j}/median_share_{name}"] = float(value)
         out[f"place_{j}/max_cluster_zero"] = max((g["zero"][j] for g in result["clusters"]), default=0.0)
         out[f"place_{j}/max_cluster_mean"] = max((g["mean"][j] for g in result["clusters"]), default=0.0)
     if result["check"]:
@@ -236,7 +287,16 @@ def plot(result: dict, per_cluster: int = 3) -> Any:
         last[1].set_xlabel("mean-ablation Δ loss", fontsize=6)
         last[1].set_ylabel("attribution estimate", fontsize=6)
         last[1].set_title("attribution patching check", fontsize=7)
-    for ax in last[2:]:
+    if len(last) > 2:
+        medians = median_shares(result)  # (P, 4)
+        x = np.arange(len(places))
+        for i, name in enumerate(result["share_names"]):  # medians need not sum to 1: side by side
+            last[2].bar(x + (i - 1.5) * 0.2, medians[:, i], width=0.2, label=name, color=SHARE_COLOURS[i])
+        last[2].set_xticks(range(len(places)), [f"p{j}" for j in places], fontsize=6)
+        last[2].set_ylim(0, 1)
+        last[2].set_title("median share of a neuron's map", fontsize=7)
+        last[2].legend(fontsize=5, loc="upper right")
+    for ax in last[3:]:
         ax.axis("off")
     fig.suptitle(analysis_title(result, "neurons"))
     fig.tight_layout()
