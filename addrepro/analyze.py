@@ -102,6 +102,13 @@ def check_common(cfg: DictConfig) -> None:
     count("data.val_size", cfg.data.val_size, allow_null=True)
     count("data.carry_size", cfg.data.carry_size)
     count("data.chain_size", cfg.data.chain_size)
+    steps = cfg.get("steps")
+    if steps is not None and not (
+        OmegaConf.is_list(steps) and len(steps) and all(type(s) is int and 0 <= s < 2**62 for s in steps)
+    ):
+        raise AnalyzeError(f"steps={steps!r} is invalid: must be null or a list of steps (integers >= 0)")
+    if steps is not None and cfg.analysis != "over_training":
+        raise AnalyzeError(f"steps={list(steps)} is for analysis=over_training (give one checkpoint= otherwise)")
     if not isinstance(cfg.wandb, bool):
         raise AnalyzeError(f"wandb={cfg.wandb!r} is invalid: must be true or false")
     if cfg.out_dir is not None and not isinstance(cfg.out_dir, str):
@@ -144,7 +151,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     try:
         if cfg.analysis == "over_training":
             options = OmegaConf.to_container(cfg[cfg.of], resolve=True) or {}
-            result = over_training.run(job, cfg.of, subject_options, **options)
+            steps = list(cfg.steps) if cfg.get("steps") is not None else None
+            result = over_training.run(job, cfg.of, subject_options, steps=steps, **options)
             figure = over_training.plot(result)
         else:
             module = MODULES[cfg.analysis]

@@ -392,6 +392,17 @@ def test_over_training_attention(job, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
+def test_over_training_at_chosen_steps(job, tmp_path):
+    # The chosen steps' values are those of the whole-run analysis at the same steps.
+    whole = over_training.run(job, "attention", {"val_size": 128, **SUBJECT})
+    chosen = over_training.run(job, "attention", {"val_size": 128, **SUBJECT}, steps=[STEPS[1], STEPS[0]])
+    assert chosen["steps"] == [STEPS[0], STEPS[1]]
+    at = [whole["steps"].index(s) for s in chosen["steps"]]
+    assert chosen["series"] == {k: [v[i] for i in at] for k, v in whole["series"].items()}
+    with pytest.raises(ValueError, match=r"steps=\[7\] have no checkpoint in .* train with trainer.ckpt_steps"):
+        over_training.run(job, "attention", {"val_size": 128, **SUBJECT}, steps=[STEPS[0], 7])
+
+
 def test_cli_attention_writes_png_and_json(job, tmp_path):
     ckpt = job / "checkpoints" / "last.ckpt"
     proc = run_cli("addrepro.analyze", [f"checkpoint={ckpt}", "analysis=attention", "data.val_size=256"], tmp_path)

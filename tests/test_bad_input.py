@@ -88,6 +88,8 @@ CONFIG_CASES = [
         ["callbacks=[early_stopping]", "+callbacks.early_stopping.bogus=1"],
         "callbacks.early_stopping.bogus=1 is invalid: is not an argument of EarlyStopping (monitor, min_delta,",
     ),
+    (["trainer.ckpt_steps=[5,abc]"], "trainer.ckpt_steps=[5, 'abc'] is invalid: must be a list of steps (integers"),
+    (["trainer.ckpt_steps=[5,9000]"], "trainer.ckpt_steps=[9000] is invalid: steps beyond trainer.max_steps=3000 are"),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -268,6 +270,9 @@ def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(
 
 
 ANALYZE_CASES = [
+    (["steps=[5]"], "steps=[5] is for analysis=over_training (give one checkpoint= otherwise)"),
+    (["analysis=over_training", "steps=[abc]"], "steps=['abc'] is invalid: must be null or a list of steps"),
+    (["analysis=over_training", "steps=[999]"], "steps=[999] have no checkpoint in "),
     (["threads=0"], "threads=0 is invalid: must be an integer >= 1"),
     (["threads=abc"], "threads='abc' is invalid: must be an integer >= 1"),
     (["data.val_size=-5"], "data.val_size=-5 is invalid: must be null or an integer >= 1"),

@@ -39,6 +39,21 @@ def test_short_run_lowers_the_loss(cli, tmp_path):
     assert rows[-1]["val/loss"] < 0.6 * rows[0]["val/loss"]
 
 
+def test_weights_at_chosen_steps_are_the_weights_of_a_run_stopped_there(cli, tmp_path):
+    common = ["data.n_digits=2", "model.width=16", "logger=csv", "trainer.plots=false", *FAST]
+    proc = cli("addrepro.train", *common, "trainer.max_steps=40", "trainer.ckpt_steps=[7,23]", "hydra.run.dir=long")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "long" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("weights_*.ckpt")) == ["weights_23.ckpt", "weights_7.ckpt"]
+    proc = cli("addrepro.train", *common, "trainer.max_steps=23", "hydra.run.dir=short")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = torch.load(ckpts / "weights_23.ckpt", weights_only=True)
+    stopped = torch.load(tmp_path / "short" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert chosen["step"] == stopped["step"] == 23
+    assert chosen["model"].keys() == stopped["model"].keys()
+    assert all(torch.equal(chosen["model"][n], stopped["model"][n]) for n in chosen["model"])
+
+
 def test_runs_started_together_get_separate_folders(tmp_path):
     args = [
         sys.executable,

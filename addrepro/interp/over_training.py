@@ -26,13 +26,25 @@ def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(by_step.items())
 
 
-def run(job_dir: str | Path, of: str, subject_options: dict | None = None, **options: Any) -> dict:
-    """Run analysis ``of`` on every checkpoint; ``series[name]`` lists its value at each step."""
+def run(
+    job_dir: str | Path, of: str, subject_options: dict | None = None, steps: list[int] | None = None, **options: Any
+) -> dict:
+    """Run analysis ``of`` on every checkpoint (or those at ``steps``); ``series[name]`` lists its value at
+    each step."""
     module = ANALYSES[of]
-    steps, series = [], {}
     checkpoints = run_checkpoints(job_dir)
     if not checkpoints:
         raise ValueError(f"checkpoint={job_dir}: no checkpoints in {checkpoint_dir(job_dir)} to follow over training")
+    if steps is not None:
+        saved = dict(checkpoints)
+        missing = sorted(set(steps) - set(saved))
+        if missing:
+            raise ValueError(
+                f"steps={missing} have no checkpoint in {checkpoint_dir(job_dir)} (saved: "
+                f"{', '.join(map(str, saved))}); train with trainer.ckpt_steps=[...] to save them"
+            )
+        checkpoints = [(step, saved[step]) for step in sorted(set(steps))]
+    steps, series = [], {}
     for i, (step, path) in enumerate(checkpoints):
         subject: Subject = load_subject(path, **(subject_options or {}))
         values = module.summarize(module.run(subject, **options))

@@ -150,6 +150,12 @@ def strings(key: str, value: Any) -> None:
         raise ConfigError(key, value, "must be a list of strings")
 
 
+def step_list(key: str, value: Any) -> None:
+    values = list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else None
+    if values is None or len(values) > 10_000 or not all(_is_int(v) and 0 <= v < 2**62 for v in values):
+        raise ConfigError(key, value, "must be a list of steps (integers >= 0), at most 10000 of them, e.g. [150, 300]")
+
+
 def one_device(key: str, value: Any) -> None:
     values = list(value) if isinstance(value, list | tuple) or OmegaConf.is_list(value) else None
     if value is None or (values is not None and len(values) == 1 and _is_int(values[0]) and values[0] >= 0):
@@ -256,6 +262,8 @@ class TrainerConfig:
     # log: also weights-only checkpoints at step 0 and ckpt_log_count log-spaced steps (dense early)
     ckpt_schedule: str = option("log", choice(CKPT_SCHEDULES))
     ckpt_log_count: int = option(20, integer(1))
+    # Weights-only checkpoints at exactly these steps too (where an analysis needs a shelf), e.g. [150, 300]
+    ckpt_steps: list = option([], step_list, factory=True)
     progress_bar: bool = option(True, BOOLEAN)
     plots: bool = option(True, BOOLEAN)  # PNG plots in the job folder at the end
 
@@ -621,6 +629,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if m.attn_only and m.d_mlp is not None:
         raise ConfigError("model.d_mlp", m.d_mlp, "must be null when model.attn_only=true (the model has no MLP)")
+    beyond = [step for step in cfg.trainer.ckpt_steps if step > cfg.trainer.max_steps]
+    if beyond:
+        raise ConfigError(
+            "trainer.ckpt_steps", beyond, f"steps beyond trainer.max_steps={cfg.trainer.max_steps} are never reached"
+        )
     check_accelerator(cfg.trainer.accelerator)
     check_devices(cfg.trainer)
     check_cuda_graph(cfg.trainer)

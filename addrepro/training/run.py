@@ -201,7 +201,7 @@ def make_trainer(
     """Lightning's Trainer with addrepro's callbacks (they write the run's files) and the config's."""
     t = config.trainer
     log_spaced = log_spaced_steps(t.max_steps, t.ckpt_log_count) if t.ckpt_schedule == "log" else []
-    checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_every_n_steps), log_spaced)
+    checkpoints = Checkpoints(checkpoint_steps(t.max_steps, t.ckpt_every_n_steps), [*log_spaced, *t.ckpt_steps])
     callbacks: list[pl.Callback] = [
         checkpoints,
         Preemption(checkpoints),
