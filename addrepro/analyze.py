@@ -72,12 +72,13 @@ def check_options(name: str, options: dict) -> None:
         raise AnalyzeError(f"{name}.{unknown[0]} is not an option of {name} (options: {', '.join(params) or 'none'})")
     for key, value in options.items():
         default = params[key].default
-        # Every integer option is a count or a size (examples, neurons, clusters, components).
+        # Every integer option is a count or a size (examples, neurons, clusters, components), or a seed.
         if isinstance(default, bool) and not isinstance(value, bool):
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be true or false")
-        top = MAX_PER_CELL if key == "per_cell" else MAX_COUNT
-        if type(default) is int and not (type(value) is int and 1 <= value <= top):
-            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer in 1..{top}")
+        top = MAX_PER_CELL if key == "per_cell" else 2**31 - 1 if key == "seed" else MAX_COUNT
+        low = 0 if key == "seed" else 1
+        if type(default) is int and not (type(value) is int and low <= value <= top):
+            raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be an integer in {low}..{top}")
         if type(default) is float and not (type(value) in (int, float) and math.isfinite(value)):
             raise AnalyzeError(f"{name}.{key}={value!r} is invalid: must be a finite number")
     if hasattr(module, "check_options"):

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from addrepro.interp import ablation, attention, breakdown, composition, logit_attribution, neurons, patching, probes
+from addrepro.interp import (
+    ablation,
+    attention,
+    breakdown,
+    composition,
+    condition,
+    intervene,
+    logit_attribution,
+    neurons,
+    patching,
+    probes,
+)
 
 ANALYSES = {
     "ablation": ablation,
@@ -13,4 +24,6 @@ ANALYSES = {
     "patching": patching,
     "probes": probes,
     "neurons": neurons,
+    "condition": condition,
+    "intervene": intervene,
 }
