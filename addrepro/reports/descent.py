@@ -23,6 +23,7 @@ import numpy as np
 
 from addrepro.reports.job import place_atlas
 from addrepro.reports.plots import save, series
+from addrepro.reports.seed_stats import bootstrap_interval
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.shelves.detection import running_median
 from addrepro.shelves.exits import distinct_levels
@@ -147,7 +148,7 @@ def _order(value: object) -> tuple:
 def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
     x_key, group_key = axes_keys(keys)
     head = ["role", *([group_key] if group_key else []), x_key or "job", "from (nats)", "seeds", "descent step: mean"]
-    head += ["min–max", "not yet"]
+    head += ["95% interval of the mean", "min–max", "not yet"]
     lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
     by = _grouped(points)
     for role in roles:
@@ -156,9 +157,10 @@ def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
                 continue
             done = [p["step"] for p in pts if p["step"] is not None]
             mean = f"{np.mean(done):.0f}" if done else "–"
+            interval = "{:.0f}–{:.0f}".format(*bootstrap_interval(done)) if len(done) > 1 else "–"
             spread = f"{min(done)}–{max(done)}" if done else "–"
             levels = ", ".join(sorted({p["from"] for p in pts}))
-            cells = [role, *([str(group)] if group_key else []), str(x), levels, str(len(pts)), mean, spread]
+            cells = [role, *([str(group)] if group_key else []), str(x), levels, str(len(pts)), mean, interval, spread]
             lines.append("| " + " | ".join([*cells, str(len(pts) - len(done))]) + " |")
     return "\n".join(lines)
 
@@ -175,6 +177,9 @@ def write_descent(sweep_dir: Path, jobs: list[dict], keys: list[str]) -> list[Pa
         "Descent step: the first step at which the running median of the place's train loss fell below the "
         "geometric mean of its starting shelf and the next atlas level below it. `from`: the loss of that "
         "starting shelf, in nats (the atlas level of a model that knows only the answer digits before the place). "
-        "`not yet`: jobs in which it had not by the end of training.\n\n" + descent_table(points, roles, keys) + "\n"
+        "`not yet`: jobs in which it had not by the end of training. The interval is a percentile bootstrap of the "
+        "mean over the seeds that descended (10,000 resamples): with few seeds it is narrow and optimistic.\n\n"
+        + descent_table(points, roles, keys)
+        + "\n"
     )
     return [plot_descent(points, roles, keys, sweep_dir / PNG), atomic_write_text(sweep_dir / TABLE, text)]
