@@ -45,15 +45,22 @@ def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Pat
     if not isinstance(checkpoint, str):
         raise AnalyzeError(f"checkpoint={checkpoint!r} is invalid: must be the path of a .ckpt file or a job folder")
     path = Path(checkpoint)
-    if analysis == "over_training" and path.is_dir():
-        if not checkpoint_dir(path).is_dir():
+    if analysis == "over_training":
+        if path.is_file():
+            raise AnalyzeError(
+                f"checkpoint={path} is one file: over_training follows every checkpoint of a job, give its folder"
+            )
+        if path.is_dir() and not checkpoint_dir(path).is_dir():
             raise AnalyzeError(f"checkpoint={path}: no checkpoints/ folder in it")
-        return path, path
+        if path.is_dir():
+            return path, path
     try:
         path = checkpoint_file(path)
     except CheckpointError as e:
         raise AnalyzeError(str(e)) from None
-    return path, path.parent.parent
+    # A job's checkpoint (<job>/checkpoints/x.ckpt) writes into the job; a checkpoint kept anywhere else,
+    # beside itself: never into a folder above it that is not the run's.
+    return path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 # Far above what the analyses need; beyond, the sets they build would exhaust memory (per_cell is
@@ -103,6 +110,10 @@ def check_common(cfg: DictConfig) -> None:
     count("data.val_size", cfg.data.val_size, allow_null=True)
     count("data.carry_size", cfg.data.carry_size)
     count("data.chain_size", cfg.data.chain_size)
+    for key in ("data.val_size", "data.carry_size", "data.chain_size"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value > MAX_COUNT:
+            raise AnalyzeError(f"{key}={value} is invalid: must be an integer in 1..{MAX_COUNT}")
     steps = cfg.get("steps")
     if steps is not None and not (
         OmegaConf.is_list(steps) and len(steps) and all(type(s) is int and 0 <= s < 2**62 for s in steps)
@@ -146,6 +157,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
     check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
     check_writable(output_stem(cfg, path, job).parent)
+    if cfg.wandb and not (job / "wandb").is_dir():
+        raise AnalyzeError(f"wandb=true, but {job} has no W&B run to log to (it was trained with W&B off)")
 
     torch.set_num_threads(cfg.threads)
     subject_options = dict(cfg.data)

@@ -84,11 +84,26 @@ def cli() -> None:
                 "data.n_digits", cfg.data.n_digits, f"must keep 2 * base^n_digits below 2^63 (base {cfg.data.base})"
             )
         integer(1, 100_000_000)("mc_samples", cfg.mc_samples)
-        integer()("mc_seed", cfg.mc_seed)
+        integer(0, 2**32 - 1)("mc_seed", cfg.mc_seed)
     except ConfigError as e:
         print(f"addrepro: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    folder = next((Path(a.partition("=")[2]) for a in sys.argv[1:] if a.startswith("hydra.run.dir=")), None)
+    foreign = (
+        sorted(p.name for p in folder.iterdir() if p.name not in THEORY_FILES) if folder and folder.is_dir() else []
+    )
+    if foreign:  # Hydra would overwrite a run's .hydra/ configs before anything else
+        print(
+            f"addrepro: run folder error: hydra.run.dir={folder} holds files the atlas does not write "
+            f"({', '.join(foreign[:3])}): give a new folder",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     main()
+
+
+# What a theory folder holds: writing the atlas again into it replaces only these.
+THEORY_FILES = {".hydra", "shelves.json", "classes.json"}
 
 
 if __name__ == "__main__":

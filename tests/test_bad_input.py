@@ -90,6 +90,26 @@ CONFIG_CASES = [
     ),
     (["trainer.ckpt_steps=[5,abc]"], "trainer.ckpt_steps=[5, 'abc'] is invalid: must be a list of steps (integers"),
     (["trainer.ckpt_steps=[5,9000]"], "trainer.ckpt_steps=[9000] is invalid: steps beyond trainer.max_steps=3000 are"),
+    (["trainer.max_steps=100000000"], "trainer.max_steps=100000000 is invalid: must be an integer in 1..16777216"),
+    (
+        ["seed=99999999999999999999"],
+        "seed=99999999999999999999 is invalid: must be an integer in 0..9223372036854775807",
+    ),
+    (["hydra.output_subdir=../escape"], "hydra.output_subdir=../escape is invalid: must name a folder inside the run"),
+    (["-m", "seed=0", "hydra.sweep.subdir=../x"], "hydra.sweep.subdir=../x is invalid: must name a folder inside the"),
+    (
+        ["callbacks=[model_checkpoint]", "callbacks.model_checkpoint.filename=../../esc/best"],
+        "callbacks.model_checkpoint.filename='../../esc/best' is invalid: must be a file name (no folders, no ..)",
+    ),
+    (
+        ["callbacks=[model_checkpoint]", "+callbacks.model_checkpoint.dirpath=/tmp/elsewhere"],
+        "callbacks.model_checkpoint.dirpath='/tmp/elsewhere' is invalid: a run writes only into its own folder",
+    ),
+    (
+        ["-m", "seed=0,1", "resume=somewhere"],
+        "resume=somewhere names one run, but the sweep has 2 jobs: give resume=auto",
+    ),
+    (["-m", "seed=range(0,20000)"], "the sweep has 20000 jobs: at most 10000 in one command"),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -104,7 +124,10 @@ CONFIG_CASES = [
     (["mödel.width=16"], "mödel.width=16 is invalid: Hydra cannot read it: LexerNoViableAltException: mödel.width=16"),
     (["resume="], "resume='' is invalid: must be a job folder, a checkpoint file or auto"),
     (["model.depth=1000000"], "model.depth=1000000 is invalid: must be an integer in 1..64"),
-    (["-m", "seed=0,1,abc"], "seed='abc' is invalid: must be an integer (in job 2: seed=abc; no job was started)"),
+    (
+        ["-m", "seed=0,1,abc"],
+        "seed='abc' is invalid: must be an integer in 0..9223372036854775807 (in job 2: seed=abc;",
+    ),
     (["-m", "model.n_heads=4,3"], "model.width=16 is invalid: must be divisible by model.n_heads=3"),
     (["-m", "seed=glob(*)"], "the sweep has no jobs (a glob(...) that matched nothing?)"),
 ]
@@ -407,6 +430,7 @@ def test_a_resume_writes_only_into_the_job_and_records_its_overrides(tmp_path):
         ("data.bse=4", "data.bse=4 is invalid: is not a config key; did you mean data.base"),
         ("data.n_digits=3)", "data.n_digits=3) is invalid: Hydra cannot read it: extraneous input ')'"),
         ("data.n_digits=${oops}", "data.n_digits=${oops} is invalid: ${oops} names no key of the config"),
+        ("mc_seed=-5", "mc_seed=-5 is invalid: must be an integer in 0..4294967295"),
     ],
 )
 def test_theory_checks_its_values_before_its_folder_is_named_after_them(tmp_path, override, message):
@@ -657,6 +681,35 @@ def test_a_resume_refuses_run_files_that_are_links_or_special_files(csv_job, tmp
     )
     assert outside.read_text() == "someone else's file\n" and (job / "status.json").read_text() == status
     assert not (job / ".lock").exists()
+
+
+@pytest.mark.parametrize("folder", ["csv", ".hydra", "checkpoints"])
+def test_a_resume_refuses_job_folders_that_are_links(csv_job, tmp_path, folder):
+    # A linked folder would carry every file written into it out of the job (another job's checkpoints).
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    outside = tmp_path / "outside"
+    shutil.move(job / folder, outside)
+    (job / folder).symlink_to(outside)
+    before = {p.relative_to(outside): p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", "trainer.max_steps=30", "resume=job"], tmp_path, timeout=60)
+    lines = error_lines(proc)
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("addrepro: ") and f"{job / folder} is not a folder of the job (a link" in lines[0]
+    assert {p.relative_to(outside): p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_to_fewer_steps_than_its_checkpoint_is_refused(csv_job, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(csv_job, job)
+    config = (job / ".hydra" / "config.yaml").read_text()
+    step = load_checkpoint(job / "checkpoints" / "last.ckpt")["step"]
+    proc = run_cli("addrepro.train", [*TINY, "logger=csv", f"trainer.max_steps={step - 5}", "resume=job"], tmp_path)
+    (line,) = error_lines(proc)
+    assert proc.returncode == 2 and line.startswith(
+        f"addrepro: config error: trainer.max_steps={step - 5} is invalid: is below the step of "
+    ), line
+    assert (job / ".hydra" / "config.yaml").read_text() == config and not (job / ".hydra" / "resumes.yaml").exists()
 
 
 def test_a_garbled_resumes_file_and_an_unknown_wandb_mode_are_one_line(csv_job, tmp_path):

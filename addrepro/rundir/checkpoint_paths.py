@@ -25,7 +25,7 @@ def log_spaced_steps(max_steps: int, count: int) -> list[int]:
     """Step 0 (the initialisation) and ``count`` steps log-spaced from 1 to ``max_steps``: dense where
     the early shelves form, sparse later."""
     steps = {round(math.exp(i * math.log(max_steps) / max(count - 1, 1))) for i in range(count)}
-    return sorted({0, *steps} & set(range(max_steps + 1)))
+    return sorted(s for s in {0, *steps} if 0 <= s <= max_steps)
 
 
 def checkpoint_dir(job_dir: str | Path) -> Path:

@@ -40,6 +40,10 @@ def load_confusion(job_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     except Exception as e:  # torn, foreign or pickled: numpy raises many kinds
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunFileError(f"{path} cannot be read ({reason})") from None
+    if steps.dtype.kind not in "iu" or confusion.dtype.kind != "f":
+        raise RunFileError(
+            f"{path} holds steps of {steps.dtype} and matrices of {confusion.dtype}, not integers and floats"
+        )
     if steps.ndim != 1 or confusion.ndim != 4 or len(steps) != len(confusion):
         raise RunFileError(f"{path} holds steps {steps.shape} and matrices {confusion.shape}, not one matrix per step")
     return steps, confusion

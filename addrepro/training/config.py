@@ -188,6 +188,11 @@ def option(default: Any, check: Check, factory: bool = False) -> Any:
 
 
 # -- the schema ------------------------------------------------------------------------------
+# The optimiser counts steps in float32 on the device (no host sync): exact up to 2^24.
+MAX_STEPS = 2**24
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
+
+
 @dataclass
 class DataConfig:
     """``data``: the task and the data stream."""
@@ -196,11 +201,17 @@ class DataConfig:
     base: int = option(10, integer(2, 36))
     order: str = option("msb", choice(ORDERS))  # msb: carry-out digit first; lsb: units digit first
     task: str = option("add", choice(TASKS))  # add: with carries; digitwise: (a_j + b_j) mod base
-    batch_size: int | None = option(64, integer(1, null=True))  # finite data: null (or >= train_size) = full batch
-    seed: Any = option("${seed}", integer())  # data stream seed; set apart from `seed` to vary data and init apart
-    train_size: int | None = option(None, integer(1, null=True))  # null: infinite data; N: a fixed set of N pairs
+    batch_size: int | None = option(
+        64, integer(1, 1_048_576, null=True)
+    )  # finite data: null (or >= train_size) = full batch
+    seed: Any = option(
+        "${seed}", integer(0, MAX_SEED)
+    )  # data stream seed; set apart from `seed` to vary data and init apart
+    train_size: int | None = option(
+        None, integer(1, 100_000_000, null=True)
+    )  # null: infinite data; N: a fixed set of N pairs
     val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
-    val_seed: int = option(1000003, integer())  # seed of the validation set for infinite data
+    val_seed: int = option(1000003, integer(0, MAX_SEED))  # seed of the validation set for infinite data
     # The training distribution (addrepro.task.samplers); held-out sets and metrics stay uniform.
     sampler: str = option("uniform", choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
     enrich_batches: float = option(0.4, fraction)  # carry_enriched: share of batches enriched
@@ -233,14 +244,14 @@ class OptimizerConfig:
     weight_decay: float = option(0.1, number(0.0))
     betas: list = option([0.9, 0.98], betas, factory=True)
     eps: float = option(1.0e-8, number(0.0, strict=True))
-    warmup_steps: int = option(10, integer(0))  # linear warmup from 0 (step 0 has lr 0)
+    warmup_steps: int = option(10, integer(0, MAX_STEPS))  # linear warmup from 0 (step 0 has lr 0)
 
 
 @dataclass
 class TrainerConfig:
     """``trainer``: the training loop, evaluation cadence and checkpoints."""
 
-    max_steps: int = option(3000, integer(1))
+    max_steps: int = option(3000, integer(1, MAX_STEPS))
     # Optimiser steps per Lightning step: amortises the framework's per-step overhead.
     steps_per_call: int = option(10, integer(1))
     accelerator: str = option("auto", choice(ACCELERATORS))
@@ -261,7 +272,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = option(1000, integer(1))  # resumable checkpoints; last.ckpt is always written
     # log: also weights-only checkpoints at step 0 and ckpt_log_count log-spaced steps (dense early)
     ckpt_schedule: str = option("log", choice(CKPT_SCHEDULES))
-    ckpt_log_count: int = option(20, integer(1))
+    ckpt_log_count: int = option(20, integer(1, 10_000))
     # Weights-only checkpoints at exactly these steps too (where an analysis needs a shelf), e.g. [150, 300]
     ckpt_steps: list = option([], step_list, factory=True)
     progress_bar: bool = option(True, BOOLEAN)
@@ -298,7 +309,9 @@ class MetricsConfig:
     carry_set_size: int = option(128, integer(1, 100_000))  # sequences per carry-in-0 / carry-in-1 set, per place
     chain_set_size: int = option(64, integer(1, 100_000))  # sequences per (place, carry-chain length) set
     class_set_size: int = option(128, integer(1, 100_000))  # sequences per carry-complexity class S0..Sn
-    spike_window: int = option(50, integer(1))  # a spike: loss > spike_factor x the trend of the last window logs
+    spike_window: int = option(
+        50, integer(1, 100_000)
+    )  # a spike: loss > spike_factor x the trend of the last window logs
     spike_factor: float = option(3.0, number(1.0, strict=True))
     spike_min_excess: float = option(0.05, number(0.0))  # ... and above it by more than this (nats)
     # ... or above it this many times (and above every loss of the window): a jump from a near-zero loss
@@ -311,7 +324,7 @@ class MetricsConfig:
 class RunConfig:
     """The keys of ``train.yaml`` itself."""
 
-    seed: int = option(0, integer())  # initialisation seed of the model
+    seed: int = option(0, integer(0, MAX_SEED))  # initialisation seed of the model
     resume: str | None = option(None, resume_value)  # a job folder, a checkpoint, or auto
     reference: str | None = option(None, reference_name)  # a published curve in addrepro/reports/reference
 
@@ -495,6 +508,15 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 word, None, f"Hydra cannot read it: {reason} (grammar: {GRAMMAR})", given=short(word)
             ) from None
         key = parsed.key_or_group.replace("/", ".")
+        if key in INSIDE_KEYS and not parsed.is_delete():
+            for choice in choices:
+                parts = Path(str(choice)).parts
+                if Path(str(choice)).is_absolute() or ".." in parts:
+                    raise ConfigError(
+                        key,
+                        CommandLineText(str(choice)),
+                        f"must name a folder {INSIDE_KEYS[key]} (no .., not absolute)",
+                    )
         if parsed.is_delete() or key.startswith("hydra"):
             continue
         text = word.partition("=")[2]
@@ -538,6 +560,10 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 raise ConfigError(
                     key, CommandLineText(bad), f"is not an option of {key} (options: {', '.join(options)})"
                 )
+
+
+# Hydra keys naming a folder that must stay inside another one: a job's own files never land elsewhere.
+INSIDE_KEYS = {"hydra.output_subdir": "inside the run folder", "hydra.sweep.subdir": "inside the sweep folder"}
 
 
 def short(text: str, limit: int = 80) -> str:
@@ -669,7 +695,9 @@ def check_callbacks(callbacks: Any, spec: TaskSpec) -> None:
         if not (isinstance(found, type) and issubclass(found, Callback)):
             raise ConfigError(f"{key}._target_", target, "must name a Lightning Callback class")
         check_callback_arguments(key, found, node)
-        monitor = getattr(made_callback(key, node), "monitor", None)
+        made = made_callback(key, node)
+        check_inside_the_run(key, made)
+        monitor = getattr(made, "monitor", None)
         if isinstance(monitor, str) and not monitorable(monitor, spec):
             raise ConfigError(
                 f"{key}.monitor",
@@ -677,6 +705,19 @@ def check_callbacks(callbacks: Any, spec: TaskSpec) -> None:
                 f"is not a key the run publishes: {', '.join(held_out_keys(spec)[:4])}, val/<loss|acc>/place_<j> "
                 f"(j in 0..{spec.n_places - 1}), train/loss, train/acc or another val/ key of the metrics",
             )
+
+
+def check_inside_the_run(key: str, callback: Any) -> None:
+    """A callback that writes files (Lightning's ModelCheckpoint) writes them inside the job folder."""
+    if getattr(callback, "dirpath", None) is not None:
+        raise ConfigError(
+            f"{key}.dirpath",
+            str(callback.dirpath),
+            "a run writes only into its own folder: leave it unset (<job>/checkpoints/lightning)",
+        )
+    filename = getattr(callback, "filename", None)
+    if isinstance(filename, str) and ("/" in filename or "\\" in filename or ".." in filename):
+        raise ConfigError(f"{key}.filename", filename, "must be a file name (no folders, no ..): it is kept in the job")
 
 
 def held_out_keys(spec: TaskSpec) -> list[str]:

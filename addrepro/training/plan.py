@@ -110,6 +110,12 @@ def resume_plan(plan: JobPlan) -> JobPlan:
         OmegaConf.update(cfg, key, value, merge=False)
     cfg.resume = str(path)
     validate(cfg)
+    if ckpt["step"] > cfg.trainer.max_steps:  # it would end at once, its config saying fewer steps than it has
+        raise ConfigError(
+            "trainer.max_steps",
+            cfg.trainer.max_steps,
+            f"is below the step of {path} ({ckpt['step']}): give at least that",
+        )
     spec = task_spec(cfg.data)
     check_compatible(ckpt, asdict(spec), architecture(cfg.model, spec).to_dict(), path, names=CONFIG_KEY_OF)
     owner = owning_job_dir(path)
@@ -121,6 +127,7 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     return dataclasses.replace(plan, cfg=cfg, job_dir=owner, name=name, group=group, resume_from=path)
 
 
+RUN_FOLDERS = ("csv", ".hydra", "checkpoints", "wandb", "tensorboard", "analysis")
 RUN_FILES = (
     "train.log",
     "status.json",
@@ -142,6 +149,10 @@ def check_run_files(plan: JobPlan) -> None:
     """The files a resume reads back (metrics, confusion matrices) must be readable: ``RunFileError``."""
     if plan.resume_from is None or not plan.own_checkpoint:
         return
+    for name in RUN_FOLDERS:  # a linked folder would lead every file written into it out of the job
+        path = plan.job_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise RunFileError(f"{path} is not a folder of the job (a link or a file); a run writes only its own files")
     for name in RUN_FILES:  # a resume appends to and rewrites these: a link could lead out of the job
         path = plan.job_dir / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -207,6 +218,8 @@ def checked_plan(cfg: DictConfig) -> JobPlan | None:
             remove_refused_run()
         return refused(plan, f"{kind} error: {e}")
     except LockError as e:  # the folder's status belongs to the process that holds it
+        if not plan.multirun:  # the folder Hydra made for this command, if it made one
+            remove_refused_run()
         return refused(plan, f"run folder error: {e}")
     except RunFileError as e:  # a run file a resume reads back, torn or not written by a run
         if not plan.multirun:

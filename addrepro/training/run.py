@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import LightningEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -133,6 +134,13 @@ def train(plans: list[JobPlan], draw: Draw | None = None) -> list[dict]:
         raise
     module.recorder.close()
     return finals
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch could not allocate a tensor (host or device memory)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    )
 
 
 def keep_as_last(plans: list[JobPlan]) -> None:
@@ -262,6 +270,17 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
             try_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
         if isinstance(e, OSError):  # disk full, read-only folder: one line naming the path
             print(f"addrepro: storage error: {e}", file=sys.stderr)
+            if not plans[0].multirun:
+                sys.exit(1)
+            return False
+        if is_out_of_memory(e):  # a config the machine cannot hold: one line naming what sizes it
+            c = plans[0].cfg
+            print(
+                f"addrepro: out of memory: {(str(e).strip().splitlines() or [''])[0]} (data.batch_size="
+                f"{c.data.batch_size}, model.width={c.model.width}, model.depth={c.model.depth}, {len(plans)} "
+                "member(s)): give smaller sizes",
+                file=sys.stderr,
+            )
             if not plans[0].multirun:
                 sys.exit(1)
             return False

@@ -17,6 +17,9 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: PLC
 from omegaconf import open_dict, read_write
 
 
+MAX_JOBS = 10_000
+
+
 class CheckedSweeper(BasicSweeper):
     def split_arguments(self, overrides: list, max_batch_size: int | None) -> list[list[list[str]]]:
         from addrepro.training.summary import WritableOutput  # noqa: PLC0415 - not at plugin discovery
@@ -25,6 +28,21 @@ class CheckedSweeper(BasicSweeper):
         if not any(batches):  # e.g. glob(...) over a key matched no option
             assert self.config is not None
             print("addrepro: config error: the sweep has no jobs (a glob(...) that matched nothing?)", file=sys.stderr)
+            remove_sweep_folder(Path(str(self.config.hydra.sweep.dir)), WritableOutput.created)
+            sys.exit(2)
+        jobs = sum(len(batch) for batch in batches)
+        resume = next((str(o.value()) for o in overrides if o.key_or_group == "resume" and not o.is_delete()), None)
+        problem = None
+        if jobs > MAX_JOBS:  # each job's config is composed and checked before any starts
+            problem = f"the sweep has {jobs} jobs: at most {MAX_JOBS} in one command (split it into several)"
+        elif jobs > 1 and resume not in (None, "auto", "None", ""):
+            problem = (
+                f"resume={resume} names one run, but the sweep has {jobs} jobs: give resume=auto (each job continues "
+                "its own folder) or drop -m"
+            )
+        if problem is not None:
+            assert self.config is not None
+            print(f"addrepro: config error: {problem}", file=sys.stderr)
             remove_sweep_folder(Path(str(self.config.hydra.sweep.dir)), WritableOutput.created)
             sys.exit(2)
         return batches
