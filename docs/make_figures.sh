@@ -30,16 +30,28 @@ cp outputs/docs/small/analysis/over_training_attention.png "$out/analysis_over_t
 $py -m addrepro.train experiment=quirke_5digit trainer.progress_bar=false hydra.run.dir=outputs/docs/quirke
 cp outputs/docs/quirke/place_loss.png "$out/quirke_place_loss.png"
 
-# 4. The Findings: a base x digit-count sweep, 3 seeds each (12 stacks of 3, ~45 minutes with one thread),
-#    and 3 seeds each of LSB order and of the digitwise task (~15 minutes).
-$py -m addrepro.train -m data.base=4,6,8,10 data.n_digits=3,4,5 seed=0,1,2 hydra/launcher=ensemble \
+# 4. The Findings: a base x digit-count sweep, 5 seeds each (12 stacks of 5, ~80 minutes with one thread),
+#    and 5 seeds each of LSB order and of the digitwise task (~25 minutes).
+$py -m addrepro.train -m data.base=4,6,8,10 data.n_digits=3,4,5 seed=0,1,2,3,4 hydra/launcher=ensemble \
     logger=csv trainer.threads=1 trainer.progress_bar=false hydra.sweep.dir=outputs/docs/base_digits
 $py -m addrepro.report outputs/docs/base_digits
 cp outputs/docs/base_digits/sweep_descent.png "$out/findings_descent_base_digits.png"
 cp outputs/docs/base_digits/sweep_place_loss.png "$out/findings_place_loss_base_digits.png"
-$py -m addrepro.train -m data.order=lsb seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
+$py -m addrepro.train -m data.order=lsb seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/lsb
 cp outputs/docs/lsb/0_seed=0/timeline.png "$out/findings_lsb_timeline_seed0.png"
-$py -m addrepro.train -m data.task=digitwise seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 \
+$py -m addrepro.train -m data.task=digitwise seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
 cp outputs/docs/digitwise/0_seed=0/timeline.png "$out/findings_digitwise_timeline_seed0.png"
+
+# 5. Nanda's preset to step 1400, for the breakdown table, the neuron shares and the conditioning figure.
+$py -m addrepro.train experiment=nanda_5digit trainer.max_steps=1400 trainer.threads=1 trainer.progress_bar=false \
+    hydra.run.dir=outputs/docs/nanda1400
+$py -m addrepro.analyze checkpoint=outputs/docs/nanda1400/checkpoints/last.ckpt analysis=breakdown
+cp outputs/docs/nanda1400/analysis/breakdown_last.png "$out/nanda_breakdown_step1400.png"
+$py -m addrepro.analyze checkpoint=outputs/docs/nanda1400/checkpoints/last.ckpt analysis=neurons
+for step in 653 956 1400; do
+  $py -m addrepro.analyze checkpoint=outputs/docs/nanda1400/checkpoints/weights_$step.ckpt analysis=condition \
+      "condition.by=[a_3]"
+done
+cp outputs/docs/nanda1400/analysis/condition_weights_1400.png "$out/findings_odds_place4_step1400.png"
