@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the README's figures from scratch (2-core CPU: about 90 minutes, mostly the d_model-512/510 runs and the sweep):
+# Rebuild the README's figures from scratch (2-core CPU: about 3 hours, mostly the d_model-512/510 runs and the sweeps):
 #   bash docs/make_figures.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

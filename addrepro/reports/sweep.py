@@ -43,7 +43,7 @@ from addrepro.reports.plots import (
 from addrepro.reports.timeline import merge_rests
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.job import job_config, job_dirs, job_number
-from addrepro.rundir.metrics_file import load_rows
+from addrepro.rundir.metrics_file import RunFileError, load_rows
 from addrepro.rundir.status import read_statuses
 from addrepro.task.spec import TaskSpec, place_role, role_order
 
@@ -61,7 +61,14 @@ def is_sweep_dir(path: Path) -> bool:
 
 def _overrides(job: Path) -> dict[str, str]:
     path = job / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    try:
+        items = yaml.safe_load(path.read_text()) if path.exists() else []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunFileError(
+            f"{path} cannot be read ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+        ) from None
+    if items is not None and not isinstance(items, list):
+        raise RunFileError(f"{path} holds {type(items).__name__}, not the list of overrides Hydra writes")
     out = {}
     for item in items or []:
         key, _, value = str(item).partition("=")

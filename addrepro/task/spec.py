@@ -29,6 +29,8 @@ class TaskSpec:
             raise ValueError(f"n_digits={self.n_digits!r} must be an integer >= 1")
         if not (whole(self.base) and 2 <= self.base <= 36):
             raise ValueError(f"base={self.base!r} must be an integer in 2..36")
+        if self.n_digits > 62 or 2 * self.base**self.n_digits >= 2**63:  # operands and the atlas use int64
+            raise ValueError(f"n_digits={self.n_digits} must keep 2 * base^n_digits below 2^63 (base {self.base})")
         if self.order not in ORDERS:
             raise ValueError(f"order={self.order!r} must be one of {', '.join(ORDERS)}")
         if self.task not in TASKS:

@@ -34,6 +34,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from addrepro.model.config import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
 from addrepro.task.spec import ORDERS, SAMPLERS, TASKS, TaskSpec
@@ -422,7 +423,12 @@ def check_fields(schema: type, node: Any, prefix: str, others: tuple[str, ...] =
             raise ConfigError(full, node[key], unknown_key(full, [f"{prefix}.{n}" if prefix else n for n in names]))
     for f in dataclasses.fields(schema):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        value = node[f.name]
+        try:
+            value = node[f.name]
+        except OmegaConfBaseException as e:  # ${model.width} in itself, ${oc.env:UNSET}
+            raw = OmegaConf.to_container(node, resolve=False)[f.name] if OmegaConf.is_dict(node) else None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(key, CommandLineText(str(raw)), f"cannot be resolved: {short(reason, 120)}") from None
         if "check" in f.metadata:
             f.metadata["check"](key, value)
         else:  # a nested group (logger.wandb)
@@ -466,7 +472,9 @@ def group_options(group: str) -> list[str]:
 
 
 GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic"
-INTERPOLATION = re.compile(r"\$\{([^${}:]*)(:?)")  # ${key} or ${resolver:...}; nested ones are checked from inside
+# ${key} or ${resolver:...}; nested ones are checked from inside
+INTERPOLATION = re.compile(r"\$\{([^${}:]*)(:?)")
+ENV_INTERPOLATION = re.compile(r"\$\{oc\.env:([^,${}]+)\}")  # an environment variable without a default
 
 
 def check_override_grammar(overrides: list[str], keys: list[str] | None = None) -> None:
@@ -525,6 +533,13 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 raise ConfigError(key, CommandLineText(text), f"${{{name}:...}} names no resolver")
             if not colon and name.lstrip(".") not in known and not name.startswith("hydra"):
                 raise ConfigError(key, CommandLineText(text), f"${{{name}}} names no key of the config")
+            if not colon and name.lstrip(".") == key:
+                raise ConfigError(key, CommandLineText(text), f"${{{name}}} refers to the key itself")
+        for var in ENV_INTERPOLATION.findall(text):  # ${oc.env:NAME} without a default needs NAME set
+            if var.strip() not in os.environ:
+                raise ConfigError(
+                    key, CommandLineText(text), f"the environment variable {var.strip()} is not set (or give a default)"
+                )
         if not groups:
             continue
         options = group_options(key) if key != "callbacks" else callback_options()
