@@ -298,6 +298,15 @@ def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(
 
 
 ANALYZE_CASES = [
+    (["analysis=probes", "probes.max_examples=1"], "probes.max_examples=1 with test_fraction=0.25 leaves 1 examples"),
+    (
+        ["analysis=probes", "probes.test_fraction=0.999999"],
+        "probes.max_examples=2048 with test_fraction=0.999999 leaves",
+    ),
+    (
+        ["analysis=probes", "probes.pca_points=1"],
+        "probes.pca_points=1 is invalid: a PCA of the residual needs at least",
+    ),
     (["steps=[5]"], "steps=[5] is for analysis=over_training (give one checkpoint= otherwise)"),
     (["analysis=over_training", "steps=[abc]"], "steps=['abc'] is invalid: must be null or a list of steps"),
     (["analysis=over_training", "steps=[999]"], "steps=[999] have no checkpoint in "),

@@ -94,6 +94,14 @@ def check_options(
         raise ValueError(f"probes.test_fraction={test_fraction!r} is invalid: must be a number in (0, 1)")
     if not 1e-9 <= ridge <= 1e6:  # below, the standardised Gram matrix is singular in float32
         raise ValueError(f"probes.ridge={ridge!r} is invalid: must be a number in [1e-9, 1e6]")
+    n_train = int(round(max_examples * (1 - test_fraction)))
+    if n_train < 8 or max_examples - n_train < 2:  # a probe needs examples to fit and to score
+        raise ValueError(
+            f"probes.max_examples={max_examples} with test_fraction={test_fraction} leaves {n_train} examples to fit "
+            f"and {max_examples - n_train} to score: at least 8 and 2"
+        )
+    if pca_points < 3:
+        raise ValueError(f"probes.pca_points={pca_points} is invalid: a PCA of the residual needs at least 3 points")
 
 
 @torch.no_grad()
@@ -102,6 +110,7 @@ def run(
 ) -> dict:
     bridge, spec = subject.bridge, subject.spec
     tokens = subject.val_tokens[:max_examples]
+    check_options(len(tokens), test_fraction, ridge, pca_points)  # the validation set may hold fewer
     names = [f"blocks.{layer}.hook_resid_pre" for layer in range(subject.n_layers)]
     final = f"blocks.{subject.n_layers - 1}.hook_resid_post"
     _, cache = bridge.run_with_cache(inputs(tokens), names_filter=lambda n: n in (*names, final))
