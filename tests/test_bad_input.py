@@ -115,6 +115,10 @@ CONFIG_CASES = [
         ["model.width=${oc.env:ADDREPRO_NOT_SET}"],
         "model.width=${oc.env:ADDREPRO_NOT_SET} is invalid: the environment variable ADDREPRO_NOT_SET is not set",
     ),
+    (
+        ["reference=nanda_5digit"],
+        "reference='nanda_5digit' is invalid: is a curve of 5-digit addition: give data.n_digits=5",
+    ),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -516,6 +520,9 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
     elif what == "config_digits":
         path = job / ".hydra" / "config.yaml"
         path.write_text(path.read_text().replace("n_digits: 2", "n_digits: 40"))
+    elif what == "config_reference":  # a path where a shipped curve's name belongs
+        path = job / ".hydra" / "config.yaml"
+        path.write_text(path.read_text().replace("reference: null", "reference: ../../../../etc/passwd"))
     elif what == "config_list":
         (job / ".hydra" / "config.yaml").write_text("[1, 2, 3]\n")
     elif what == "metrics_header_only":
@@ -548,6 +555,7 @@ REPORT_CASES = [
     ("exits_records", "shelf_exits.json: record 0 is not a record with place, level, start_step, last_on_shelf, step"),
     ("config_task", ".hydra/config.yaml holds no valid task in its data section (base='abc' must be an integer"),
     ("config_list", ".hydra/config.yaml is not a run's config: it has no data section"),
+    ("config_reference", ".hydra/config.yaml names reference='../../../../etc/passwd': not a curve shipped with"),
     ("config_digits", ".hydra/config.yaml holds no valid task in its data section (n_digits=40 must keep 2 * base^n"),
     ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),
     ("metrics_device", "csv/metrics.csv is not a regular file"),

@@ -397,10 +397,16 @@ def load_spikes(job_dir: Path) -> list[dict]:
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
-def load_reference(name: str | None) -> dict | None:
+def load_reference(name: str | None, job_dir: Path | str = ".") -> dict | None:
     """A published per-place loss curve shipped with addrepro (see ``addrepro/reports/reference``)."""
     if not name:
         return None
+    shipped = sorted(p.stem for p in REFERENCE_DIR.glob("*.json"))
+    if name not in shipped:  # an edited config: only the shipped curves are read, never a path
+        raise RunFileError(
+            f"{job_dir}/.hydra/config.yaml names reference={name!r}: not a curve shipped with addrepro "
+            f"({', '.join(shipped)})"
+        )
     return json.loads((REFERENCE_DIR / f"{name}.json").read_text())
 
 
@@ -451,7 +457,7 @@ def draw_job(
             f"{job_dir}/confusion.npz holds matrices {confusion[1].shape[1:]}, not this task's"
             f" {(spec.n_places, spec.base, spec.base)} (places, true digit, predicted digit)"
         )
-    reference = load_reference(cfg.get("reference"))
+    reference = load_reference(cfg.get("reference"), job_dir)
     paths = draw_all(job_dir, rows, spec, reference, confusion, plots, run_name(job_dir, cfg))
     if reference is not None:
         table = job_dir / "reference_comparison.md"

@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -678,7 +679,16 @@ def validate(cfg: DictConfig) -> None:
     check_accelerator(cfg.trainer.accelerator)
     check_devices(cfg.trainer)
     check_cuda_graph(cfg.trainer)
-    check_callbacks(cfg.get("callbacks"), task_spec(d))
+    spec = task_spec(d)
+    if cfg.get("reference") is not None:  # a curve of another task would be drawn beside this one silently
+        places = len(json.loads((REFERENCE_DIR / f"{cfg.reference}.json").read_text())["places"])
+        if places != spec.n_places:
+            raise ConfigError(
+                "reference",
+                cfg.reference,
+                f"is a curve of {places - 1}-digit addition: give data.n_digits={places - 1}",
+            )
+    check_callbacks(cfg.get("callbacks"), spec)
 
 
 def check_callbacks(callbacks: Any, spec: TaskSpec) -> None:
