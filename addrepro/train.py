@@ -14,7 +14,13 @@ import hydra
 from omegaconf import DictConfig
 
 from addrepro.training import plan as planning
-from addrepro.training.config import ConfigError, check_override_keys, config_dir, sweep_folder_overrides
+from addrepro.training.config import (
+    ConfigError,
+    check_composition,
+    check_override_keys,
+    config_dir,
+    sweep_folder_overrides,
+)
 from addrepro.training.plan import JobPlan
 
 
@@ -61,6 +67,7 @@ def cli() -> None:
         sys.exit(2)
     try:
         check_override_keys(sys.argv[1:])
+        check_composition(sys.argv[1:])
     except ConfigError as e:
         print(f"addrepro: config error: {e}", file=sys.stderr)
         sys.exit(2)

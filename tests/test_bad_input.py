@@ -119,6 +119,16 @@ CONFIG_CASES = [
         ["reference=nanda_5digit"],
         "reference='nanda_5digit' is invalid: is a curve of 5-digit addition: give data.n_digits=5",
     ),
+    (
+        ["hydra/launcher=nosuch"],
+        "hydra/launcher=nosuch is invalid: Hydra cannot compose it: In 'hydra/config': Could not",
+    ),
+    (
+        ["-m", "+sweep=nosuch"],
+        "+sweep=nosuch is invalid: Hydra cannot compose it: In 'train': Could not find 'sweep/no",
+    ),
+    (["+experiment=nanda_5digit"], "+experiment=nanda_5digit is invalid: Hydra cannot compose it: Multiple values for"),
+    (["optimizer.betas={a:1}"], "optimizer.betas={a:1} is invalid: Hydra cannot compose it: Error merging override"),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),

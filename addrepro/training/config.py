@@ -582,6 +582,50 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
 INSIDE_KEYS = {"hydra.output_subdir": "inside the run folder", "hydra.sweep.subdir": "inside the sweep folder"}
 
 
+def check_composition(overrides: list[str], config_name: str = "train") -> None:
+    """The config composes with the first value of every swept key: a group option that does not exist
+    (``hydra/launcher=nosuch``), a mapping where a list belongs, ``+`` on a chosen group — one line here
+    instead of Hydra's lines after it has made the run folder."""
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415 - composing loads Hydra's plugins
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
+    from hydra.errors import HydraException  # noqa: PLC0415
+
+    parser = OverridesParser.create()
+    single = []
+    for word in overrides:
+        if word.startswith("-"):
+            continue
+        try:
+            (parsed,) = parser.parse_overrides([word])
+            if parsed.is_sweep_override():
+                first = next(iter(parsed.sweep_string_iterator()))
+                word = f"{parsed.get_key_element()}={first}"
+        except Exception:  # noqa: BLE001 - glob(...) needs Hydra's loader: leave this one to Hydra
+            continue
+        single.append(word)
+
+    def problem(words: list[str]) -> str | None:
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                compose(config_name=config_name, overrides=words, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as e:
+            return str(e)
+        return None
+
+    reason = problem(single)
+    if reason is None:
+        return
+    # The first override that the config cannot take: the shortest prefix of them that fails.
+    culprit = next((w for i, w in enumerate(single) if problem(single[: i + 1]) is not None), " ".join(single))
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    skip = ("full_key", "object_type", "provider=", "Set the env", "Config search path", "Available options")
+    first = next((line for line in lines if not line.startswith(skip)), type(reason).__name__)
+    options = [line for line in reason.splitlines() if line.startswith("\t") and "provider=" not in line]
+    if options:
+        first += f" (options: {', '.join(o.strip() for o in options)})"
+    raise ConfigError(culprit, None, f"Hydra cannot compose it: {short(first, 240)}", given=short(culprit)) from None
+
+
 def short(text: str, limit: int = 80) -> str:
     """``text`` as shown in a message: a value of thousands of characters cut in the middle."""
     return text if len(text) <= limit else f"{text[: limit - 20]}…{text[-10:]} ({len(text)} characters)"
