@@ -65,6 +65,10 @@ def cli() -> None:
     if len({MODES[a] for a in modes}) > 1:
         print(f"addrepro: {' and '.join(modes)} cannot be combined: give one of them", file=sys.stderr)
         sys.exit(2)
+    presets = [a for a in sys.argv[1:] if a.lstrip("+").startswith("sweep=")]
+    if presets and not {"-m", "--multirun"} & set(sys.argv[1:]):  # a sweep preset alone would train one job
+        print(f"addrepro: config error: {presets[0]} is a sweep: add -m to run its jobs", file=sys.stderr)
+        sys.exit(2)
     try:
         check_override_keys(sys.argv[1:])
         check_composition(sys.argv[1:])

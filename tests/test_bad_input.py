@@ -129,6 +129,7 @@ CONFIG_CASES = [
     ),
     (["+experiment=nanda_5digit"], "+experiment=nanda_5digit is invalid: Hydra cannot compose it: Multiple values for"),
     (["optimizer.betas={a:1}"], "optimizer.betas={a:1} is invalid: Hydra cannot compose it: Error merging override"),
+    (["+sweep=width"], "+sweep=width is a sweep: add -m to run its jobs"),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
