@@ -103,6 +103,8 @@ def _choices(name: str, spec: dict) -> list[Any] | None:
         bounds = [spec.get("min"), spec.get("max"), spec.get("q", 1)]
         if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds) or bounds[2] <= 0:
             raise ValueError(f"parameter {name}: {dist} needs numbers min, max (and q > 0), got {spec}")
+    if dist in ("int_uniform", "q_uniform") and spec["min"] > spec["max"]:
+        raise ValueError(f"parameter {name}: {dist} needs min <= max, got min {spec['min']} and max {spec['max']}")
     if dist in ("int_uniform", "q_uniform"):
         size = (spec["max"] - spec["min"]) / (1 if dist == "int_uniform" else spec.get("q", 1))
         if not size < MAX_RUNS:  # also NaN/inf bounds

@@ -359,6 +359,7 @@ def test_only_swept_keys_name_the_folders():
 
 
 SWEEP_FILE_CASES = [
+    ("parameters: {seed: {min: 5, max: 1}}", "parameter seed: int_uniform needs min <= max, got min 5 and max 1"),
     ("parameters: [1, 2]", "parameters: expected a mapping of names to specs, got [1, 2]"),
     ("parameters: {model.width: 128}", "parameter model.width: expected a mapping, got 128"),
     ("parameters: {model.width: {values: 128}}", "parameter model.width: values must be a non-empty list, got 128"),

@@ -192,7 +192,7 @@ def option(default: Any, check: Check, factory: bool = False) -> Any:
 # -- the schema ------------------------------------------------------------------------------
 # The optimiser counts steps in float32 on the device (no host sync): exact up to 2^24.
 MAX_STEPS = 2**24
-MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds
+MAX_SEED = 2**63 - 1  # torch's generators take 64-bit seeds (negative ones too)
 
 
 @dataclass
@@ -207,13 +207,13 @@ class DataConfig:
         64, integer(1, 1_048_576, null=True)
     )  # finite data: null (or >= train_size) = full batch
     seed: Any = option(
-        "${seed}", integer(0, MAX_SEED)
+        "${seed}", integer(-MAX_SEED - 1, MAX_SEED)
     )  # data stream seed; set apart from `seed` to vary data and init apart
     train_size: int | None = option(
         None, integer(1, 100_000_000, null=True)
     )  # null: infinite data; N: a fixed set of N pairs
     val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
-    val_seed: int = option(1000003, integer(0, MAX_SEED))  # seed of the validation set for infinite data
+    val_seed: int = option(1000003, integer(-MAX_SEED - 1, MAX_SEED))  # seed of the validation set for infinite data
     # The training distribution (addrepro.task.samplers); held-out sets and metrics stay uniform.
     sampler: str = option("uniform", choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
     enrich_batches: float = option(0.4, fraction)  # carry_enriched: share of batches enriched
@@ -326,7 +326,7 @@ class MetricsConfig:
 class RunConfig:
     """The keys of ``train.yaml`` itself."""
 
-    seed: int = option(0, integer(0, MAX_SEED))  # initialisation seed of the model
+    seed: int = option(0, integer(-MAX_SEED - 1, MAX_SEED))  # initialisation seed of the model
     resume: str | None = option(None, resume_value)  # a job folder, a checkpoint, or auto
     reference: str | None = option(None, reference_name)  # a published curve in addrepro/reports/reference
 
