@@ -130,6 +130,10 @@ CONFIG_CASES = [
     (["+experiment=nanda_5digit"], "+experiment=nanda_5digit is invalid: Hydra cannot compose it: Multiple values for"),
     (["optimizer.betas={a:1}"], "optimizer.betas={a:1} is invalid: Hydra cannot compose it: Error merging override"),
     (["+sweep=width"], "+sweep=width is a sweep: add -m to run its jobs"),
+    (
+        ["-m", "seed=0,1", "hydra/launcher=parallel", "hydra.launcher.n_jobs=0"],
+        "hydra.launcher.n_jobs=0 is invalid: must be an integer other than 0",
+    ),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -534,6 +538,12 @@ def damaged(csv_job, tmp_path, what: str):  # noqa: ANN201
     elif what == "config_reference":  # a path where a shipped curve's name belongs
         path = job / ".hydra" / "config.yaml"
         path.write_text(path.read_text().replace("reference: null", "reference: ../../../../etc/passwd"))
+    elif what == "exits_place":
+        record = {"place": 99, "level": "uniform", "start_step": 0, "last_on_shelf": 5, "step": 10}
+        (job / "shelf_exits.json").write_text(json.dumps([record]))
+    elif what == "config_unresolvable":
+        path = job / ".hydra" / "config.yaml"
+        path.write_text(path.read_text().replace("seed: ${seed}", "seed: ${nosuch}"))
     elif what == "config_list":
         (job / ".hydra" / "config.yaml").write_text("[1, 2, 3]\n")
     elif what == "metrics_header_only":
@@ -566,6 +576,11 @@ REPORT_CASES = [
     ("exits_records", "shelf_exits.json: record 0 is not a record with place, level, start_step, last_on_shelf, step"),
     ("config_task", ".hydra/config.yaml holds no valid task in its data section (base='abc' must be an integer"),
     ("config_list", ".hydra/config.yaml is not a run's config: it has no data section"),
+    ("exits_place", "shelf_exits.json: record 0 has place 99 or a negative step (this task's places are 0..2)"),
+    (
+        "config_unresolvable",
+        ".hydra/config.yaml cannot be read as a run's config (Interpolation key 'nosuch' not found",
+    ),
     ("config_reference", ".hydra/config.yaml names reference='../../../../etc/passwd': not a curve shipped with"),
     ("config_digits", ".hydra/config.yaml holds no valid task in its data section (n_digits=40 must keep 2 * base^n"),
     ("confusion_shape", "confusion.npz holds matrices (1, 1, 1), not this task's (3, 10, 10)"),

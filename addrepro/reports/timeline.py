@@ -20,7 +20,7 @@ import numpy as np
 
 from addrepro.reports.plots import colour, place_label, running_mean, save, series, smoothing_window
 from addrepro.rundir.atomic import atomic_write_text
-from addrepro.rundir.metrics_file import read_records
+from addrepro.rundir.metrics_file import RunFileError, read_records
 from addrepro.shelves.detection import Shelf, running_median
 from addrepro.task.spec import TaskSpec
 
@@ -298,6 +298,12 @@ def write_timeline(
     """``timeline.md`` and (with ``plot``) ``timeline.png`` (``name``: the run, for its title)."""
     exit_fields = {"place": int, "level": str, "start_step": int, "last_on_shelf": int, "step": int}
     exits = read_records(Path(job_dir) / "shelf_exits.json", exit_fields)
+    for i, e in enumerate(exits):  # records of this task: an edited or foreign file is named, not drawn
+        if not 0 <= e["place"] < spec.n_places or min(e["start_step"], e["last_on_shelf"], e["step"]) < 0:
+            raise RunFileError(
+                f"{Path(job_dir) / 'shelf_exits.json'}: record {i} has place {e['place']} or a negative step "
+                f"(this task's places are 0..{spec.n_places - 1})"
+            )
     md = atomic_write_text(Path(job_dir) / "timeline.md", timeline_markdown(rows, spec, shelves, spikes, exits))
     if not plot:
         return [md]

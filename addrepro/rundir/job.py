@@ -50,6 +50,11 @@ def job_config(job_dir: Path):  # noqa: ANN201 - DictConfig
         raise RunFileError(f"{path} cannot be read as a run's config ({reason})") from None
     if not OmegaConf.is_dict(cfg) or not OmegaConf.is_dict(cfg.get("data")):
         raise RunFileError(f"{path} is not a run's config: it has no data section")
+    try:  # what a run writes has every value resolved; an edited ${...} may name nothing
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # noqa: BLE001 - OmegaConf raises many kinds
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFileError(f"{path} cannot be read as a run's config ({reason})") from None
     return cfg
 
 

@@ -334,6 +334,16 @@ def mark_end_of_run_files(job_dir: Path, step: int, paths: list[Path]) -> None:
     atomic_write_text(job_dir / END_OF_RUN, json.dumps({"step": step, "files": files}, indent=1))
 
 
+def end_of_run_files_complete(job_dir: Path) -> bool:
+    """``end_of_run.json`` is there as ``mark_end_of_run_files`` writes it (a damaged one: draw them again)."""
+    path = Path(job_dir) / END_OF_RUN
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("files"), list)
+
+
 def draw_jobs(draw: Callable[..., list[Path]], jobs: list[tuple], workers: int) -> list[list[Path]]:
     """``[draw(*job) for job in jobs]``, in up to ``workers`` processes when there are several jobs.
 

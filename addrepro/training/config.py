@@ -526,6 +526,8 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                         CommandLineText(str(choice)),
                         f"must name a folder {INSIDE_KEYS[key]} (no .., not absolute)",
                     )
+        if key == "hydra.launcher.n_jobs" and any(not _is_int(c) or c == 0 for c in choices):
+            raise ConfigError(key, choices[0], "must be an integer other than 0 (jobs at once; -1: one per core)")
         if parsed.is_delete() or key.startswith("hydra"):
             continue
         text = word.partition("=")[2]

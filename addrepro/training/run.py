@@ -29,7 +29,6 @@ from addrepro.rundir.loggers import close_loggers, make_loggers, previous_wandb_
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.rundir.status import write_status
 from addrepro.training.callbacks import (
-    END_OF_RUN,
     Checkpoints,
     ConfusionImages,
     EndOfRunFiles,
@@ -37,6 +36,7 @@ from addrepro.training.callbacks import (
     Preemption,
     ShelfExitSnapshots,
     SpikeSnapshots,
+    end_of_run_files_complete,
     log_files_to_wandb,
     mark_end_of_run_files,
 )
@@ -161,7 +161,7 @@ def finish_end_of_run_files(
     """The end-of-run files of a finished job that was stopped while drawing them (no ``end_of_run.json``),
     drawn now from its files; a job whose files are complete is left as it is."""
     for plan, member, rows in zip(plans, members, history, strict=True):
-        if draw is None or not rows or (plan.job_dir / END_OF_RUN).exists():  # no rows: no metrics file to draw
+        if draw is None or not rows or end_of_run_files_complete(plan.job_dir):  # no rows: no metrics file to draw
             continue
         log.info("drawing the end-of-run files the run did not finish: %s", plan.job_dir)
         paths = draw(plan.job_dir, rows, member.config, plots)
