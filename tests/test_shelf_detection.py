@@ -9,6 +9,7 @@ import pytest
 
 from addrepro.shelves.detection import Shelf, atlas_plateaus, detect_shelves
 from addrepro.shelves.spikes import Spike, SpikeMonitor, detect_spikes, trend_baseline
+from addrepro.shelves.trend import shelf_trend
 
 LOG10 = math.log(10)
 LOG2 = math.log(2)
@@ -393,3 +394,36 @@ def test_atlas_plateaus_ignore_fast_crossings_and_short_curves():
     loss = np.exp(np.linspace(math.log(3.0), math.log(0.01), len(steps)))  # crosses every level quickly
     assert atlas_plateaus(steps, loss, REST_ATLAS) == []
     assert atlas_plateaus(steps[:5], np.full(5, math.log(2)), REST_ATLAS) == []
+
+
+# ----------------------------------------------------------------------------
+# Flat plateau or slow passage
+# ----------------------------------------------------------------------------
+
+
+def test_shelf_trend_tells_a_flat_rest_from_a_slow_passage() -> None:
+    steps = np.arange(0, 1000, 10)
+    rng = np.random.default_rng(0)
+    flat = 0.693 * np.exp(rng.normal(0, 0.02, len(steps)))
+    assert shelf_trend(steps, flat, 0, 990)["kind"] == "flat"
+    # A loss that falls by half over the rest, with the same noise: a slow passage, its factor recovered.
+    sliding = 0.693 * np.exp(-math.log(2) * steps / 990 + rng.normal(0, 0.02, len(steps)))
+    trend = shelf_trend(steps, sliding, 0, 990)
+    assert trend["kind"] == "slow passage" and trend["change_low"] < 0.5 < trend["change_high"]
+    assert shelf_trend(steps, 1 / sliding, 0, 990)["kind"] == "rising"
+    # Only the shelf's own steps count; too few of them say so.
+    assert shelf_trend(steps, sliding, 500, 520) == {
+        "change": None,
+        "change_low": None,
+        "change_high": None,
+        "points": 3,
+        "kind": "unclear",
+    }
+    # Noise ten times larger over a 5% fall: the interval spans the boundary.
+    noisy = 0.693 * np.exp(-0.05 * steps / 990 + rng.normal(0, 0.2, len(steps)))
+    assert shelf_trend(steps, noisy, 0, 990)["kind"] == "unclear"
+    # Exact straight line in log: the factor is exact and the interval has no width.
+    exact = np.exp(-steps / 1000)
+    trend = shelf_trend(steps, exact, 0, 990)
+    assert trend["change"] == pytest.approx(math.exp(-0.99), rel=1e-9)
+    assert trend["change_low"] == pytest.approx(trend["change_high"], rel=1e-9)

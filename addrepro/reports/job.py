@@ -31,6 +31,7 @@ from addrepro.rundir.job import job_config
 from addrepro.rundir.metrics_file import RunFileError, load_rows, read_records
 from addrepro.shelves.atlas import atlas_by_place, shelf_atlas
 from addrepro.shelves.detection import atlas_plateaus, detect_shelves
+from addrepro.shelves.trend import shelf_trend
 from addrepro.task.spec import TaskSpec
 
 # Atlas levels drawn as guides; deeper carry levels crowd the log axis and are left out.
@@ -170,8 +171,13 @@ def plot_place_losses(
 
 
 def write_shelves_json(rows: list[dict], spec: TaskSpec, path: Path) -> Path:
+    """Every shelf of every place, with its trend over the rest (flat or a slow passage, ``shelves.trend``)."""
     shelves = find_shelves(rows, spec)
-    payload = [{"place": j, **s.as_dict()} for j, found in shelves.items() for s in found]
+    payload = []
+    for j, found in shelves.items():
+        steps, loss = series(rows, f"train/loss/place_{j}")
+        for s in found:
+            payload.append({"place": j, **s.as_dict(), "trend": shelf_trend(steps, loss, s.start_step, s.end_step)})
     return atomic_write_text(path, json.dumps(payload, indent=1))
 
 

@@ -22,6 +22,7 @@ from addrepro.reports.plots import colour, place_label, running_mean, save, seri
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.metrics_file import RunFileError, read_records
 from addrepro.shelves.detection import Shelf, running_median
+from addrepro.shelves.trend import describe_trend, shelf_trend
 from addrepro.task.spec import TaskSpec
 
 ATTN_KEY = re.compile(r"^mech/attn/L(\d+)H(\d+)/place_(\d+)/(own|lower)$")
@@ -171,9 +172,11 @@ def timeline_markdown(
             lines.append("No shelf detected.")
         for shelf in merge_rests(shelves.get(j, [])):
             atlas = f" (atlas {shelf.atlas_loss:.4g})" if shelf.atlas_loss is not None else ""
+            steps, loss = series(rows, f"train/loss/place_{j}")
+            trend = describe_trend(shelf_trend(steps, loss, shelf.start_step, shelf.end_step))
             line = (
                 f"- Rested at {shelf_name(shelf)}, loss {shelf.level:.4g}{atlas}, "
-                f"steps {shelf.start_step}–{shelf.end_step}"
+                f"steps {shelf.start_step}–{shelf.end_step} ({trend})"
             )
             exit_ = exits.get((j, shelf.start_step))
             if exit_ is None:
