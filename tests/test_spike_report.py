@@ -3,10 +3,13 @@
 import math
 
 import adder
+import torch
 
-from addrepro.reports.spike_report import examine_spike, write_spike_report
+from addrepro.metrics.place import stats_from_logits
+from addrepro.model.transformer import model_from_checkpoint
+from addrepro.reports.spike_report import examine_spike, example_gradients, write_spike_report
 from addrepro.rundir.checkpoints import save_checkpoint
-from addrepro.task.encoding import decode
+from addrepro.task.encoding import decode, split_tokens
 from addrepro.task.streams import configured_validation_tokens
 
 SEVEN = 7
@@ -51,6 +54,30 @@ def test_the_spike_report_finds_what_was_broken(tmp_path):
     assert str(c).zfill(4)[::-1][top["place"]] == "7"
     # Before and after are the same weights: nothing changed inside the model.
     assert ex["mechanism"] and all(m["before"] == m["after"] for m in ex["mechanism"])
+    # One weight moved, by 20: its update-to-weight ratio is 20 / its norm, every other one's 0.
+    w_u = adder.checkpoint()["model"]["unembed.W_U"].double().norm()
+    ratios = ex["relative_before_at"]
+    assert next(iter(ratios)) == "unembed.W_U" and math.isclose(ratios["unembed.W_U"], 20 / float(w_u), rel_tol=1e-9)
+    assert all(r == 0 for n, r in ratios.items() if n != "unembed.W_U")
+    # The exact adder (logit 20 against 0) barely pulls on its weights; at the spike a 7 costs log 10 and pulls hard.
+    assert top["grad_norm_at"] > 1e3 * top["grad_norm_before"] and top["grad_norm_before"] == top["grad_norm_after"]
+
+
+def test_example_gradients_add_up_to_the_batch_gradient():
+    # Each row is one example's gradient alone: their sum is the gradient of the summed loss of the batch.
+    model, spec = model_from_checkpoint(adder.checkpoint())
+    with torch.no_grad():
+        for p in model.parameters():  # away from the exact adder's saturated softmax
+            p.mul_(0.05)
+    val = configured_validation_tokens(adder.checkpoint()["config"], adder.SPEC)[:6]
+    inputs, targets = split_tokens(val, spec)
+    rows = example_gradients(model, inputs, targets, spec)  # (6, n_params)
+    logits = model(inputs, last=spec.n_places)
+    loss = stats_from_logits(logits, targets.unsqueeze(0), spec).token_loss.sum()
+    batch = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    assert rows.shape == (6, batch.numel())
+    torch.testing.assert_close(rows.sum(0), batch, rtol=1e-4, atol=1e-5 * float(batch.abs().max()))
+    assert len({round(float(n), 6) for n in rows.norm(dim=-1)}) > 1  # the examples differ
 
 
 def test_spikes_md_lists_every_spike_and_says_when_no_weights_were_saved(tmp_path):

@@ -41,6 +41,32 @@ def update_norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return math.sqrt(sum(float((b[n].double() - a[n].double()).square().sum()) for n in a))
 
 
+def relative_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per weight: the norm of its change from ``a`` to ``b`` over its norm in ``a`` (the update-to-weight
+    ratio; inf for a weight that was zero)."""
+    out = {}
+    for name in a:
+        before = a[name].double()
+        change = float((b[name].double() - before).norm())
+        size = float(before.norm())
+        out[name] = change / size if size > 0 else (0.0 if change == 0 else math.inf)
+    return out
+
+
+def example_gradients(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """Gradient ``(E, n_params)`` of each example's loss (summed over places) with respect to every weight,
+    one backward pass per example: inputs ``(E, T)``, targets ``(E, n+1)``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    with torch.enable_grad():
+        for i in range(len(inputs)):
+            logits = model(inputs[i : i + 1], last=spec.n_places)  # (1, 1, n+1, base)
+            loss = stats_from_logits(logits, targets[i : i + 1].unsqueeze(0), spec).token_loss.sum()
+            grads = torch.autograd.grad(loss, params)
+            rows.append(torch.cat([g.reshape(-1) for g in grads]).detach())
+    return torch.stack(rows)
+
+
 @torch.no_grad()
 def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
     """The numbers of ``spikes.md`` for one spike, or None when its weights were not saved."""
@@ -68,6 +94,9 @@ def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
     for a, b in (("before", "at"), ("at", "after")):
         if a in ckpts and b in ckpts:
             out[f"update_{a}_{b}"] = update_norm(ckpts[a]["model"], ckpts[b]["model"])
+            ratios = relative_updates(ckpts[a]["model"], ckpts[b]["model"])
+            top = sorted(ratios, key=lambda n: -ratios[n])[:worst]
+            out[f"relative_{a}_{b}"] = {n: ratios[n] for n in top}
     base = losses.get("before")
     rise = losses["at"] - base if base is not None else losses["at"]  # (V, n+1)
     per_example = rise.sum(-1)
@@ -82,6 +111,12 @@ def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
         }
         for i, (a, b, c) in zip(order, triples, strict=True)
     ]
+    # How hard each of those examples pulls on the weights, before and at the spike.
+    for p in ("before", "at", "after"):
+        if p in models:
+            norms = example_gradients(models[p], inputs[order], targets[order], spec).norm(dim=-1)
+            for w, g in zip(out["worst"], norms.tolist(), strict=True):
+                w[f"grad_norm_{p}"] = g
     if "before" in models and "after" in models:
         sets = CarrySets.build(spec, 64, 8)
         sample = val[:MECHANISM_EXAMPLES].unsqueeze(0)
@@ -116,10 +151,21 @@ def spikes_markdown(examined: list[tuple[dict, dict | None]]) -> str:
                 "Weight change (L2): " + "; ".join(f"{a} → {b}: {ex[f'update_{a}_{b}']:.4g}" for a, b in pairs),
                 "",
             ]
-        lines += ["Held-out examples whose loss rose most (summed over places):", ""]
+        for a, b in pairs:
+            if f"relative_{a}_{b}" in ex:
+                top = ", ".join(f"`{n}` {r:.3g}" for n, r in ex[f"relative_{a}_{b}"].items())
+                lines += [f"Largest update-to-weight ratios ‖ΔW‖/‖W‖, {a} → {b}: {top}", ""]
+        lines += [
+            "Held-out examples whose loss rose most (summed over places), with the norm of that example's "
+            "loss gradient over all weights (before / at / after):",
+            "",
+        ]
         for w in ex["worst"]:
             was = f"{w['loss_before']:.3g} → " if w["loss_before"] is not None else ""
-            lines.append(f"- `{w['example']}`: {was}{w['loss_at']:.3g} nats, most at place {w['place']}")
+            grads = " / ".join(f"{w[f'grad_norm_{p}']:.3g}" for p in POINTS if f"grad_norm_{p}" in w)
+            lines.append(
+                f"- `{w['example']}`: {was}{w['loss_at']:.3g} nats, most at place {w['place']}; gradient norm {grads}"
+            )
         if ex.get("mechanism"):
             lines += ["", "Largest changes inside the model, before → after:", ""]
             for m in ex["mechanism"]:
