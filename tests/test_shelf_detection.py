@@ -427,3 +427,17 @@ def test_shelf_trend_tells_a_flat_rest_from_a_slow_passage() -> None:
     trend = shelf_trend(steps, exact, 0, 990)
     assert trend["change"] == pytest.approx(math.exp(-0.99), rel=1e-9)
     assert trend["change_low"] == pytest.approx(trend["change_high"], rel=1e-9)
+
+
+def test_a_named_rest_lies_within_the_naming_tolerance_of_its_level() -> None:
+    # Rests near log 2 with dips to 0.3-0.7x of it on 85 of 200 logs (bridged into one rest): the level
+    # reported is that of the points near log 2, never the dips'.
+    atlas = {"uniform": math.log(10), "naive_sum": math.log(2), "carry_depth_1": math.log(2) / 10}
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        steps = np.arange(0, 2000, 10)
+        loss = math.log(2) * np.exp(rng.normal(0, 0.05, len(steps)))
+        dips = rng.choice(len(steps), size=85, replace=False)
+        loss[dips] *= rng.uniform(0.3, 0.7, len(dips))
+        for shelf in atlas_plateaus(steps, loss, atlas):
+            assert abs(math.log(shelf.level / shelf.atlas_loss)) <= 0.12, (trial, shelf)

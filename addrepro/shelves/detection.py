@@ -328,7 +328,8 @@ def atlas_plateaus(
     Change points find flat segments; a curve that sinks slowly through a level (the tens digit of
     5-digit addition passing log 2 over a few hundred steps) has none, yet it does rest near that
     level. Every point is assigned to the nearest nonzero atlas level within ``rel_tol`` (in log
-    space); runs of at least ``min_points`` points at one level are reported.
+    space); runs of at least ``min_points`` points at one level are reported, each with the median
+    smoothed loss of its points near the level.
     """
     steps = np.asarray(steps, dtype=float)
     losses = np.asarray(losses, dtype=float)
@@ -361,7 +362,10 @@ def atlas_plateaus(
     for lab, first, last in runs:
         if last - first + 1 >= min_points:
             name, value = levels[lab]
-            level = float(np.median(losses[first : last + 1]))
+            # The median of the points that were near the level (not of the excursions bridged between
+            # them): a named shelf's level always lies within rel_tol of its atlas level.
+            near = label[first : last + 1] == lab
+            level = float(np.exp(np.median(y[first : last + 1][near])))
             out.append(Shelf(int(steps[first]), int(steps[last]), level, name, float(value), method="atlas"))
     return out
 
