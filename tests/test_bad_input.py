@@ -317,6 +317,10 @@ def test_resume_from_a_bad_checkpoint_gives_one_line_before_anything_is_created(
 
 
 ANALYZE_CASES = [
+    (
+        ["analysis=patching", "patching.places=[0]", "patching.kinds=[carry]"],
+        "patching.places=[0] with kinds=['carry'] selects nothing to patch: carry pairs need a place >= 1",
+    ),
     (["analysis=probes", "probes.max_examples=1"], "probes.max_examples=1 with test_fraction=0.25 leaves 1 examples"),
     (
         ["analysis=probes", "probes.test_fraction=0.999999"],

@@ -44,6 +44,14 @@ def run(
                 f"{', '.join(map(str, saved))}); train with trainer.ckpt_steps=[...] to save them"
             )
         checkpoints = [(step, saved[step]) for step in sorted(set(steps))]
+    first = load_checkpoint(checkpoints[0][1])
+    for _, path in checkpoints[1:]:  # one run's checkpoints: a copied-in one of another model is named
+        other = load_checkpoint(path)
+        if other.get("task") != first.get("task") or other.get("model_config") != first.get("model_config"):
+            raise ValueError(
+                f"checkpoint={job_dir}: {path.name} holds another task or model than {checkpoints[0][1].name}; "
+                "over_training follows one run"
+            )
     steps, series = [], {}
     for i, (step, path) in enumerate(checkpoints):
         subject: Subject = load_subject(path, **(subject_options or {}))

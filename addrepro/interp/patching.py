@@ -216,6 +216,11 @@ def run(subject: Subject, size: int = 64, places: list[int] | None = None, kinds
             if kind == "carry" and (j == 0 or spec.task != "add"):
                 continue
             results[f"place_{j}/{kind}"] = patch_place(subject, j, kind, size)
+    if not results:  # e.g. carry pairs at the units place, which no carry reaches
+        raise ValueError(
+            f"patching.places={places} with kinds={kinds} selects nothing to patch: carry pairs need a place >= 1 "
+            "of an addition task (or add kinds a or b)"
+        )
     return {
         "analysis": "patching",
         **subject_info(subject),

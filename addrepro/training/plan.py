@@ -98,7 +98,11 @@ def resume_plan(plan: JobPlan) -> JobPlan:
     check_resumable(ckpt, path)
     # A key added to addrepro after the checkpoint was written takes this job's value (its default).
     current = OmegaConf.create(OmegaConf.to_container(plan.cfg, resolve=False))
-    cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
+    try:
+        cfg = OmegaConf.merge(current, OmegaConf.create(ckpt["config"]))
+    except Exception as e:  # noqa: BLE001 - OmegaConf raises many kinds for a stored config edited out of shape
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"resume={path}: its stored config does not fit a run's config ({reason})") from None
     # This command's overrides win over the stored config; their values are taken from this job's
     # composed config, so group overrides (logger=csv) bring their whole group.
     for override in HydraConfig.get().overrides.task:
