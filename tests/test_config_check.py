@@ -64,7 +64,7 @@ BAD = [
     (["data.seed=abc"], "data.seed", "'abc'", "must be an integer"),
     (["seed=1.5"], "seed", "1.5", "must be an integer"),
     (["data.val_size=0"], "data.val_size", "0", "integer in 1..1000000"),
-    (["data.train_size=0"], "data.train_size", "0", "integer >= 1 or null"),
+    (["data.train_size=0"], "data.train_size", "0", "integer in 1..100000000 or null"),
     (
         ["data.base=2", "data.n_digits=2", "data.train_size=13", "data.val_size=4"],
         "data.train_size",
