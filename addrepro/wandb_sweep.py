@@ -61,14 +61,39 @@ def load_sweep(path: str | Path) -> dict:
     if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read
         raise ValueError(f"{path}: not a regular file")
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (a W&B sweep file is YAML)") from None
+    if len(text) > 1_000_000:
+        raise ValueError(f"{path}: over 1 MB: not a sweep file")
+    try:
+        config = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         raise ValueError(f"{path}{where}: not YAML ({getattr(e, 'problem', None) or type(e).__name__})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a W&B sweep file (expected a mapping)")
+    if _size(config) > MAX_NODES:  # YAML aliases can make a small file expand enormously
+        raise ValueError(f"{path}: expands to over {MAX_NODES} values (YAML aliases?): not a sweep file")
     return config
+
+
+MAX_NODES = 100_000
+
+
+def _size(node: Any, budget: list[int] | None = None) -> int:
+    """Values in ``node`` with aliases expanded, counting stops once past ``MAX_NODES``."""
+    budget = [0] if budget is None else budget
+    budget[0] += 1
+    if budget[0] <= MAX_NODES and isinstance(node, dict):
+        for key, value in node.items():
+            _size(key, budget)
+            _size(value, budget)
+    elif budget[0] <= MAX_NODES and isinstance(node, list):
+        for value in node:
+            _size(value, budget)
+    return budget[0]
 
 
 def _flatten(params: dict, prefix: str = "") -> list[tuple[str, dict]]:

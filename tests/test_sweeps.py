@@ -391,6 +391,22 @@ SWEEP_FILE_CASES = [
 
 
 @pytest.mark.parametrize("body,message", SWEEP_FILE_CASES, ids=[c[0] for c in SWEEP_FILE_CASES])
+def test_a_sweep_file_that_expands_enormously_or_is_not_text_is_one_line(tmp_path, capsys):
+    from addrepro import wandb_sweep
+
+    # Nine levels of nine aliases: 9^9 words once expanded, from a file of 30 lines.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join([*lines, "method: grid", "parameters: {seed: {values: [1]}}", "command: *a8"]) + "\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)))
+    for path, message in [(bomb, "expands to over 100000 values"), (binary, "not a text file")]:
+        assert wandb_sweep.main([str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"addrepro.wandb_sweep: {path}: " + err[0].split(f"{path}: ", 1)[1]] and message in err[0], err
+
+
 def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, body, message):
     from addrepro import wandb_sweep
 
