@@ -390,7 +390,6 @@ SWEEP_FILE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("body,message", SWEEP_FILE_CASES, ids=[c[0] for c in SWEEP_FILE_CASES])
 def test_a_sweep_file_that_expands_enormously_or_is_not_text_is_one_line(tmp_path, capsys):
     from addrepro import wandb_sweep
 
@@ -407,6 +406,7 @@ def test_a_sweep_file_that_expands_enormously_or_is_not_text_is_one_line(tmp_pat
         assert err == [f"addrepro.wandb_sweep: {path}: " + err[0].split(f"{path}: ", 1)[1]] and message in err[0], err
 
 
+@pytest.mark.parametrize("body,message", SWEEP_FILE_CASES, ids=[c[0] for c in SWEEP_FILE_CASES])
 def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, body, message):
     from addrepro import wandb_sweep
 
