@@ -46,6 +46,9 @@ def test_decomposition_of_hand_built_logits():
     assert d["split"] == pytest.approx(-math.log(0.5 / (1 - m)), abs=1e-12)
     assert d["spread"] == pytest.approx(loss + math.log(0.5), abs=1e-12)
     assert d["other"] + d["split"] + d["spread"] == pytest.approx(d["loss"], abs=1e-12)
+    # two losses, -log 0.9 and -log 0.1: their sample standard deviation over sqrt(2)
+    spread = abs(math.log(0.9) - math.log(0.1)) / math.sqrt(2)
+    assert d["n"] == 2 and d["loss_se"] == pytest.approx(spread / math.sqrt(2), rel=1e-12)
     # shifts are read from real logits: P(naive + k) with naive = 7 wraps around the base
     logits = torch.randn(5, base, generator=torch.Generator().manual_seed(0))
     naive = torch.full((5,), 7)

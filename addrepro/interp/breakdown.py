@@ -73,8 +73,12 @@ def decompose(logp_right: torch.Tensor, logp_shift: torch.Tensor) -> dict[str, f
     m = min(max(m, 0.0), 1.0 - 1e-300)
     other = -float(np.log1p(-m))
     split = -float(np.log(mean_p)) - other
+    n = len(logp_right)
     return {
         "loss": loss,
+        # standard error of the loss from the set's size (its examples are independent draws)
+        "loss_se": float(logp_right.std(unbiased=True) / n**0.5) if n > 1 else 0.0,
+        "n": n,
         "other": other,
         "split": split,
         "spread": loss + float(np.log(mean_p)),
@@ -186,7 +190,9 @@ def plot(result: dict) -> Any:
         ax.imshow(shade, cmap="viridis", aspect="auto", vmin=0, vmax=1)
         for (r, c), v in np.ndenumerate(values):
             ink = "black" if shade[r, c] > 0.6 else "white"  # dark text on viridis' light end
-            ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=7.5, color=ink)
+            se = carry[names[r]].get("loss_se") if cols[c] == "loss" else None
+            shown = f"{v:.3g} ± {se:.2g}" if se is not None else f"{v:.3g}"
+            ax.text(c, r, shown, ha="center", va="center", fontsize=7.5, color=ink)
         short = [
             n.replace("carry/place_", "place ").replace("/cin_", ", carry in ").replace("chain/place_", "place ")
             for n in names
@@ -195,7 +201,11 @@ def plot(result: dict) -> Any:
         ax.set_yticks(range(len(names)), short, fontsize=8)
         ax.set_xticks(range(len(cols)), cols, fontsize=8)
         ax.xaxis.tick_top()
-        ax.set_title("carry-conditioned sets: loss and its terms (colour: within each column)", fontsize=9, pad=18)
+        ax.set_title(
+            "carry-conditioned sets: loss ± its standard error, and its terms (colour: within each column)",
+            fontsize=9,
+            pad=18,
+        )
     val = result["decomposition"]["val"]
     ax = fig.add_subplot(grid[-1, 2:])
     bottom = np.zeros(len(places))
