@@ -16,7 +16,6 @@ from pathlib import Path
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: PLC2701 - Hydra exports it only there
 from omegaconf import open_dict, read_write
 
-
 MAX_JOBS = 10_000
 
 
