@@ -76,4 +76,7 @@ def test_quirke_5digit_matches_the_paper():
     assert "blocks.0.ln1.w" in params and "ln_final.w" in params
     opt = module.configure_optimizers()
     assert opt.member_lr.tolist() == [pytest.approx(8e-5)] and opt.param_groups[0]["betas"] == (0.9, 0.98)
-    assert cfg.data.batch_size == 64 and cfg.trainer.max_steps == 10000
+    assert cfg.data.batch_size == 64 and cfg.trainer.max_steps == 5000 and cfg.seed == 129000
+    # their notebook's generator: 20% of batches with 20% of digit pairs made to sum to 9
+    assert cfg.data.sampler == "carry_enriched" and cfg.data.enrich_batches == cfg.data.enrich_digits == 0.2
+    assert cfg.optimizer.warmup_steps == 10 and cfg.optimizer.weight_decay == 0.1
