@@ -126,3 +126,21 @@ def test_intervention_options_are_checked():
         intervene.run(subject, set={"a_0": 12}, size=100)
     with pytest.raises(ValueError, match="c_j needs j in 0..3"):
         intervene.run(subject, set={"c_4": 1}, size=100)
+
+
+def test_confusion_matrices_per_cell_of_the_adder():
+    # The adder is right everywhere: the confusion matrix of place 1 is the identity in every cell (to its
+    # softmax's 9 e^-20), with NaN rows for digits a cell never has.
+    subject = load_subject(adder.checkpoint(val_size=64), carry_size=8, chain_size=8)
+    result = condition.run(subject, by=["carry_1"], size=3000, confusion=1)
+    assert result["confusion_place"] == 1
+    right = 1 / (1 + 9 * math.exp(-20))
+    for cell in result["cells"]:
+        matrix = torch.as_tensor(cell["confusion"])
+        seen = ~matrix.isnan().any(-1)
+        assert seen.any()
+        torch.testing.assert_close(matrix[seen], torch.eye(10, dtype=torch.float64)[seen] * right, atol=1e-7, rtol=0)
+    fig = condition.plot(result)
+    assert len(fig.axes) == 1 + len(result["cells"]) + 1  # the loss panel, a matrix per cell, the colour bar
+    with pytest.raises(ValueError, match="this task's places are 0..3"):
+        condition.run(subject, by=["carry_1"], size=100, confusion=4)

@@ -25,6 +25,7 @@ import itertools
 import re
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -35,7 +36,6 @@ from addrepro.interp.common import (
     answer_logits,
     answer_targets,
     naive_digits,
-    new_figure,
     subject_info,
     token_losses,
 )
@@ -149,7 +149,9 @@ def odds_feature(by: list[str], spec: TaskSpec) -> tuple[int, str] | None:
     return (i + 1, by[0]) if kind in ("a", "b") else None
 
 
-def check_options(by: list | None = None, size: int = 20_000, seed: int = 0) -> None:
+def check_options(by: list | None = None, size: int = 20_000, seed: int = 0, confusion: int | None = None) -> None:
+    if confusion is not None and (type(confusion) is not int or confusion < 0):
+        raise ValueError(f"condition.confusion={confusion!r} is invalid: must be null or a place (an integer >= 0)")
     if not isinstance(by, list) or not by or len(by) > 4:
         raise ValueError(
             f"condition.by={by!r} is invalid: must be a list of 1 to 4 features, e.g. [a_0] or [s_1,carry_1]"
@@ -160,16 +162,40 @@ def check_options(by: list | None = None, size: int = 20_000, seed: int = 0) -> 
         raise ValueError(f"condition.by={by!r} is invalid: names a feature twice")
 
 
+def confusions(values: dict[str, torch.Tensor], probs: torch.Tensor, targets: torch.Tensor, base: int) -> list:
+    """Per cell (in ``cells``' order): the mean predicted distribution of each true digit ``(base, base)``
+    (row: the true digit, column: the predicted one; NaN rows for digits the cell never has)."""
+    stacked = torch.stack(list(values.values()), -1)
+    _, inverse = torch.unique(stacked, dim=0, return_inverse=True)
+    out = []
+    for c in range(int(inverse.max()) + 1):
+        mask = inverse == c
+        matrix = torch.full((base, base), float("nan"), dtype=torch.float64)
+        for t in range(base):
+            rows = probs[mask & (targets == t)]
+            if len(rows):
+                matrix[t] = rows.double().mean(0)
+        out.append(matrix)
+    return out
+
+
 @torch.no_grad()
-def run(subject: Subject, by: list | None = None, size: int = 20_000, seed: int = 0) -> dict:
+def run(
+    subject: Subject, by: list | None = None, size: int = 20_000, seed: int = 0, confusion: int | None = None
+) -> dict:
     spec = subject.spec
     by = list(by or ["a_0"])
-    check_options(by, size, seed)
+    check_options(by, size, seed, confusion)
     for name in by:
         check_feature(name, spec)
+    if confusion is not None and confusion >= spec.n_places:
+        raise ValueError(f"condition.confusion={confusion} is invalid: this task's places are 0..{spec.n_places - 1}")
     tokens, exact = examples(spec, size, seed)
     a, b = operands_from_tokens(tokens, spec)
     values = {name: feature_values(name, a, b, spec) for name in by}
+    if confusion is not None:  # the confusion matrix of one place, per cell
+        probs = logits_of(subject, tokens)[:, confusion].float().softmax(-1)
+        by_cell = confusions(values, probs, answer_targets(tokens, spec)[:, confusion], spec.base)
     result = {
         "analysis": "condition",
         **subject_info(subject),
@@ -180,6 +206,10 @@ def run(subject: Subject, by: list | None = None, size: int = 20_000, seed: int 
         "exact": exact,
         "cells": cells(values, measure(subject, tokens)),
     }
+    if confusion is not None:
+        result["confusion_place"] = confusion
+        for cell, matrix in zip(result["cells"], by_cell, strict=True):
+            cell["confusion"] = matrix
     odds = odds_feature(by, spec)
     if odds is not None:
         j, name = odds
@@ -202,12 +232,18 @@ def cell_label(values: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
-def plot(result: dict) -> Any:
+def plot(result: dict, most: int = 12) -> Any:
+    """The loss per cell and place; the naive + 1 share against (base - d) : d when ``by`` is one digit of
+    the pair below a place; the chosen place's confusion matrix per cell (the first ``most``)."""
     places, cells_ = result["places"], result["cells"]
     odds = result.get("odds_place")
-    n_cols = 2 if odds is not None else 1
-    fig, axes = new_figure(1, n_cols, width=max(5.0, 0.35 * len(cells_) + 2), height=3.6)
-    ax = axes[0][0]
+    shown = cells_[:most] if result.get("confusion_place") is not None else []
+    n_top = 2 if odds is not None else 1
+    width = max(5.0 * n_top, 0.35 * len(cells_) + 2, 1.3 * len(shown) + 1)
+    fig = plt.figure(figsize=(width, 3.8 + (2.2 if shown else 0)), layout="constrained")
+    outer = fig.add_gridspec(2 if shown else 1, 1, height_ratios=[3.8, 2.2] if shown else [1])
+    top = outer[0].subgridspec(1, n_top)
+    ax = fig.add_subplot(top[0, 0])
     x = np.arange(len(cells_))
     colours = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
     for j, colour in zip(places, itertools.cycle(colours), strict=False):
@@ -220,7 +256,7 @@ def plot(result: dict) -> Any:
     ax.set_title(f"loss by {', '.join(result['by'])} ({'every pair' if result['exact'] else 'sampled'})", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     if odds is not None:
-        ax = axes[0][1]
+        ax = fig.add_subplot(top[0, 1])
         d = np.array([c["values"][result["by"][0]] for c in cells_])
         p0 = np.array([c["p_plus0"][odds] for c in cells_])
         p1 = np.array([c["p_plus1"][odds] for c in cells_])
@@ -237,6 +273,18 @@ def plot(result: dict) -> Any:
         ax.set_ylim(0, 1)
         ax.set_title(f"place {odds}: naive + 1 against naive + 0", fontsize=8)
         ax.legend(fontsize=6)
+    if shown:
+        bottom = outer[1].subgridspec(1, len(shown))
+        axes = [fig.add_subplot(bottom[0, i]) for i in range(len(shown))]
+        for i, (ax, cell) in enumerate(zip(axes, shown, strict=True)):
+            image = ax.imshow(np.asarray(cell["confusion"], dtype=float), vmin=0, vmax=1, cmap="magma")
+            ax.set_title(cell_label(cell["values"]), fontsize=6)
+            ax.set_xticks(range(result["base"]))
+            ax.set_yticks(range(result["base"]))
+            ax.tick_params(labelsize=5)
+            ax.set_xlabel("predicted", fontsize=6)
+            if i == 0:
+                ax.set_ylabel(f"place {result['confusion_place']}: true digit", fontsize=6)
+        fig.colorbar(image, ax=axes, shrink=0.8, label="mean probability")
     fig.suptitle(analysis_title(result, "condition"), fontsize=9)
-    fig.tight_layout()
     return fig
