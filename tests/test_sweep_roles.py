@@ -18,7 +18,7 @@ import addrepro.train  # noqa: F401 - registers the config schema
 from addrepro.reports.descent import descents
 from addrepro.reports.job import place_atlas
 from addrepro.reports.seed_stats import bootstrap_interval
-from addrepro.reports.sweep import draw_sweep, sweep_place_figure, swept_values
+from addrepro.reports.sweep import draw_sweep, rest_summary, sweep_place_figure, swept_values
 from addrepro.rundir.job import job_config, job_dirs
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.task.spec import TaskSpec, place_role, role_order
@@ -147,3 +147,28 @@ def test_the_sweep_plot_has_a_panel_per_role_every_job_in_its_legend_and_losses_
     expected = sorted({round(place_atlas(s)[0]["answer_prefix"] / math.log(s.base), 6) for s in specs})
     assert starts == expected and all(0.99 < v <= 1.0 for v in starts)
     plt.close(fig)
+
+
+def test_rest_summary_counts_places_per_level_over_seeds():
+    def entry(seed, rests):
+        shelves = [
+            {"place": p, "atlas_level": level, "atlas_loss": 0.07, "level": 0.07 * r, "start_step": a, "end_step": b}
+            for p, level, r, a, b in rests
+        ]
+        spec = {"n_digits": 3, "base": 10, "order": "msb", "task": "add"}
+        return {"swept": {"data.base": 10, "seed": seed}, "spec": spec, "shelves": shelves}
+
+    entries = [
+        entry(
+            0,
+            [(3, "carry_depth_1", 1.0, 100, 300), (2, "carry_depth_1", 1.1, 0, 50), (2, "carry_depth_1", 1.1, 80, 130)],
+        ),
+        entry(1, [(3, "carry_depth_1", 0.9, 200, 260)]),
+    ]
+    lines = rest_summary(entries, ["data.base", "seed"]).splitlines()
+    assert lines[0] == (
+        "| data.base | level | jobs | places resting there | 95% interval (over jobs) | level / atlas | steps |"
+    )
+    # job 0: places 2 and 3 of 4 (50%), job 1: place 3 (25%); resampled means lie in 25%-50%
+    # level ratios 1.0, 1.1, 1.1, 0.9: median 1.05; steps per place: 200, 100 (two rests), 60: median 100
+    assert lines[2] == "| 10 | carry_depth_1 | 2 | 38% | 25%–50% | 1.05 | 100 |"

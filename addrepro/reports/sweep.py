@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-from addrepro.reports.descent import write_descent
+from addrepro.reports.descent import SEED_KEYS, write_descent
 from addrepro.reports.job import atlas_guides, find_shelves, place_atlas
 from addrepro.reports.plots import (
     COLOURS,
@@ -40,6 +40,7 @@ from addrepro.reports.plots import (
     smoothing_window,
     spread_labels,
 )
+from addrepro.reports.seed_stats import bootstrap_interval
 from addrepro.reports.timeline import merge_rests
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.job import job_config, job_dirs, job_number
@@ -285,6 +286,40 @@ def shelf_table(entries: list[dict], keys: list[str], roles: list[str]) -> str:
     return "\n".join(lines)
 
 
+def rest_summary(entries: list[dict], keys: list[str]) -> str:
+    """Per setting (the swept values other than seeds) and atlas level: the share of places that rested
+    there at least once, with a bootstrap interval over the setting's jobs, the median rest's level
+    against the atlas level, and the median steps a place spent there in all."""
+    settings = [k for k in keys if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        if e["spec"] and e["shelves"] is not None:
+            groups.setdefault(tuple(e["swept"].get(k) for k in settings), []).append(e)
+    head = [*settings, "level", "jobs", "places resting there", "95% interval (over jobs)", "level / atlas", "steps"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for setting, jobs in sorted(groups.items(), key=lambda kv: tuple(_order_key(v) for v in kv[0])):
+        levels = sorted({s["atlas_level"] for e in jobs for s in e["shelves"] if s["atlas_level"]})
+        for level in levels:
+            shares, ratios, steps = [], [], []
+            for e in jobs:
+                n_places = e["spec"]["n_digits"] + 1
+                rests = [s for s in e["shelves"] if s["atlas_level"] == level]
+                shares.append(len({s["place"] for s in rests}) / n_places)
+                ratios += [s["level"] / s["atlas_loss"] for s in rests if s["atlas_loss"]]
+                for place in {s["place"] for s in rests}:
+                    steps.append(sum(s["end_step"] - s["start_step"] for s in rests if s["place"] == place))
+            lo, hi = bootstrap_interval(shares)
+            ratio = f"{np.median(ratios):.3g}" if ratios else "–"
+            cells = [*(_fmt(v) for v in setting), level, str(len(jobs)), f"{np.mean(shares):.0%}"]
+            cells += [f"{lo:.0%}–{hi:.0%}", ratio, f"{np.median(steps):.0f}" if steps else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _order_key(value: Any) -> tuple:
+    return (0, value, "") if _is_number(value) else (1, 0, str(value))
+
+
 def draw_sweep(sweep_dir: Path, warn: Callable[[str], None] | None = None) -> list[Path]:
     """``sweep_place_loss.png``, ``sweep_shelves.md`` and ``sweep_shelves.json`` of a sweep folder.
 
@@ -345,10 +380,18 @@ def draw_sweep(sweep_dir: Path, warn: Callable[[str], None] | None = None) -> li
     )
     left_out = "".join(f"\n- {line}" for line in unread)
     left_out = f"\nLeft out, their files cannot be read:{left_out}\n" if unread else ""
+    rests = (
+        "## How many places rest on each level\n\nPer setting and atlas level: the share of a job's places "
+        "that rested there at least once (mean over the setting's jobs, with a percentile-bootstrap interval "
+        "over them: narrow and optimistic with few seeds), the median rest's loss against the atlas level, and "
+        "the median steps a place spent there.\n\n" + rest_summary(entries, keys) + "\n"
+    )
     md = atomic_write_text(
         sweep_dir / TABLE,
         f"# Sweep {sweep_dir.name}: {len(jobs)} jobs, swept {', '.join(keys) or 'nothing'}\n\n{legend}\n\n{table}\n"
-        + left_out,
+        + left_out
+        + "\n"
+        + rests,
     )
     payload = {"sweep": str(sweep_dir), "swept_keys": keys, "jobs": entries}
     js = atomic_write_text(sweep_dir / TABLE_JSON, json.dumps(payload, indent=1, default=str))
