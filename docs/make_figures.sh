@@ -26,7 +26,7 @@ done
 $py -m addrepro.analyze checkpoint=outputs/docs/small analysis=over_training of=attention
 cp outputs/docs/small/analysis/over_training_attention.png "$out/analysis_over_training_attention.png"
 
-# 3. The Quirke & Barez preset (10k steps, ~12 minutes), for its carry-chain finding.
+# 3. The Quirke & Barez preset (their notebook's 5000 steps, ~15 minutes), for its carry classes.
 $py -m addrepro.train experiment=quirke_5digit trainer.progress_bar=false hydra.run.dir=outputs/docs/quirke
 cp outputs/docs/quirke/place_loss.png "$out/quirke_place_loss.png"
 

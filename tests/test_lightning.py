@@ -92,6 +92,24 @@ def test_early_stopping_stops_a_run_and_model_checkpoint_keeps_the_best(tmp_path
     assert best.name == f"best-step={min(losses, key=losses.get)}.ckpt"
 
 
+def test_early_stopping_on_the_train_loss_and_a_checkpoint_on_a_science_key(tmp_path, one_thread):
+    # Keys the config check cannot list (train keys at logging steps, shelf-science keys) work as monitors.
+    final, rows = run(
+        tmp_path / "job",
+        "callbacks=[early_stopping,model_checkpoint]",
+        "callbacks.early_stopping.monitor=train/loss",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=10",
+        "callbacks.model_checkpoint.monitor=val/naive/place_1/plus_0",
+        "callbacks.model_checkpoint.mode=max",
+        "trainer.max_steps=100",
+        "trainer.val_every_n_steps=10",
+        "metrics.every_n_steps=10",
+    )
+    assert max(r["step"] for r in rows) == final["step"] < 100  # stopped by the train loss
+    assert list((tmp_path / "job" / "checkpoints" / "lightning").glob("best-*.ckpt"))
+
+
 def test_the_learning_rate_monitor_logs_the_warmup(tmp_path, one_thread):
     _, rows = run(
         tmp_path / "job", "callbacks=lr_monitor", "optimizer.warmup_steps=20", "optimizer.lr=2e-3",

@@ -173,7 +173,8 @@ class AdditionModule(pl.LightningModule):
         published = self.trainer.callback_metrics
         for cb in self.trainer.callbacks:
             key = getattr(cb, "monitor", None)
-            if isinstance(key, str) and key not in published:
+            # train keys are published at logging steps (checked with the config); the evaluations' here
+            if isinstance(key, str) and key.startswith("val/") and key not in published:
                 near = difflib.get_close_matches(key, list(published), n=3, cutoff=0.6)
                 raise ConfigError(
                     f"{type(cb).__name__}.monitor",
