@@ -592,6 +592,8 @@ def check_composition(overrides: list[str], config_name: str = "train") -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: PLC0415
     from hydra.errors import HydraException  # noqa: PLC0415
 
+    if {"-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"} & set(overrides):
+        return  # another config than this package's: Hydra composes and reports it
     parser = OverridesParser.create()
     single = []
     for word in overrides:
