@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("addrepro.dashboard: give a folder, or --publish <json>", file=sys.stderr)
         return 2
+    if args.entity is not None and (not args.entity.strip() or any(c in args.entity for c in "/\\#?%: ")):
+        print(
+            f"addrepro.dashboard: --entity {args.entity!r} is not a W&B name: not empty, without / \\ # ? % : "
+            "or spaces",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.publish is not None:
             print(publish(saved_workspace(args.publish, args.entity)))

@@ -134,6 +134,10 @@ CONFIG_CASES = [
         ["-m", "seed=0,1", "hydra/launcher=parallel", "hydra.launcher.n_jobs=0"],
         "hydra.launcher.n_jobs=0 is invalid: must be an integer other than 0",
     ),
+    (
+        ["experiment=[nanda_5digit,quirke_5digit]"],
+        "experiment=[nanda_5digit,quirke_5digit] is invalid: choose one preset",
+    ),
     (["seed=1)"], "seed=1) is invalid: Hydra cannot read it: extraneous input ')' expecting <EOF> (grammar: https://"),
     (["model.width=[1,2"], "model.width=[1,2 is invalid: Hydra cannot read it: no viable alternative at input"),
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
@@ -813,3 +817,14 @@ def test_dashboard_refuses_a_workspace_to_publish_that_is_no_regular_file(tmp_pa
         assert dashboard.main(["--publish", str(path)]) == 2
         why = "does not exist" if path.name == "none.json" else "is not a regular file"
         assert capsys.readouterr().err.strip() == f"addrepro.dashboard: {path} {why}"
+
+
+@pytest.mark.parametrize("entity", ["a/b c", "", "x:y"])
+def test_dashboard_refuses_an_entity_that_is_no_wandb_name(tmp_path, capsys, entity):
+    from addrepro import dashboard
+
+    assert dashboard.main(["--entity", entity, str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert (
+        line == f"addrepro.dashboard: --entity {entity!r} is not a W&B name: not empty, without / \\ # ? % : or spaces"
+    )

@@ -571,6 +571,8 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                     f"conf/callbacks/{name}.yaml does not set {arg} ({', '.join(node)}); give another argument "
                     f"of its class with +{key}=...",
                 )
+        if key == "experiment" and any(isinstance(c, list) for c in choices):  # presets would overwrite each other
+            raise ConfigError(key, CommandLineText(text), "choose one preset (experiment=<name>; -m sweeps them)")
         for choice in choices:
             names = choice if isinstance(choice, list) else [choice]
             bad = next((n for n in names if options and isinstance(n, str) and n not in options), None)
