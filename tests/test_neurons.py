@@ -92,6 +92,12 @@ def test_adder_threshold_neurons_and_group_ablation(tmp_path):
     live = shares.sum(-1) > 0
     assert live.any() and float(shares[live, 3].max()) < 1e-6
     assert torch.allclose(shares[live, 0], shares[live, 1], atol=1e-6)  # a0 and b0 alike
+    # At the units position every activation is a function of a0 + b0 alone (no pair lies below): removing
+    # the 'other' part of the maps changes nothing there, keeping only the map's mean plus its a0 + b0 part
+    # changes nothing either, and removing that part breaks the units digit.
+    cut = result["part_ablation"]
+    assert abs(cut["L0/excluded/other"][0]) < 1e-5 and abs(cut["L0/restricted/a_j+b_j"][0]) < 1e-5
+    assert cut["L0/excluded/a_j+b_j"][0] > 1.0
     # Neurons 38..63 are never written by the adder: dead, grouped as -1, and ablating them does nothing.
     dead = next(g for g in result["clusters"] if g["cluster"] == -1)
     assert set(range(2 * adder.N_THRESHOLDS, adder.D_MLP)) <= set(dead["neurons"])

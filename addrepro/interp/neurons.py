@@ -41,6 +41,7 @@ from addrepro.interp.common import (
     subject_info,
     token_losses,
 )
+from addrepro.task.encoding import operands_from_tokens
 
 
 @torch.no_grad()
@@ -71,19 +72,70 @@ def sum_basis(base: int) -> torch.Tensor:
     return u[:, sv > 1e-9 * sv.max()]
 
 
-def decompose(maps: torch.Tensor) -> torch.Tensor:
-    """Shares ``(..., 4)`` of each map's variance (maps ``(..., base, base)``, indexed [a, b]): a alone,
-    b alone, a + b beyond the main effects, the rest; they sum to 1 (0 everywhere for a constant map)."""
+def map_parts(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each map ``(..., base, base)`` as its mean ``(...,)`` plus four orthogonal parts ``(..., 4, base, base)``:
+    a function of a alone, of b alone, the part of the rest that is a function of a + b, and the rest."""
     base = maps.shape[-1]
-    x = maps.double() - maps.double().mean((-2, -1), keepdim=True)
+    mean = maps.double().mean((-2, -1))
+    x = maps.double() - mean[..., None, None]
     row = x.mean(-1, keepdim=True).expand_as(x)  # (..., base, base): the function of a
     col = x.mean(-2, keepdim=True).expand_as(x)  # the function of b
     inter = (x - row - col).flatten(-2)  # (..., base*base)
-    total = x.pow(2).sum((-2, -1))
-    parts = [row.pow(2).sum((-2, -1)), col.pow(2).sum((-2, -1)), (inter @ sum_basis(base)).pow(2).sum(-1)]
-    parts.append(total - sum(parts))
-    shares = torch.stack(parts, -1) / total.clamp(min=1e-30)[..., None]
-    return torch.where(total[..., None] > 1e-24, shares.clamp(min=0.0), 0.0)
+    q = sum_basis(base)
+    sums = ((inter @ q) @ q.T).view_as(x)
+    return mean, torch.stack([row, col, sums, x - row - col - sums], -3)
+
+
+def decompose(maps: torch.Tensor) -> torch.Tensor:
+    """Shares ``(..., 4)`` of each map's variance (maps ``(..., base, base)``, indexed [a, b]): a alone,
+    b alone, a + b beyond the main effects, the rest; they sum to 1 (0 everywhere for a constant map)."""
+    _, parts = map_parts(maps)
+    power = parts.pow(2).sum((-2, -1))  # (..., 4): orthogonal parts, so their powers add up
+    total = power.sum(-1)
+    shares = power / total.clamp(min=1e-30)[..., None]
+    return torch.where(total[..., None] > 1e-24, shares, 0.0)
+
+
+def part_hook(parts: torch.Tensor, mean: torch.Tensor, cells: torch.Tensor, positions: list[int], keep: bool):
+    """A ``hook_post`` hook that, at each place's position, removes one part of every neuron's map from its
+    activation (``keep=False``: the excluded loss) or puts the map's mean plus that part alone in its place
+    (``keep=True``: the restricted loss). ``parts`` ``(d_mlp, P, base, base)``, ``mean`` ``(d_mlp, P)``,
+    ``cells`` ``(N, P, 2)``: the (a, b) of each example's pair for each place."""
+
+    def hook(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        act = act.clone()
+        for j, pos in enumerate(positions):
+            a, b = cells[: act.shape[0], j, 0], cells[: act.shape[0], j, 1]
+            part = parts[:, j, a, b].T.to(act.dtype)  # (N, d_mlp)
+            if keep:
+                act[:, pos] = mean[:, j].to(act.dtype) + part
+            else:
+                act[:, pos] = act[:, pos] - part
+        return act
+
+    return hook
+
+
+def part_ablation(subject: Subject, maps: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Per layer and part (``SHARE_NAMES``): each place's validation loss change when that part of every
+    neuron's map is removed from its activation (``excluded``), and when the activation is only the map's
+    mean plus that part (``restricted``), at every answer position at once."""
+    spec = subject.spec
+    positions = answer_positions(spec)
+    a, b = operands_from_tokens(tokens, spec)
+    pairs = [min(j, spec.n_digits - 1) for j in range(spec.n_places)]
+    cells = torch.stack([torch.stack([a[:, i], b[:, i]], -1) for i in pairs], 1)  # (N, P, 2)
+    baseline = val_losses(subject, tokens)
+    out: dict = {}
+    for layer in range(maps.shape[0]):
+        mean, parts = map_parts(maps[layer])  # (d_mlp, P), (d_mlp, P, 4, base, base)
+        name = f"blocks.{layer}.mlp.hook_post"
+        for k, part in enumerate(SHARE_NAMES):
+            for mode, keep in (("excluded", False), ("restricted", True)):
+                hook = part_hook(parts[:, :, k], mean, cells, positions, keep)
+                change = val_losses(subject, tokens, [(name, hook)]) - baseline
+                out[f"L{layer}/{mode}/{part}"] = change.tolist()
+    return out
 
 
 def strongest_wave(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +236,7 @@ def run(subject: Subject, per_cell: int = 8, clusters: int = 8, max_examples: in
     maps = neuron_maps(subject, per_cell)  # (L, d_mlp, P, base, base)
     n_layers, d_mlp = maps.shape[:2]
     shares = decompose(maps)  # (L, d_mlp, P, 4)
+    ablation = part_ablation(subject, maps, tokens)
     wave, wave_share = strongest_wave(maps)  # (L, d_mlp, P, 2), (L, d_mlp, P)
     names = [f"blocks.{layer}.mlp.hook_post" for layer in range(n_layers)]
     means = position_means(subject.bridge, subject.val_tokens, set(names))
@@ -223,6 +276,7 @@ def run(subject: Subject, per_cell: int = 8, clusters: int = 8, max_examples: in
         "share_names": list(SHARE_NAMES),
         "shares": shares.float(),
         "wave": wave,
+        "part_ablation": ablation,
         "wave_share": wave_share.float(),
         "baseline": baseline.tolist(),
         "clusters": groups,
@@ -252,6 +306,9 @@ def summarize(result: dict) -> dict[str, float]:
             out[f"place_{j}/median_share_{name}"] = float(value)
         out[f"place_{j}/max_cluster_zero"] = max((g["zero"][j] for g in result["clusters"]), default=0.0)
         out[f"place_{j}/max_cluster_mean"] = max((g["mean"][j] for g in result["clusters"]), default=0.0)
+    for key, changes in result.get("part_ablation", {}).items():  # L0/excluded/a_j+b_j -> (P,)
+        for j, change in zip(result["places"], changes, strict=True):
+            out[f"{key}/place_{j}"] = change
     if result["check"]:
         out["attribution/top_actual"] = result["check"][0]["actual"]
         out["attribution/top_estimate"] = result["check"][0]["estimate"]
