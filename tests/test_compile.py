@@ -41,8 +41,10 @@ def test_compiled_training_logs_the_eager_metrics(tmp_path, one_thread):
         for rc, re in zip(member_c, member_e, strict=True):
             for key in keys:
                 if key in re:
-                    # 40 optimiser steps of float round-off between two correct implementations
-                    assert rc[key] == pytest.approx(re[key], rel=1e-3, abs=1e-4), (rc["step"], key)
+                    # 40 optimiser steps of float round-off between two correct implementations; an
+                    # accuracy moves by whole examples (1/64), and one near-tied prediction may flip
+                    tolerance = {"abs": 2 / 64} if "/acc" in key else {"rel": 1e-3, "abs": 1e-4}
+                    assert rc[key] == pytest.approx(re[key], **tolerance), (rc["step"], key)
     last_val = [[r["val/loss"] for r in member if "val/loss" in r][-1] for member in compiled]
     assert last_val[0] != last_val[1]  # two different members
 

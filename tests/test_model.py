@@ -205,7 +205,8 @@ def test_member_equals_single_model_with_same_seed(init):
         member = stack.member_state_dict(k)
         for name, t in single.state_dict().items():
             assert torch.equal(member[name], t[0]), name
-        torch.testing.assert_close(stacked_logits[k], single(tokens)[0], atol=1e-6, rtol=0)
+        # a batched matmul and a single one may round differently on some CPUs: a few ulp of logits ~5
+        torch.testing.assert_close(stacked_logits[k], single(tokens)[0], atol=1e-5, rtol=1e-5)
     # different seeds give different weights
     assert not torch.equal(stack.embed.W_E[0], stack.embed.W_E[1])
 
