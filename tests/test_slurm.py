@@ -245,9 +245,12 @@ def test_a_job_reaching_its_time_limit_is_requeued_and_ends_bitwise_equal(slurm,
     launcher.append("hydra.launcher.max_num_timeout=20")
     sweep_proc = start_train(["-m", *run_args, "resume=auto", *launcher, f"hydra.sweep.dir={sweep}"], tmp_path)
     try:  # the same run uninterrupted, meanwhile (one thread each: bitwise comparable)
-        alone = run_cli("addrepro.train", [*run_args, "trainer.threads=1", "hydra.run.dir=alone"], tmp_path)
+        # ~2 min on an idle 2-core machine, beside the Slurm task and another test worker: room for a busy one
+        alone = run_cli(
+            "addrepro.train", [*run_args, "trainer.threads=1", "hydra.run.dir=alone"], tmp_path, timeout=900
+        )
         assert alone.returncode == 0, alone.stderr[-2000:]
-        out, err = sweep_proc.communicate(timeout=600)
+        out, err = sweep_proc.communicate(timeout=900)
     finally:
         if sweep_proc.poll() is None:
             sweep_proc.kill()

@@ -147,9 +147,13 @@ def test_sweep_report_from_saved_files(grid_sweep):
     png = grid_sweep / "sweep_place_loss.png"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 5_000_000
-    table = (grid_sweep / "sweep_shelves.md").read_text().splitlines()
+    text = (grid_sweep / "sweep_shelves.md").read_text()
+    shelves, rests = text.split("## How many places rest on each level")
+    table = shelves.splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| job")]
     assert len(rows) == 4
+    # the rest summary: a row per setting (width x weight decay, seeds pooled) and level
+    assert "| model.width | optimizer.weight_decay | level | jobs |" in rests
     assert table[table.index(rows[0]) - 2].startswith("| job | model.width | optimizer.weight_decay | status |")
     assert rows[0].startswith("| 0 | 64 | 0 | ok |") and rows[3].startswith("| 3 | 128 | 1 | ok |")
     payload = json.loads((grid_sweep / "sweep_shelves.json").read_text())
