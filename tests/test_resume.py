@@ -252,6 +252,40 @@ def test_rows_the_wandb_file_lost_are_logged_again_on_resume(uninterrupted, tmp_
     assert any("val/confusion" in row for row in stepped_rows(whole) if 150 <= row["trainer/global_step"] < 200)
 
 
+def test_a_confusion_image_the_wandb_file_lost_is_logged_again_with_its_step(uninterrupted, tmp_path):
+    """A kill during the end-of-run files can leave the W&B file with the last evaluation's rows but not
+    its confusion image (logged after them): the resumed run logs that step again, image included."""
+    job = tmp_path / "job"
+    shutil.copytree(uninterrupted, job, symlinks=True)
+    (job / "end_of_run.json").unlink()
+    (wandb_file,) = find_runs(job)
+    data = wandb_file.read_bytes()
+    last = max(r["trainer/global_step"] for r in stepped_rows(read_run(uninterrupted)) if "val/confusion" in r)
+
+    def imaged(n):
+        wandb_file.write_bytes(data[:n])
+        return any(
+            r["trainer/global_step"] == last and "val/confusion" in r for r in stepped_rows(quietly_read(wandb_file))
+        )
+
+    lo, hi = 0, len(data)  # the longest prefix without the last image
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if imaged(mid) else (mid, hi)
+    wandb_file.write_bytes(data[:lo])
+    cut = comparable(quietly_read(wandb_file))
+    assert cut == comparable(read_run(uninterrupted))[: len(cut)] and any(r["trainer/global_step"] == last for r in cut)
+    proc = subprocess.run(
+        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
+        cwd=tmp_path,
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert comparable(quietly_read(job)) == comparable(read_run(uninterrupted))
+
+
 def test_sigkills_at_random_moments_then_resume_auto_end_as_the_uninterrupted_run(uninterrupted, tmp_path):
     """Three SIGKILLs at moments drawn at random (counted in metrics rows written, so any machine draws
     the same moments), one more once ``last.ckpt`` exists (during the end-of-run files), each followed

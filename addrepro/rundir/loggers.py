@@ -126,7 +126,8 @@ def backfill_wandb(logger: WandbLogger, job_dir: Path, rows: list[dict]) -> None
 
 def missing_wandb_rows(job_dir: Path, before_step: int) -> list[dict]:
     """The metrics file's rows before ``before_step`` (the step a resumed run restarts at) that the
-    job's earlier W&B files lack: rows a SIGKILL caught before the W&B process had written them.
+    job's earlier W&B files lack: rows a SIGKILL caught before the W&B process had written them, or
+    whose evaluation's confusion image (one per step of ``confusion.npz``) it had not written yet.
 
     Returned from the first step with a missing row on, whole steps and in order: the resumed part of
     the run replaces its earlier parts' rows from its own first row's step on, so the W&B history of
@@ -145,13 +146,22 @@ def missing_wandb_rows(job_dir: Path, before_step: int) -> list[dict]:
         if STEP_KEY in r and r[STEP_KEY] < before_step:
             key = (int(r[STEP_KEY]), frozenset(k for k in r if not k.startswith("_") and k != STEP_KEY))
             have[key] = have.get(key, 0) + 1
+    missing = None
     for row in rows:
         key = (row["step"], frozenset(k for k in row if k != "step"))
         if have.get(key, 0) == 0:
-            first = next(j for j, r in enumerate(rows) if r["step"] == row["step"])
-            return rows[first:]
+            missing = row["step"]
+            break
         have[key] -= 1
-    return []
+    imaged = {int(r[STEP_KEY]) for r in history if STEP_KEY in r and "val/confusion" in r}
+    try:
+        saved = load_confusion(job_dir)
+    except RunFileError:  # no images to log again either
+        saved = None
+    no_image = [int(s) for s in (saved[0] if saved is not None else []) if s < before_step and int(s) not in imaged]
+    if no_image and (missing is None or min(no_image) < missing):
+        missing = min(no_image)
+    return [r for r in rows if r["step"] >= missing] if missing is not None else []
 
 
 def _init_wandb(init: dict, mode: str, timeout: float):  # noqa: ANN202 - a wandb Run
