@@ -22,12 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
+from addrepro.reports import spike_window
+from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
 from addrepro.training.config import MAX_THREADS, ConfigError, check_override_grammar, config_dir, unknown_key
 
 SINGLE = tuple(MODULES)
-ANALYSES = (*SINGLE, "over_training")
+# Analyses of a whole job folder rather than one checkpoint.
+OF_A_JOB = ("over_training", "spikes")
+ANALYSES = (*SINGLE, *OF_A_JOB)
 
 
 class AnalyzeError(ValueError):
@@ -37,19 +41,17 @@ class AnalyzeError(ValueError):
 def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Path]:
     """``(checkpoint file or job folder, job folder)``; raises AnalyzeError with one line.
 
-    A job folder stands for its ``checkpoints/last.ckpt``, except for ``over_training``, which reads
-    all of the folder's checkpoints.
+    A job folder stands for its ``checkpoints/last.ckpt``, except for ``over_training`` and ``spikes``,
+    which read the folder's checkpoints and run files.
     """
     if not checkpoint:
         raise AnalyzeError("checkpoint=<path> is required (a .ckpt file or a job folder)")
     if not isinstance(checkpoint, str):
         raise AnalyzeError(f"checkpoint={checkpoint!r} is invalid: must be the path of a .ckpt file or a job folder")
     path = Path(checkpoint)
-    if analysis == "over_training":
+    if analysis in OF_A_JOB:
         if path.is_file():
-            raise AnalyzeError(
-                f"checkpoint={path} is one file: over_training follows every checkpoint of a job, give its folder"
-            )
+            raise AnalyzeError(f"checkpoint={path} is one file: {analysis} reads a whole job, give its folder")
         if path.is_dir() and not checkpoint_dir(path).is_dir():
             raise AnalyzeError(f"checkpoint={path}: no checkpoints/ folder in it")
         if path.is_dir():
@@ -93,6 +95,25 @@ def check_options(name: str, options: dict) -> None:
             module.check_options(**options)
         except ValueError as e:
             raise AnalyzeError(str(e)) from None
+
+
+def check_spike_options(options: dict) -> None:
+    """``spikes.*``: the steps to look around, the window and the rise factor, each with what it allows."""
+    unknown = sorted(set(options) - {"at", "before", "after", "rise"})
+    if unknown:
+        raise AnalyzeError(f"spikes.{unknown[0]} is not an option of spikes (options: at, before, after, rise)")
+    at = options.get("at")
+    if at is not None and not (isinstance(at, list) and at and all(type(s) is int and 0 <= s < 2**62 for s in at)):
+        raise AnalyzeError(f"spikes.at={at!r} is invalid: must be null (every detected spike) or a list of steps >= 0")
+    for key in ("before", "after"):
+        value = options.get(key)
+        if not (type(value) is int and 0 <= value <= spike_window.MAX_WINDOW):
+            raise AnalyzeError(f"spikes.{key}={value!r} is invalid: must be an integer in 0..{spike_window.MAX_WINDOW}")
+    if options.get("after") == 0 and options.get("before") == 0:
+        raise AnalyzeError("spikes.before=0 and spikes.after=0 leave no step to replay: give one of them >= 1")
+    rise = options.get("rise")
+    if not (type(rise) in (int, float) and math.isfinite(rise) and rise > 1):
+        raise AnalyzeError(f"spikes.rise={rise!r} is invalid: must be a number > 1 (the factor over a median)")
 
 
 def check_common(cfg: DictConfig) -> None:
@@ -144,6 +165,8 @@ def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else job / "analysis"
     if cfg.analysis == "over_training":
         return out_dir / f"over_training_{cfg.of}"
+    if cfg.analysis == "spikes":
+        return out_dir / "spike_windows"
     return out_dir / f"{cfg.analysis}_{path.stem}"
 
 
@@ -155,7 +178,10 @@ def analyze(cfg: DictConfig) -> list[Path]:
     check_common(cfg)
     path, job = resolve_checkpoint(cfg.checkpoint, cfg.analysis)
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
-    check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
+    if name == "spikes":
+        check_spike_options(OmegaConf.to_container(cfg.spikes, resolve=True) or {})
+    else:
+        check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
     check_writable(output_stem(cfg, path, job).parent)
     if cfg.wandb and not (job / "wandb").is_dir():
         raise AnalyzeError(f"wandb=true, but {job} has no W&B run to log to (it was trained with W&B off)")
@@ -168,6 +194,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
             steps = list(cfg.steps) if cfg.get("steps") is not None else None
             result = over_training.run(job, cfg.of, subject_options, steps=steps, **options)
             figure = over_training.plot(result)
+        elif cfg.analysis == "spikes":
+            result = spike_window.run(job, **OmegaConf.to_container(cfg.spikes, resolve=True))
+            figure = spike_window.plot(result)
         else:
             module = MODULES[cfg.analysis]
             result = module.run(
@@ -179,6 +208,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     except ValueError as e:  # an option the analysis cannot use (it names the key and what is allowed)
         raise AnalyzeError(str(e)) from None
     paths = write_outputs(result, figure, output_stem(cfg, path, job))
+    if cfg.analysis == "spikes":
+        paths.append(atomic_write_text(output_stem(cfg, path, job).with_suffix(".md"), spike_window.markdown(result)))
     if cfg.wandb:
         log_to_wandb(job, cfg, result, paths)
     print(summary(cfg, result))
@@ -191,6 +222,8 @@ def summary(cfg: DictConfig, result: dict, top: int = 8) -> str:
     if cfg.analysis == "over_training":
         values = {k: v[-1] for k, v in result["series"].items() if v}
         what = f"{cfg.of} over training, at step {result['steps'][-1]}" if result["steps"] else cfg.of
+    elif cfg.analysis == "spikes":
+        values, what = spike_window.summarize(result), "spikes (leads over the loss's rise, in steps)"
     else:
         values, what = MODULES[cfg.analysis].summarize(result), cfg.analysis
     finite = {k: v for k, v in values.items() if v == v}  # NaN: not measured for that key
@@ -220,6 +253,8 @@ def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) ->
     payload = {f"analysis/{p.stem}": wandb.Image(str(p)) for p in paths if p.suffix == ".png"}
     if cfg.analysis in MODULES:
         payload.update({f"analysis/{cfg.analysis}/{k}": v for k, v in MODULES[cfg.analysis].summarize(result).items()})
+    elif cfg.analysis == "spikes":
+        payload.update({f"analysis/spikes/{k}": v for k, v in spike_window.summarize(result).items()})
     run.log(payload)
     run.finish()
 

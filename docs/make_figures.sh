@@ -40,6 +40,8 @@ cp outputs/docs/base_digits/sweep_place_loss.png "$out/findings_place_loss_base_
 $py -m addrepro.train -m data.order=lsb seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/lsb
 cp outputs/docs/lsb/0_seed=0/timeline.png "$out/findings_lsb_timeline_seed0.png"
+$py -m addrepro.analyze "checkpoint='outputs/docs/lsb/0_seed=0'" analysis=spikes
+cp "outputs/docs/lsb/0_seed=0/analysis/spike_windows.png" "$out/findings_spike_window_lsb_seed0.png"
 $py -m addrepro.train -m data.task=digitwise seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
 cp outputs/docs/digitwise/0_seed=0/timeline.png "$out/findings_digitwise_timeline_seed0.png"

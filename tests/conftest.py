@@ -22,6 +22,7 @@ SLOW_FILES = (
     "test_interp_cli.py",
     "test_dashboard.py",
     "test_analyze.py",
+    "test_spike_window.py",
     "test_bad_input.py",
     "test_reference.py",
     "test_ensemble.py",

@@ -131,6 +131,12 @@ def spikes_markdown(examined: list[tuple[dict, dict | None]]) -> str:
     lines = ["# Loss spikes, examined from the weights saved around them", ""]
     if not examined:
         lines.append("No spike was detected.")
+    else:
+        lines += [
+            "Every step around each spike, with Adam's second moments and the update-to-weight ratios per "
+            "parameter group: `python -m addrepro.analyze checkpoint=<this job> analysis=spikes`.",
+            "",
+        ]
     for spike, ex in examined:
         lines += [f"## Step {spike['step']}: train loss {spike['loss']:.4g}, {spike['ratio']:.3g}x its trend", ""]
         if ex is None:
