@@ -214,13 +214,16 @@ def test_carry_metric_dict_naive_zero_model(order):
     sets = CarrySets.build(spec, carry_size=16, chain_size=8, seed=9, class_size=0)
     ps = [0.8, 0.35]
     metrics = carry_metric_dict(NaiveZeroModel(spec, ps), sets, spec)
-    assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in ("loss", "acc", "p_plus0", "p_plus1")}
+    kinds = ("loss", "loss_se", "acc", "p_plus0", "p_plus1")
+    assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in kinds}
     for m, p in enumerate(ps):
         q = (1 - p) / 9
         for j in (1, 2, 3):
             # carry in 0: the naive sum is the answer; carry in 1: the answer is naive + 1
             assert metrics[f"carry/place_{j}/cin_0/loss"][m].item() == pytest.approx(-math.log(p))
             assert metrics[f"carry/place_{j}/cin_1/loss"][m].item() == pytest.approx(-math.log(q))
+            # every sequence of a carry set costs the same: no spread
+            assert metrics[f"carry/place_{j}/cin_0/loss_se"][m].item() == pytest.approx(0, abs=1e-6)
             assert metrics[f"carry/place_{j}/cin_0/acc"][m].item() == 1.0
             assert metrics[f"carry/place_{j}/cin_1/acc"][m].item() == 0.0
             for c in (0, 1):
@@ -234,6 +237,9 @@ def test_carry_metric_dict_naive_zero_model(order):
             assert metrics[f"{name}/acc"][m].item() == pytest.approx(frac)
             want_loss = -(frac * math.log(p) + (1 - frac) * math.log(q))
             assert metrics[f"{name}/loss"][m].item() == pytest.approx(want_loss, rel=1e-5)
+            # two values, -log p on a share frac and -log q on the rest: SE = |log p - log q| sqrt(frac(1-frac)/(n-1))
+            want_se = abs(math.log(p / q)) * math.sqrt(frac * (1 - frac) / (len(hits) - 1))
+            assert metrics[f"{name}/loss_se"][m].item() == pytest.approx(want_se, rel=1e-4, abs=1e-6)
         # a chain reaching the units (length j) never carries
         assert metrics["chain/place_1/len_1/acc"][m].item() == 1.0
         assert metrics["chain/place_2/len_2/acc"][m].item() == 1.0

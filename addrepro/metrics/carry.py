@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from addrepro.metrics.naive_sum import naive_offset_probs
@@ -32,8 +34,8 @@ def class_metric_dict(model: torch.nn.Module, sets: CarrySets, spec: TaskSpec) -
 def carry_metric_dict(
     model: torch.nn.Module, sets: CarrySets, spec: TaskSpec, logits: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Loss, accuracy, P(naive+0) and P(naive+1) at the conditioned place, per set, and the class
-    metrics (``class_metrics``); values ``(K,)``.
+    """Loss (with its standard error over the set, ``loss_se``), accuracy, P(naive+0) and P(naive+1) at
+    the conditioned place, per set, and the class metrics (``class_metrics``); values ``(K,)``.
 
     ``logits``: the model's answer logits ``(K, N, n+1, base)`` on ``sets.tokens``, if already computed.
     """
@@ -50,6 +52,12 @@ def carry_metric_dict(
         loss = stats.token_loss[:, lo:hi, j].mean(1)
         acc = stats.correct[:, lo:hi, j].float().mean(1)
         out[f"{name}/loss"], out[f"{name}/acc"] = loss, acc
+        # The sets are samples: a set of n sequences measures its loss to about std / sqrt(n) (NaN for n = 1).
+        out[f"{name}/loss_se"] = (
+            stats.token_loss[:, lo:hi, j].std(1) / math.sqrt(hi - lo)
+            if hi - lo > 1
+            else torch.full_like(loss, math.nan)
+        )
         if j < spec.n_digits:
             sub = type(stats)(stats.log_probs[:, lo:hi], stats.targets[:, lo:hi], stats.token_loss[:, lo:hi])
             offsets = naive_offset_probs(sub, tokens[:, lo:hi], spec)  # (K, n, base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -256,8 +257,20 @@ def plot_naive_sum(rows: list[dict], spec: TaskSpec, path: Path, title: str = ""
     return save(fig, path)
 
 
+def with_band(ax: Any, rows: list[dict], prefix: str, shade: Any, label: str) -> None:
+    """The loss of a carry or chain set, with a ±2 standard-error band: what the set's size allows."""
+    steps, loss = series(rows, f"{prefix}/loss")
+    if not len(steps):
+        return
+    ax.plot(steps, loss, color=shade, label=label)
+    se_steps, se = series(rows, f"{prefix}/loss_se")
+    if np.array_equal(se_steps, steps):
+        ax.fill_between(steps, np.maximum(loss - 2 * se, loss * 0.1), loss + 2 * se, color=shade, alpha=0.2, lw=0)
+
+
 def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path, title: str = "") -> Path | None:
-    """Per place: loss and P(+0)/P(+1) on the carry-in-0 and carry-in-1 sets, and loss per chain length."""
+    """Per place: loss (with a ±2 standard-error band from the set's size) and P(+0)/P(+1) on the carry-in-0
+    and carry-in-1 sets, and loss per chain length."""
     places = [j for j in range(spec.n_places - 1, 0, -1) if series(rows, f"carry/place_{j}/cin_0/loss")[0].size]
     if not places:
         return None
@@ -266,15 +279,13 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path, title: 
     for row, j in zip(axes, places, strict=True):
         for c in (0, 1):
             shade = colour(2 * c)
-            row[0].plot(*series(rows, f"carry/place_{j}/cin_{c}/loss"), color=shade, label=f"carry in {c}")
+            with_band(row[0], rows, f"carry/place_{j}/cin_{c}", shade, f"carry in {c}")
             row[1].plot(*series(rows, f"carry/place_{j}/cin_{c}/p_plus0"), color=shade, label=f"P(+0 | carry in {c})")
             row[1].plot(
                 *series(rows, f"carry/place_{j}/cin_{c}/p_plus1"), color=shade, ls="--", label=f"P(+1 | carry in {c})"
             )
         for length in lengths:
-            steps, loss = series(rows, f"chain/place_{j}/len_{length}/loss")
-            if len(steps):
-                row[2].plot(steps, loss, color=colour(length), label=f"chain length {length}")
+            with_band(row[2], rows, f"chain/place_{j}/len_{length}", colour(length), f"chain length {length}")
         row[0].set_yscale("log")
         row[2].set_yscale("log")
         row[0].set_ylabel(f"{place_label(j, spec)}\nloss (nats)", fontsize=8)
@@ -298,9 +309,9 @@ def plot_carry_conditioned(rows: list[dict], spec: TaskSpec, path: Path, title: 
             loc="upper center",
             bbox_to_anchor=(0.5, -0.32),
         )
-    axes[0][0].set_title("loss, by carry into the place", fontsize=9)
+    axes[0][0].set_title("loss, by carry into the place (±2 SE)", fontsize=9)
     axes[0][1].set_title("P(naive sum +0), P(naive sum +1), by carry in", fontsize=9)
-    axes[0][2].set_title("loss, by carry-chain length", fontsize=9)
+    axes[0][2].set_title("loss, by carry-chain length (±2 SE)", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("step")
     fig.suptitle(f"{title}{': ' if title else ''}carry-conditioned sets, {spec_words(spec)}", fontsize=10)
