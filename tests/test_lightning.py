@@ -72,17 +72,22 @@ def test_a_user_callback_sees_the_optimiser_step_at_every_batch_end_and_at_the_e
     assert load_rows(tmp_path / "resumed") == rows
 
 
-def test_early_stopping_stops_a_run_and_model_checkpoint_keeps_the_best(tmp_path, one_thread):
-    # No evaluation improves on the one before by 10 nats: patience 1 ends the run at the second.
-    final, rows = run(
-        tmp_path / "job",
+def run_with_early_stopping(job, *overrides):
+    """A run that no evaluation can improve by 10 nats: early stopping with patience 1 ends it at the
+    second check of its monitor; ModelCheckpoint keeps the best under ``checkpoints/lightning``."""
+    return run(
+        job,
         "callbacks=[early_stopping,model_checkpoint]",
         "callbacks.early_stopping.patience=1",
         "callbacks.early_stopping.min_delta=10",
         "trainer.max_steps=100",
         "trainer.val_every_n_steps=10",
-        PROBE,
+        *overrides,
     )
+
+
+def test_early_stopping_stops_a_run_and_model_checkpoint_keeps_the_best(tmp_path, one_thread):
+    final, rows = run_with_early_stopping(tmp_path / "job", PROBE)
     assert StepProbe.seen[-1] == ("end", 20)
     assert max(r["step"] for r in rows) == 20 and final["step"] == 20
     last = torch.load(tmp_path / "job" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -94,16 +99,11 @@ def test_early_stopping_stops_a_run_and_model_checkpoint_keeps_the_best(tmp_path
 
 def test_early_stopping_on_the_train_loss_and_a_checkpoint_on_a_science_key(tmp_path, one_thread):
     # Keys the config check cannot list (train keys at logging steps, shelf-science keys) work as monitors.
-    final, rows = run(
+    final, rows = run_with_early_stopping(
         tmp_path / "job",
-        "callbacks=[early_stopping,model_checkpoint]",
         "callbacks.early_stopping.monitor=train/loss",
-        "callbacks.early_stopping.patience=1",
-        "callbacks.early_stopping.min_delta=10",
         "callbacks.model_checkpoint.monitor=val/naive/place_1/plus_0",
         "callbacks.model_checkpoint.mode=max",
-        "trainer.max_steps=100",
-        "trainer.val_every_n_steps=10",
         "metrics.every_n_steps=10",
     )
     assert max(r["step"] for r in rows) == final["step"] < 100  # stopped by the train loss

@@ -30,10 +30,10 @@ import torch
 from addrepro.interp.common import (
     Subject,
     analysis_title,
-    answer_logits,
     answer_targets,
     naive_digits,
     subject_info,
+    subject_logits,
 )
 from addrepro.task.encoding import encode, sample_operands
 from addrepro.task.sets import CarrySets
@@ -89,12 +89,6 @@ def decompose(logp_right: torch.Tensor, logp_shift: torch.Tensor) -> dict[str, f
     }
 
 
-def _forward(subject: Subject, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    return torch.cat(
-        [answer_logits(subject.bridge, tokens[i : i + chunk], subject.spec) for i in range(0, len(tokens), chunk)]
-    )
-
-
 @torch.no_grad()
 def run(subject: Subject, per_cell: int = 16) -> dict:
     spec = subject.spec
@@ -104,7 +98,7 @@ def run(subject: Subject, per_cell: int = 16) -> dict:
     grid = {}
     for j in range(places):
         tokens = grid_tokens(spec, j, per_cell)
-        logits = _forward(subject, tokens)[:, j]  # (N, base)
+        logits = subject_logits(subject, tokens)[:, j]  # (N, base)
         naive, _ = naive_digits(tokens, spec)
         target = answer_targets(tokens, spec)[:, j]
         logp = logits.double().log_softmax(-1)
@@ -120,7 +114,7 @@ def run(subject: Subject, per_cell: int = 16) -> dict:
     for key, tokens in (("val", subject.val_tokens), ("carry", sets.tokens)):
         if len(tokens) == 0:
             continue
-        logits = _forward(subject, tokens)
+        logits = subject_logits(subject, tokens)
         naive, _ = naive_digits(tokens, spec)
         shift = shifted_log_probs(logits, naive)  # (N, P, base)
         right = logits.double().log_softmax(-1).gather(-1, answer_targets(tokens, spec)[..., None]).squeeze(-1)

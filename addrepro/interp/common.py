@@ -124,6 +124,14 @@ def answer_logits(bridge: Any, tokens: torch.Tensor, spec: TaskSpec, fwd_hooks: 
     return logits[:, answer_positions(spec)].float()
 
 
+def subject_logits(subject: Subject, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Answer logits ``(N, n+1, base)`` of the subject's model, in chunks (every pair of 3-digit operands
+    is 10^6 sequences)."""
+    return torch.cat(
+        [answer_logits(subject.bridge, tokens[i : i + chunk], subject.spec) for i in range(0, len(tokens), chunk)]
+    )
+
+
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of every answer digit ``(B, n+1)``."""
     return -logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

@@ -33,10 +33,10 @@ from addrepro.interp.breakdown import shifted_log_probs
 from addrepro.interp.common import (
     Subject,
     analysis_title,
-    answer_logits,
     answer_targets,
     naive_digits,
     subject_info,
+    subject_logits,
     token_losses,
 )
 from addrepro.task.encoding import answer_digits, carries_in, encode, operands_from_tokens, sample_operands
@@ -99,13 +99,6 @@ def _mean_and_error(x: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def logits_of(subject: Subject, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Answer logits ``(N, P, base)`` in chunks (every pair of 3-digit operands is 10^6 sequences)."""
-    return torch.cat(
-        [answer_logits(subject.bridge, tokens[i : i + chunk], subject.spec) for i in range(0, len(tokens), chunk)]
-    )
-
-
 def scores(logits: torch.Tensor, targets: torch.Tensor, naive: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per example and place ``(N, P)``: loss, exact match of the argmax, P(naive + 0), P(naive + 1)."""
     shift = shifted_log_probs(logits, naive).exp()  # (N, P, base)
@@ -120,7 +113,7 @@ def scores(logits: torch.Tensor, targets: torch.Tensor, naive: torch.Tensor) -> 
 def measure(subject: Subject, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """``scores`` of the model on ``tokens`` against their own answers."""
     naive, _ = naive_digits(tokens, subject.spec)
-    return scores(logits_of(subject, tokens), answer_targets(tokens, subject.spec), naive)
+    return scores(subject_logits(subject, tokens), answer_targets(tokens, subject.spec), naive)
 
 
 def cells(values: dict[str, torch.Tensor], measured: dict[str, torch.Tensor]) -> list[dict]:
@@ -194,7 +187,7 @@ def run(
     a, b = operands_from_tokens(tokens, spec)
     values = {name: feature_values(name, a, b, spec) for name in by}
     if confusion is not None:  # the confusion matrix of one place, per cell
-        probs = logits_of(subject, tokens)[:, confusion].float().softmax(-1)
+        probs = subject_logits(subject, tokens)[:, confusion].float().softmax(-1)
         by_cell = confusions(values, probs, answer_targets(tokens, spec)[:, confusion], spec.base)
     result = {
         "analysis": "condition",

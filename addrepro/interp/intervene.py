@@ -20,8 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from addrepro.interp.common import Subject, analysis_title, answer_targets, naive_digits, new_figure, subject_info
-from addrepro.interp.condition import cell_label, cells, check_feature, examples, feature_values, logits_of, scores
+from addrepro.interp.common import (
+    Subject,
+    analysis_title,
+    answer_targets,
+    naive_digits,
+    new_figure,
+    subject_info,
+    subject_logits,
+)
+from addrepro.interp.condition import cell_label, cells, check_feature, examples, feature_values, scores
 from addrepro.task.encoding import answer_digits, operands_from_tokens
 from addrepro.task.spec import TaskSpec
 
@@ -88,7 +96,7 @@ def run(subject: Subject, set: dict | None = None, by: list | None = None, size:
         check_feature(name, spec)
     tokens, exact = examples(spec, size, seed)
     after_tokens = edited(tokens, set, spec)
-    before_logits, after_logits = logits_of(subject, tokens), logits_of(subject, after_tokens)
+    before_logits, after_logits = subject_logits(subject, tokens), subject_logits(subject, after_tokens)
     # Both scored against the original answer, with the original operands' naive sum; the edited
     # sequence also against the answer of its own operands.
     targets = answer_targets(tokens, spec)
