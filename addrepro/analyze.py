@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from addrepro.interp import ANALYSES as MODULES
 from addrepro.interp import load_subject, over_training, write_outputs
-from addrepro.reports import spike_window
+from addrepro.reports import learning_coefficient, spike_window
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
@@ -30,7 +30,7 @@ from addrepro.training.config import MAX_THREADS, ConfigError, check_override_gr
 
 SINGLE = tuple(MODULES)
 # Analyses of a whole job folder rather than one checkpoint.
-OF_A_JOB = ("over_training", "spikes")
+OF_A_JOB = ("over_training", "spikes", "llc")
 ANALYSES = (*SINGLE, *OF_A_JOB)
 
 
@@ -50,7 +50,7 @@ def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Pat
         raise AnalyzeError(f"checkpoint={checkpoint!r} is invalid: must be the path of a .ckpt file or a job folder")
     path = Path(checkpoint)
     if analysis in OF_A_JOB:
-        if path.is_file():
+        if path.is_file() and analysis != "llc":  # llc: a job's checkpoints, or one of them
             raise AnalyzeError(f"checkpoint={path} is one file: {analysis} reads a whole job, give its folder")
         if path.is_dir() and not checkpoint_dir(path).is_dir():
             raise AnalyzeError(f"checkpoint={path}: no checkpoints/ folder in it")
@@ -116,6 +116,43 @@ def check_spike_options(options: dict) -> None:
         raise AnalyzeError(f"spikes.rise={rise!r} is invalid: must be a number > 1 (the factor over a median)")
 
 
+def check_llc_options(options: dict) -> None:
+    """``llc.*``: the checkpoints, the parts and the SGLD settings, each with what it allows."""
+    known = set(inspect.signature(learning_coefficient.run).parameters) - {"job_dir"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise AnalyzeError(f"llc.{unknown[0]} is not an option of llc (options: {', '.join(sorted(known))})")
+
+    def integer(key: str, low: int, allow_null: bool = False) -> None:
+        value = options.get(key)
+        if (value is None and allow_null) or (type(value) is int and low <= value <= MAX_COUNT):
+            return
+        allowed = f"{'null or ' if allow_null else ''}an integer in {low}..{MAX_COUNT}"
+        raise AnalyzeError(f"llc.{key}={value!r} is invalid: must be {allowed}")
+
+    steps = options.get("steps")
+    if steps is not None and not (isinstance(steps, list) and steps and all(type(s) is int and s >= 0 for s in steps)):
+        raise AnalyzeError(f"llc.steps={steps!r} is invalid: must be null (every checkpoint) or a list of steps >= 0")
+    parts = options.get("parts")
+    allowed = learning_coefficient.PART_KINDS
+    if not (isinstance(parts, list) and parts and all(p in allowed for p in parts)):
+        raise AnalyzeError(f"llc.parts={parts!r} is invalid: must be a list of {', '.join(allowed)}")
+    if not (type(options.get("n")) is int and 3 <= options["n"] <= 2**40):
+        raise AnalyzeError(f"llc.n={options.get('n')!r} is invalid: must be an integer >= 3 (nβ = n / log n)")
+    for key in ("eps", "gamma"):
+        value = options.get(key)
+        if not (type(value) in (int, float) and math.isfinite(value) and value > 0):
+            raise AnalyzeError(f"llc.{key}={value!r} is invalid: must be a number > 0")
+    integer("chains", 1)
+    integer("draws", 1)
+    integer("burn_in", 0)
+    integer("batch_size", 1, allow_null=True)
+    if not (type(options.get("seed")) is int and 0 <= options["seed"] < 2**63):
+        raise AnalyzeError(f"llc.seed={options.get('seed')!r} is invalid: must be an integer >= 0")
+    if not isinstance(options.get("sweep"), bool):
+        raise AnalyzeError(f"llc.sweep={options.get('sweep')!r} is invalid: must be true or false")
+
+
 def check_common(cfg: DictConfig) -> None:
     """The options every analysis shares, each with what it allows."""
 
@@ -167,6 +204,8 @@ def output_stem(cfg: DictConfig, path: Path, job: Path) -> Path:
         return out_dir / f"over_training_{cfg.of}"
     if cfg.analysis == "spikes":
         return out_dir / "spike_windows"
+    if cfg.analysis == "llc":
+        return out_dir / ("llc" if path.is_dir() else f"llc_{path.stem}")
     return out_dir / f"{cfg.analysis}_{path.stem}"
 
 
@@ -180,6 +219,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     name = cfg.of if cfg.analysis == "over_training" else cfg.analysis
     if name == "spikes":
         check_spike_options(OmegaConf.to_container(cfg.spikes, resolve=True) or {})
+    elif name == "llc":
+        check_llc_options(OmegaConf.to_container(cfg.llc, resolve=True) or {})
     else:
         check_options(name, OmegaConf.to_container(cfg[name], resolve=True) or {})
     check_writable(output_stem(cfg, path, job).parent)
@@ -197,6 +238,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
         elif cfg.analysis == "spikes":
             result = spike_window.run(job, **OmegaConf.to_container(cfg.spikes, resolve=True))
             figure = spike_window.plot(result)
+        elif cfg.analysis == "llc":
+            result = learning_coefficient.run(path, **OmegaConf.to_container(cfg.llc, resolve=True))
+            figure = learning_coefficient.plot(result)
         else:
             module = MODULES[cfg.analysis]
             result = module.run(
@@ -208,8 +252,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
     except ValueError as e:  # an option the analysis cannot use (it names the key and what is allowed)
         raise AnalyzeError(str(e)) from None
     paths = write_outputs(result, figure, output_stem(cfg, path, job))
-    if cfg.analysis == "spikes":
-        paths.append(atomic_write_text(output_stem(cfg, path, job).with_suffix(".md"), spike_window.markdown(result)))
+    if cfg.analysis in ("spikes", "llc"):
+        text = (spike_window if cfg.analysis == "spikes" else learning_coefficient).markdown(result)
+        paths.append(atomic_write_text(output_stem(cfg, path, job).with_suffix(".md"), text))
     if cfg.wandb:
         log_to_wandb(job, cfg, result, paths)
     print(summary(cfg, result))
@@ -224,6 +269,8 @@ def summary(cfg: DictConfig, result: dict, top: int = 8) -> str:
         what = f"{cfg.of} over training, at step {result['steps'][-1]}" if result["steps"] else cfg.of
     elif cfg.analysis == "spikes":
         values, what = spike_window.summarize(result), "spikes (leads over the loss's rise, in steps)"
+    elif cfg.analysis == "llc":
+        values, what = learning_coefficient.summarize(result), "llc (the last checkpoint's estimates)"
     else:
         values, what = MODULES[cfg.analysis].summarize(result), cfg.analysis
     finite = {k: v for k, v in values.items() if v == v}  # NaN: not measured for that key
@@ -255,6 +302,8 @@ def log_to_wandb(job: Path, cfg: DictConfig, result: dict, paths: list[Path]) ->
         payload.update({f"analysis/{cfg.analysis}/{k}": v for k, v in MODULES[cfg.analysis].summarize(result).items()})
     elif cfg.analysis == "spikes":
         payload.update({f"analysis/spikes/{k}": v for k, v in spike_window.summarize(result).items()})
+    elif cfg.analysis == "llc":
+        payload.update({f"analysis/llc/{k}": v for k, v in learning_coefficient.summarize(result).items()})
     run.log(payload)
     run.finish()
 

@@ -23,6 +23,7 @@ SLOW_FILES = (
     "test_dashboard.py",
     "test_analyze.py",
     "test_spike_window.py",
+    "test_llc.py",
     "test_bad_input.py",
     "test_reference.py",
     "test_ensemble.py",
