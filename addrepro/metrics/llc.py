@@ -36,12 +36,12 @@ import torch
 
 @dataclass(frozen=True)
 class SGLDSettings:
-    n: int = 10_000  # the nominal sample size: nβ = n / log n
-    eps: float = 1e-4  # SGLD step size ε
+    n: int = 1000  # the nominal sample size: nβ = n / log n
+    eps: float = 3e-4  # SGLD step size ε
     gamma: float = 100.0  # localisation strength γ
     chains: int = 4
     draws: int = 200  # steps per chain that are counted
-    burn_in: int = 50  # steps per chain before counting
+    burn_in: int = 100  # steps per chain before counting
     seed: int = 0
 
     @property
