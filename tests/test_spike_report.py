@@ -15,13 +15,22 @@ from addrepro.task.streams import configured_validation_tokens
 SEVEN = 7
 
 
+BETA2 = 0.99
+SCALES = {"before": 1e-3, "at": 4e-3}  # Adam's sqrt(v̂) of every weight, as stored (after has none)
+
+
 def save_around_spike(job, first_step=110):
-    """before/after: the exact adder; at: the same with digit 7's logit weight zeroed (a change of 20)."""
+    """before/after: the exact adder; at: the same with digit 7's logit weight zeroed (a change of 20).
+    before and at carry second moments: v = scale² (1 − β2^(step + 1)), so sqrt(v̂) is the scale."""
     for point, step, broken in (("before", 100, False), ("at", first_step, True), ("after", 120, False)):
         ckpt = adder.checkpoint()
         if broken:
             ckpt["model"]["unembed.W_U"][adder.OUT + SEVEN, SEVEN] = 0.0
         ckpt["step"] = step
+        ckpt["config"]["optimizer"] = {"betas": [0.9, BETA2]}
+        if point in SCALES:
+            v = SCALES[point] ** 2 * (1 - BETA2 ** (step + 1))
+            ckpt["second_moments"] = {n: torch.full_like(w, v) for n, w in ckpt["model"].items()}
         save_checkpoint(job / "checkpoints" / f"spike_{first_step}_{point}.ckpt", ckpt)
 
 
@@ -59,6 +68,13 @@ def test_the_spike_report_finds_what_was_broken(tmp_path):
     ratios = ex["relative_before_at"]
     assert next(iter(ratios)) == "unembed.W_U" and math.isclose(ratios["unembed.W_U"], 20 / float(w_u), rel_tol=1e-9)
     assert all(r == 0 for n, r in ratios.items() if n != "unembed.W_U")
+    # Per group: only the unembedding moved; Adam's scale is what was stored, and absent where it was not.
+    groups = ex["groups_before_at"]
+    assert math.isclose(groups["unembed"], 20 / float(w_u), rel_tol=1e-9) and groups["attn"] == 0
+    for point, scale in SCALES.items():
+        adam = ex["points"][point]["adam"]
+        assert set(adam) == set(groups) and all(math.isclose(v, scale, rel_tol=1e-6) for v in adam.values())
+    assert ex["points"]["after"]["adam"] is None
     # The exact adder (logit 20 against 0) barely pulls on its weights; at the spike a 7 costs log 10 and pulls hard.
     assert top["grad_norm_at"] > 1e3 * top["grad_norm_before"] and top["grad_norm_before"] == top["grad_norm_after"]
 
@@ -90,4 +106,5 @@ def test_spikes_md_lists_every_spike_and_says_when_no_weights_were_saved(tmp_pat
     assert "## Step 120" in text and "## Step 300" in text
     assert text.split("## Step 300")[1].split("\n\n")[1] == "No weights were saved around this spike."
     assert "before → at: 20" in text and "| at | 110 |" in text
+    assert "| attn | 0.001 | 0.004 | — | 0 | 0 |" in text
     assert write_spike_report(tmp_path, []).read_text().endswith("No spike was detected.\n")

@@ -4,13 +4,15 @@ the initialisation), Adam's first update has its closed form, and rises are foun
 import copy
 import json
 import math
+import shutil
 
 import pytest
-import torch
 from conftest import FAST, run_cli
 from omegaconf import OmegaConf
 
 from addrepro.model.transformer import Transformer, parameter_group
+from addrepro.reports.job import load_spikes
+from addrepro.reports.spike_report import adam_scale
 from addrepro.reports.spike_window import rise_step
 from addrepro.rundir.checkpoints import load_checkpoint
 from addrepro.rundir.metrics_file import load_rows
@@ -28,6 +30,9 @@ RUN = [
     "trainer.plots=false",
     "logger.wandb.enabled=false",
     *FAST,
+    # A hair-trigger spike detector: a noisy train loss rises above its trend many times.
+    "metrics.spike_factor=1.001",
+    "metrics.spike_min_excess=0",
 ]
 
 
@@ -83,6 +88,23 @@ def test_adams_first_update_has_its_closed_form(job):
     assert all(row[f"update/{g}"] == 0 for g in sizes)
 
 
+def test_the_spike_snapshots_hold_adams_second_moments_as_the_replay_sees_them(job):
+    """A spike's snapshots keep each weight's exp_avg_sq once that log step's update had taken it in: the
+    report's sqrt(v̂) per group is the replay's at the same steps, to the last bit."""
+    spike = load_spikes(job)[0]
+    first = spike.get("first_step", spike["step"])
+    points = {p: load_checkpoint(job / "checkpoints" / f"spike_{first}_{p}.ckpt") for p in ("before", "at")}
+    start = max(s for s in (0, EVERY, 2 * EVERY) if s <= points["before"]["step"])
+    state = load_checkpoint(job / "checkpoints" / f"step_{start}.ckpt") if start else None
+    config = points["at"]["config"]
+    rows = {r["step"]: r for r in replay(config, points["at"]["step"] + 1, record_from=start, state=state)}
+    for ckpt in points.values():
+        scales = adam_scale(ckpt)
+        assert scales is not None and set(scales) >= {"global", "attn", "mlp", "embed", "unembed"}
+        for group, value in scales.items():
+            assert value == rows[ckpt["step"]][f"adam/{group}"], (ckpt["step"], group)
+
+
 def test_rises_are_found_where_they_were_planted():
     rows = [{"step": s, "x": 1.0 + 0.1 * (s % 3)} for s in range(100, 160)]
     rows[10]["x"] = 5.0  # one step above twice the median: noise, not a rise
@@ -120,11 +142,14 @@ def test_analyze_spikes_writes_the_windows_and_refuses_bad_options_in_one_line(j
         (["spikes.at=[-3]"], "spikes.at=[-3] is invalid"),
         (["spikes.before=0", "spikes.after=0"], "leave no step to replay"),
         ([f"checkpoint={job / 'checkpoints' / 'last.ckpt'}"], "is one file: spikes reads a whole job"),
-        ([], "spikes.json lists no spike: give spikes.at=[...]"),
     ):
         given = [f"checkpoint={job}", "analysis=spikes", f"out_dir={out}/bad", *args]
         proc = run_cli("addrepro.analyze", given, tmp_path)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1
     assert not (out / "bad").exists()
-    assert torch.get_num_threads() == 1
+    calm = tmp_path / "calm"
+    shutil.copytree(job, calm)
+    (calm / "spikes.json").write_text("[]")
+    proc = run_cli("addrepro.analyze", [f"checkpoint={calm}", "analysis=spikes"], tmp_path)
+    assert proc.returncode == 2 and "spikes.json lists no spike: give spikes.at=[...]" in proc.stderr

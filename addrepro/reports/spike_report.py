@@ -3,10 +3,11 @@
 Training saves, for every spike, the weights at the logging step before it, at its first point and
 at the logging step after (``checkpoints/spike_<first step>_{before,at,after}.ckpt``). From them and
 the run's held-out set this reports, per spike: the per-place loss at the three points, the size of
-the two updates (L2 norm of the weight change), the mean L2 norm of the answer logits, the held-out
-examples whose loss rose most, and the attention masses and carry probes that changed most from
-before to after. Everything is computed from the saved weights; nothing is taken from the run's logs
-except the spike list itself.
+the two updates (L2 norm of the weight change), per parameter group Adam's sqrt(v̂) at each point (the
+snapshots keep the second moments) and the update-to-weight ratios, the mean L2 norm of the answer
+logits, the held-out examples whose loss rose most, and the attention masses and carry probes that
+changed most from before to after. Everything is computed from the saved snapshots; nothing is taken
+from the run's logs except the spike list itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from addrepro.metrics.mechanism import MECHANISM_EXAMPLES, mechanism_metric_dict
 from addrepro.metrics.place import stats_from_logits
-from addrepro.model.transformer import Transformer, model_from_checkpoint
+from addrepro.model.transformer import Transformer, model_from_checkpoint, parameter_group
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.task.encoding import decode, split_tokens
@@ -51,6 +52,37 @@ def relative_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         size = float(before.norm())
         out[name] = change / size if size > 0 else (0.0 if change == 0 else math.inf)
     return out
+
+
+def group_updates(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter group (and ``global``): ‖ΔW‖/‖W‖ of the group's weights together, from ``a`` to ``b``."""
+    change: dict[str, float] = {}
+    size: dict[str, float] = {}
+    for name in a:
+        for group in ("global", parameter_group(name)):
+            change[group] = change.get(group, 0.0) + float((b[name].double() - a[name].double()).square().sum())
+            size[group] = size.get(group, 0.0) + float(a[name].double().square().sum())
+    return {g: math.sqrt(change[g] / size[g]) if size[g] > 0 else math.inf for g in change}
+
+
+def adam_scale(ckpt: dict) -> dict[str, float] | None:
+    """Per parameter group (and ``global``): the RMS over its weights of Adam's bias-corrected sqrt(v̂),
+    from a snapshot's ``second_moments`` (taken once the step's update had taken in its gradient, the
+    ``step + 1``-th); None without them (or when they do not match the weights)."""
+    moments, weights = ckpt.get("second_moments"), ckpt["model"]
+    if not isinstance(moments, dict) or set(moments) != set(weights):
+        return None
+    if any(not isinstance(v, torch.Tensor) or v.shape != weights[n].shape for n, v in moments.items()):
+        return None
+    betas = (ckpt.get("config") or {}).get("optimizer", {}).get("betas", (0.9, 0.999))
+    bias = 1.0 - float(betas[1]) ** (ckpt["step"] + 1)
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for name, v in moments.items():
+        for group in ("global", parameter_group(name)):
+            total[group] = total.get(group, 0.0) + float(v.double().sum())
+            count[group] = count.get(group, 0) + v.numel()
+    return {g: math.sqrt(total[g] / count[g] / bias) for g in total}
 
 
 def example_gradients(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
@@ -90,6 +122,7 @@ def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
             "step": ckpts[p]["step"],
             "place_loss": {j: float(v) for j, v in enumerate(stats.loss_by_place[0].tolist())},
             "logit_norm": float(logits.norm(dim=-1).mean()),
+            "adam": adam_scale(ckpts[p]),
         }
     for a, b in (("before", "at"), ("at", "after")):
         if a in ckpts and b in ckpts:
@@ -97,6 +130,7 @@ def examine_spike(job_dir: Path, spike: dict, worst: int = 5) -> dict | None:
             ratios = relative_updates(ckpts[a]["model"], ckpts[b]["model"])
             top = sorted(ratios, key=lambda n: -ratios[n])[:worst]
             out[f"relative_{a}_{b}"] = {n: ratios[n] for n in top}
+            out[f"groups_{a}_{b}"] = group_updates(ckpts[a]["model"], ckpts[b]["model"])
     base = losses.get("before")
     rise = losses["at"] - base if base is not None else losses["at"]  # (V, n+1)
     per_example = rise.sum(-1)
@@ -157,6 +191,25 @@ def spikes_markdown(examined: list[tuple[dict, dict | None]]) -> str:
                 "Weight change (L2): " + "; ".join(f"{a} → {b}: {ex[f'update_{a}_{b}']:.4g}" for a, b in pairs),
                 "",
             ]
+        groups = sorted({g for p in POINTS if p in pts and pts[p].get("adam") for g in pts[p]["adam"]})
+        groups = groups or sorted({g for a, b in pairs for g in ex.get(f"groups_{a}_{b}", {})})
+        if groups:
+            lines += [
+                "Per parameter group: Adam's sqrt(v̂) (RMS over the group's weights, once each step's update had "
+                "taken in its gradient) at each point, and the update-to-weight ratio ‖ΔW‖/‖W‖ between points:",
+                "",
+                "| group | "
+                + " | ".join(f"sqrt(v̂) {p}" for p in POINTS if p in pts)
+                + " | "
+                + " | ".join(f"‖ΔW‖/‖W‖ {a} → {b}" for a, b in pairs)
+                + " |",
+                "|---|" + "---|" * (sum(p in pts for p in POINTS) + len(pairs)),
+            ]
+            for g in groups:
+                cells = [f"{pts[p]['adam'][g]:.3g}" if pts[p].get("adam") else "—" for p in POINTS if p in pts]
+                cells += [f"{ex[f'groups_{a}_{b}'][g]:.3g}" for a, b in pairs]
+                lines.append(f"| {g} | " + " | ".join(cells) + " |")
+            lines.append("")
         for a, b in pairs:
             if f"relative_{a}_{b}" in ex:
                 top = ", ".join(f"`{n}` {r:.3g}" for n, r in ex[f"relative_{a}_{b}"].items())

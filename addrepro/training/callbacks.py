@@ -206,11 +206,13 @@ class Preemption(pl.Callback):
 class SpikeSnapshots(pl.Callback):
     """The weights just before, at and just after a loss spike (at logging steps), to study it later.
 
-    Each is a weights-only checkpoint ``spike_<step>_{before,at,after}.ckpt`` of the spiking member.
+    Each is a weights-only checkpoint ``spike_<step>_{before,at,after}.ckpt`` of the spiking member,
+    with Adam's second moments (``second_moments``: each weight's ``exp_avg_sq`` once that logging
+    step's update had taken it in), for the spike report's view of the optimiser.
     """
 
     def __init__(self) -> None:
-        self.previous: tuple[int, dict] | None = None  # stacked weights at the previous logging step
+        self.previous: tuple[int, dict, dict] | None = None  # stacked weights and moments at the previous log
         self.awaiting_after: list[tuple[int, int]] = []  # (member, spike step)
 
     def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
@@ -227,25 +229,39 @@ class SpikeSnapshots(pl.Callback):
     def on_train_log_step(
         self, trainer: pl.Trainer, module: AdditionModule, step: int, weights: dict, new_spikes: list, new_exits: list
     ) -> None:
+        moments = second_moments(module)
         for k, spike_step in self.awaiting_after:
-            self.save(module, k, f"spike_{spike_step}_after.ckpt", step, member_weights(weights, k))
+            self.save(module, k, f"spike_{spike_step}_after.ckpt", step, weights, moments)
         self.awaiting_after = []
         for k, spike in new_spikes:
             if self.previous is not None:
-                before_step, before = self.previous
-                self.save(module, k, f"spike_{spike.step}_before.ckpt", before_step, member_weights(before, k))
-            self.save(module, k, f"spike_{spike.step}_at.ckpt", step, member_weights(weights, k))
+                before_step, before, before_moments = self.previous
+                self.save(module, k, f"spike_{spike.step}_before.ckpt", before_step, before, before_moments)
+            self.save(module, k, f"spike_{spike.step}_at.ckpt", step, weights, moments)
             self.awaiting_after.append((k, spike.step))
-        self.previous = (step, weights)
+        self.previous = (step, weights, moments)
 
     @staticmethod
-    def save(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
-        save_weights(module, k, filename, step, weights)
+    def save(module: AdditionModule, k: int, filename: str, step: int, weights: dict, moments: dict) -> None:
+        save_weights(module, k, filename, step, member_weights(weights, k), member_weights(moments, k))
 
 
-def save_weights(module: AdditionModule, k: int, filename: str, step: int, weights: dict) -> None:
-    """A weights-only checkpoint of member k (for analyses; it cannot be resumed). Weights that are not
-    all finite (a member diverging before its next logged loss says so) are not saved."""
+def second_moments(module: AdditionModule) -> dict[str, torch.Tensor]:
+    """A copy of Adam's ``exp_avg_sq`` of every stacked weight ``(K, ...)`` (none before the first update)."""
+    opt = module.opt
+    return {
+        name: opt.state[p]["exp_avg_sq"].detach().clone()
+        for name, p in module.model.named_parameters()
+        if p in opt.state and "exp_avg_sq" in opt.state[p]
+    }
+
+
+def save_weights(
+    module: AdditionModule, k: int, filename: str, step: int, weights: dict, moments: dict | None = None
+) -> None:
+    """A weights-only checkpoint of member k (for analyses; it cannot be resumed), with Adam's second
+    moments when given. Weights that are not all finite (a member diverging before its next logged loss
+    says so) are not saved."""
     model = {n: t.cpu() for n, t in weights.items()}
     bad = next((n for n, t in model.items() if not bool(t.isfinite().all())), None)
     if bad is not None:
@@ -253,8 +269,10 @@ def save_weights(module: AdditionModule, k: int, filename: str, step: int, weigh
             "not saved: checkpoints/%s of %s (non-finite weights in %s)", filename, module.members[k].job_dir, bad
         )
         return
+    extra = {"second_moments": {n: t.cpu() for n, t in moments.items()}} if moments else {}
     save_checkpoint(
-        module.members[k].job_dir / "checkpoints" / filename, {**module.checkpoint_header(k, step), "model": model}
+        module.members[k].job_dir / "checkpoints" / filename,
+        {**module.checkpoint_header(k, step), "model": model, **extra},
     )
 
 
