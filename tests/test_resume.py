@@ -205,6 +205,17 @@ def test_wandb_history_of_a_run_resumed_after_finishing_keeps_every_row(uninterr
     assert unstepped(continued) == unstepped(full) != [] and "shelves" in unstepped(full)
 
 
+def resume_auto(tmp_path):
+    """``resume=auto`` of the job folder ``<tmp_path>/job``, to its end."""
+    return subprocess.run(
+        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
+        cwd=tmp_path,
+        env=one_thread_env(),
+        capture_output=True,
+        text=True,
+    )
+
+
 def quietly_read(path):
     """``read_run`` of a file cut short by a kill, without the warning that says so."""
     with warnings.catch_warnings():
@@ -275,13 +286,7 @@ def test_a_confusion_image_the_wandb_file_lost_is_logged_again_with_its_step(uni
     wandb_file.write_bytes(data[:lo])
     cut = comparable(quietly_read(wandb_file))
     assert cut == comparable(read_run(uninterrupted))[: len(cut)] and any(r["trainer/global_step"] == last for r in cut)
-    proc = subprocess.run(
-        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
-        cwd=tmp_path,
-        env=one_thread_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = resume_auto(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert comparable(quietly_read(job)) == comparable(read_run(uninterrupted))
 
@@ -332,13 +337,7 @@ def test_a_run_killed_between_its_final_checkpoint_and_last_ckpt_gets_both_on_re
     shutil.copytree(uninterrupted, job, symlinks=True)
     for name in ("checkpoints/last.ckpt", "end_of_run.json", "timeline.md", "spikes.md"):  # never written
         (job / name).unlink()
-    proc = subprocess.run(
-        train_cmd(*SPIKY, "hydra.run.dir=job", "resume=auto"),
-        cwd=tmp_path,
-        env=one_thread_env(),
-        capture_output=True,
-        text=True,
-    )
+    proc = resume_auto(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (job / "checkpoints" / "last.ckpt").read_bytes() == (full / "last.ckpt").read_bytes()
     assert load_rows(job) == load_rows(uninterrupted)

@@ -14,16 +14,7 @@ import numpy as np
 
 from addrepro.interp.common import Subject, load_subject, new_figure
 from addrepro.interp.registry import ANALYSES
-from addrepro.rundir.checkpoints import LAST, checkpoint_dir, load_checkpoint
-
-
-def run_checkpoints(job_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint of a job folder, by step, one per step."""
-    by_step: dict[int, Path] = {}
-    for path in sorted(checkpoint_dir(job_dir).glob("*.ckpt"), key=lambda p: p.name == LAST):
-        step = load_checkpoint(path)["step"]
-        by_step.setdefault(step, path)
-    return sorted(by_step.items())
+from addrepro.rundir.checkpoints import checkpoint_dir, checkpoints_by_step, load_checkpoint
 
 
 def run(
@@ -32,18 +23,9 @@ def run(
     """Run analysis ``of`` on every checkpoint (or those at ``steps``); ``series[name]`` lists its value at
     each step."""
     module = ANALYSES[of]
-    checkpoints = run_checkpoints(job_dir)
-    if not checkpoints:
+    if not checkpoints_by_step(job_dir):
         raise ValueError(f"checkpoint={job_dir}: no checkpoints in {checkpoint_dir(job_dir)} to follow over training")
-    if steps is not None:
-        saved = dict(checkpoints)
-        missing = sorted(set(steps) - set(saved))
-        if missing:
-            raise ValueError(
-                f"steps={missing} have no checkpoint in {checkpoint_dir(job_dir)} (saved: "
-                f"{', '.join(map(str, saved))}); train with trainer.ckpt_steps=[...] to save them"
-            )
-        checkpoints = [(step, saved[step]) for step in sorted(set(steps))]
+    checkpoints = checkpoints_by_step(job_dir, steps)
     first = load_checkpoint(checkpoints[0][1])
     for _, path in checkpoints[1:]:  # one run's checkpoints: a copied-in one of another model is named
         other = load_checkpoint(path)

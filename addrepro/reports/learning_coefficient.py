@@ -22,7 +22,7 @@ import torch
 from addrepro.metrics.llc import SGLDSettings, estimate_llc
 from addrepro.metrics.place import place_stats
 from addrepro.model.transformer import Transformer, model_from_checkpoint
-from addrepro.rundir.checkpoints import LAST, checkpoint_dir, load_checkpoint
+from addrepro.rundir.checkpoints import checkpoints_by_step, load_checkpoint
 from addrepro.rundir.metrics_file import load_rows, read_records
 from addrepro.task.samplers import SamplerSpec
 from addrepro.task.spec import TaskSpec
@@ -30,14 +30,6 @@ from addrepro.task.streams import FiniteBatches, InfiniteBatches, validation_tok
 
 PART_KINDS = ("all", "heads", "mlp")
 EXIT_FIELDS = {"place": int, "step": int, "last_on_shelf": int}
-
-
-def job_checkpoints(job_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint of the job, one per step (the first found), by step."""
-    by_step: dict[int, Path] = {}
-    for path in sorted(checkpoint_dir(job_dir).glob("*.ckpt"), key=lambda p: (p.name == LAST, p.name)):
-        by_step.setdefault(int(load_checkpoint(path)["step"]), path)
-    return sorted(by_step.items())
 
 
 def part_masks(model: Transformer, kinds: list[str]) -> dict[str, list[torch.Tensor | None]]:
@@ -117,15 +109,7 @@ def run(
     if path.is_file():
         found, job = [(int(load_checkpoint(path)["step"]), path)], path.parent.parent
     else:
-        found, job = job_checkpoints(path), path
-    if steps is not None:
-        saved = dict(found)
-        missing = sorted(set(steps) - set(saved))
-        if missing:
-            raise ValueError(
-                f"llc.steps={missing} have no checkpoint in {checkpoint_dir(job)} (saved: {', '.join(map(str, saved))})"
-            )
-        found = [(s, saved[s]) for s in sorted(set(steps))]
+        found, job = checkpoints_by_step(path, steps, "llc.steps"), path
     if not found:
         raise ValueError(f"checkpoint={job_dir}: no checkpoints to estimate the LLC of")
     points = []

@@ -226,3 +226,23 @@ def check_compatible(
     ]
     if diffs:
         raise CheckpointError(f"checkpoint={path} does not match the config: " + "; ".join(diffs))
+
+
+def checkpoints_by_step(
+    job_dir: str | Path, steps: list[int] | None = None, key: str = "steps"
+) -> list[tuple[int, Path]]:
+    """``(step, path)`` of a job's checkpoints by their stored step, one per step (``last.ckpt`` only
+    where no other file has its step); with ``steps``, those at exactly these steps. A step without a
+    checkpoint raises ``ValueError`` naming ``key`` and the steps saved."""
+    by_step: dict[int, Path] = {}
+    for path in sorted(checkpoint_dir(job_dir).glob("*.ckpt"), key=lambda p: (p.name == LAST, p.name)):
+        by_step.setdefault(int(load_checkpoint(path)["step"]), path)
+    if steps is None:
+        return sorted(by_step.items())
+    missing = sorted(set(steps) - set(by_step))
+    if missing:
+        raise ValueError(
+            f"{key}={missing} have no checkpoint in {checkpoint_dir(job_dir)} (saved: "
+            f"{', '.join(map(str, sorted(by_step)))}); train with trainer.ckpt_steps=[...] to save them"
+        )
+    return [(step, by_step[step]) for step in sorted(set(steps))]
