@@ -142,15 +142,19 @@ def calibration(ckpt: dict, settings: SGLDSettings, batch_size: int | None) -> l
     return out
 
 
-def exit_changes(job: Path, points: list[dict]) -> list[dict]:
-    """For each shelf exit whose ``before`` and ``after`` checkpoints were measured: the LLC at each."""
+def shelf_exits(job: Path) -> list[dict]:
+    """The job's shelf exits (``shelf_exits.json``; none when it has no readable file)."""
     try:
-        exits = read_records(job / "shelf_exits.json", EXIT_FIELDS)
+        return read_records(job / "shelf_exits.json", EXIT_FIELDS)
     except ValueError:
         return []
+
+
+def exit_changes(job: Path, points: list[dict]) -> list[dict]:
+    """For each shelf exit whose ``before`` and ``after`` checkpoints were measured: the LLC at each."""
     at = {p["step"]: p["parts"]["all"]["llc"] for p in points if "all" in p["parts"]}
     out = []
-    for e in exits:
+    for e in shelf_exits(job):
         before, after = e["last_on_shelf"], e["step"]
         if before in at and after in at:
             out.append({"place": e["place"], "level": e.get("level"), "before": before, "after": after,
@@ -176,9 +180,11 @@ def plot(result: dict) -> Any:
         rows = []
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     places = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith("val/loss/place_")})
+    colours = {}
     for j in places:
         pts = [(r["step"], r[f"val/loss/place_{j}"]) for r in rows if f"val/loss/place_{j}" in r]
-        top.plot(*zip(*pts, strict=True), lw=1, label=f"place {j}")
+        (line,) = top.plot(*zip(*pts, strict=True), lw=1, label=f"place {j}")
+        colours[j] = line.get_color()
     top.set_yscale("log")
     top.set_ylabel("held-out loss (nats)")
     if places:
@@ -193,16 +199,16 @@ def plot(result: dict) -> Any:
     bottom.set_ylabel("local learning coefficient λ̂")
     bottom.set_xlabel("step")
     bottom.legend(fontsize=7, ncol=4)
-    for e in result["exits"]:
+    for e in shelf_exits(job):  # every exit, in its place's colour, whether or not its checkpoints were measured
         for ax in (top, bottom):
-            ax.axvline(e["after"], color="grey", ls=":", lw=0.8)
+            ax.axvline(e["step"], color=colours.get(e["place"], "grey"), ls=":", lw=0.9)
     for ax in (top, bottom):
         ax.set_xscale("symlog", linthresh=max(1, min([s for s in steps if s > 0], default=1)))
         ax.grid(alpha=0.2)
     s = result["settings"]
     fig.suptitle(
         f"LLC by SGLD (nβ = {s['n_beta']:.0f}, ε = {s['eps']:g}, γ = {s['gamma']:g}, {s['chains']} chains × "
-        f"{s['draws']} draws); dotted: shelf exits",
+        f"{s['draws']} draws); dotted: shelf exits, in the colour of the place",
         fontsize=9,
     )
     fig.tight_layout()
