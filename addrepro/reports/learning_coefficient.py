@@ -204,6 +204,7 @@ def plot(result: dict) -> Any:
             ax.axvline(e["step"], color=colours.get(e["place"], "grey"), ls=":", lw=0.9)
     for ax in (top, bottom):
         ax.set_xscale("symlog", linthresh=max(1, min([s for s in steps if s > 0], default=1)))
+        ax.set_xlim(left=0)  # steps are never negative: symlog would draw an empty negative side
         ax.grid(alpha=0.2)
     s = result["settings"]
     fig.suptitle(
