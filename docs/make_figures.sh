@@ -57,3 +57,14 @@ for step in 653 956 1400; do
       "condition.by=[a_3]"
 done
 cp outputs/docs/nanda1400/analysis/condition_weights_1400.png "$out/findings_odds_place4_step1400.png"
+
+# 6. The default model, three seeds, and its local learning coefficient over training (~20 minutes a seed).
+$py -m addrepro.train -m seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.threads=1 trainer.progress_bar=false \
+    hydra.sweep.dir=outputs/docs/default3
+for s in 0 1 2; do
+  extra=(); [ "$s" = 0 ] && extra=(llc.sweep=true)
+  $py -m addrepro.analyze "checkpoint='outputs/docs/default3/${s}_seed=${s}'" analysis=llc llc.draws=150 "${extra[@]}"
+done
+$py -m addrepro.analyze "checkpoint='outputs/docs/default3/0_seed=0'" analysis=llc llc.draws=150 llc.gamma=1000 \
+    "llc.steps=[0,13,103,365,556,930,1000,2000,3000]" out_dir=outputs/docs/default3/llc_gamma1000
+cp "outputs/docs/default3/0_seed=0/analysis/llc.png" "$out/findings_llc_default_seed0.png"
