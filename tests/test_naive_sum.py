@@ -2,6 +2,7 @@
 
 import math
 import random
+import statistics
 
 import pytest
 import torch
@@ -326,7 +327,8 @@ def test_carry_metric_dict_of_naive_plus_model(order, k0):
     model = NaivePlusModel(spec, ps, k0=k0)
     metrics = carry_metric_dict(model, sets, spec)
     assert model.calls == 1  # one forward pass for all the carry and chain sets
-    assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in ("loss", "acc", "p_plus0", "p_plus1")}
+    kinds = ("loss", "loss_se", "acc", "p_plus0", "p_plus1")
+    assert set(metrics) == {f"{name}/{s}" for name in sets.slices for s in kinds}
     rows = sets.tokens.tolist()
     for m, p in enumerate(ps):
         q = (1 - p) / (base - 1)
@@ -339,6 +341,8 @@ def test_carry_metric_dict_of_naive_plus_model(order, k0):
                 losses.append(-math.log(p if hit else q))
                 hits.append(float(hit))
             assert metrics[f"{name}/loss"][m].item() == pytest.approx(sum(losses) / len(losses), rel=1e-5), name
+            se = statistics.stdev(losses) / math.sqrt(len(losses))  # the sample's spread, brute force
+            assert metrics[f"{name}/loss_se"][m].item() == pytest.approx(se, rel=1e-4, abs=1e-6), name
             assert metrics[f"{name}/acc"][m].item() == pytest.approx(sum(hits) / len(hits)), name
             # the model's mass on naive+0 / naive+1 at the conditioned place does not depend on the set
             assert metrics[f"{name}/p_plus0"][m].item() == pytest.approx(p if k0 == 0 else q), name
