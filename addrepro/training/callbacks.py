@@ -247,8 +247,11 @@ class SpikeSnapshots(pl.Callback):
 
 
 def second_moments(module: AdditionModule) -> dict[str, torch.Tensor]:
-    """A copy of Adam's ``exp_avg_sq`` of every stacked weight ``(K, ...)`` (none before the first update)."""
-    opt = module.opt
+    """A copy of Adam's ``exp_avg_sq`` of every stacked weight ``(K, ...)`` (none before the first update,
+    or before the stack is built)."""
+    opt = module.stack.opt
+    if opt is None:
+        return {}
     return {
         name: opt.state[p]["exp_avg_sq"].detach().clone()
         for name, p in module.model.named_parameters()
