@@ -137,8 +137,8 @@ def check_llc_options(options: dict) -> None:
     allowed = learning_coefficient.PART_KINDS
     if not (isinstance(parts, list) and parts and all(p in allowed for p in parts)):
         raise AnalyzeError(f"llc.parts={parts!r} is invalid: must be a list of {', '.join(allowed)}")
-    if not (type(options.get("n")) is int and 3 <= options["n"] <= 2**40):
-        raise AnalyzeError(f"llc.n={options.get('n')!r} is invalid: must be an integer >= 3 (nβ = n / log n)")
+    if options.get("n") is not None and not (type(options["n"]) is int and 3 <= options["n"] <= 2**40):
+        raise AnalyzeError(f"llc.n={options['n']!r} is invalid: must be null or an integer >= 3 (nβ = n / log n)")
     for key in ("eps", "gamma"):
         value = options.get(key)
         if not (type(value) in (int, float) and math.isfinite(value) and value > 0):

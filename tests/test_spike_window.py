@@ -7,14 +7,16 @@ import math
 import shutil
 
 import pytest
+import torch
 from conftest import FAST, run_cli
 from omegaconf import OmegaConf
 
 from addrepro.model.transformer import Transformer, parameter_group
+from addrepro.reports import spike_window
 from addrepro.reports.job import load_spikes
 from addrepro.reports.spike_report import adam_scale
 from addrepro.reports.spike_window import rise_step
-from addrepro.rundir.checkpoints import load_checkpoint
+from addrepro.rundir.checkpoints import load_checkpoint, save_checkpoint
 from addrepro.rundir.metrics_file import load_rows
 from addrepro.training.config import architecture, task_spec, typed
 from addrepro.training.replay import replay
@@ -103,6 +105,19 @@ def test_the_spike_snapshots_hold_adams_second_moments_as_the_replay_sees_them(j
         assert scales is not None and set(scales) >= {"global", "attn", "mlp", "embed", "unembed"}
         for group, value in scales.items():
             assert value == rows[ckpt["step"]][f"adam/{group}"], (ckpt["step"], group)
+
+
+def test_a_run_whose_data_were_drawn_on_a_gpu_is_not_replayed_on_the_cpu(job, tmp_path):
+    copy = tmp_path / "gpu_run"
+    shutil.copytree(job, copy)
+    for path in (copy / "checkpoints").glob("*.ckpt"):
+        ckpt = torch.load(path, weights_only=True)
+        if "data" in ckpt:
+            ckpt["data"] = {"generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda"}
+            save_checkpoint(path, ckpt)
+    for at in ([EVERY + 5], [3]):  # from a checkpoint, and from the initialisation
+        with pytest.raises(ValueError, match="drew its data on cuda: a replay on the CPU would train on other batches"):
+            spike_window.run(copy, at=at, before=2, after=2)
 
 
 def test_rises_are_found_where_they_were_planted():

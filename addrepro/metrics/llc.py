@@ -33,6 +33,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+# One-sided 99.5% points of Student's t by degrees of freedom (beyond: about 2.6).
+T_995 = {1: 63.66, 2: 9.925, 3: 5.841, 4: 4.604, 5: 4.032, 6: 3.707, 7: 3.499, 8: 3.355, 9: 3.250, 10: 3.169,
+         15: 2.947, 20: 2.845, 30: 2.750}  # fmt: skip
+T_995.update({df: T_995[max(k for k in T_995 if k <= df)] for df in range(11, 31) if df not in T_995})
+
 
 @dataclass(frozen=True)
 class SGLDSettings:
@@ -64,6 +69,10 @@ def estimate_llc(
     selects the weights that move. Returns the estimate, its standard error over chains, each chain's
     estimate and loss-difference trace, and the diagnostics."""
     s = settings
+    if s.chains < 1 or s.draws < 1 or s.burn_in < 0:
+        raise ValueError(
+            f"SGLD needs chains >= 1, draws >= 1 and burn_in >= 0 (got {s.chains}, {s.draws}, {s.burn_in})"
+        )
     masks = masks or [None] * len(params)
     centre = [p.detach().clone() for p in params]
     gen = torch.Generator(device=centre[0].device).manual_seed(s.seed)
@@ -87,10 +96,12 @@ def estimate_llc(
                     trace.append(float(loss.detach()) - centre_loss(params, centre, loss_of, batch))
                 with torch.no_grad():
                     for p, w, m in zip(params, centre, masks, strict=True):
-                        drift = s.n_beta * p.grad + s.gamma * (p - w)
+                        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                        drift = s.n_beta * grad + s.gamma * (p - w)
                         noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype)
                         step = -0.5 * s.eps * drift + math.sqrt(s.eps) * noise
-                        p.add_(step if m is None else step * m)
+                        # where, not a product: a non-finite step times 0 would still move a held weight
+                        p.add_(step if m is None else torch.where(m.bool(), step, torch.zeros_like(step)))
             traces.append(trace)
             chains.append(
                 s.n_beta * (sum(trace) / len(trace)) if trace and all(map(math.isfinite, trace)) else math.nan
@@ -132,9 +143,12 @@ def diagnostics(chains: list[float], traces: list[list[float]], s: SGLDSettings)
         out.append("a chain reached a non-finite loss: lower llc.eps or raise llc.gamma")
     # A stationary chain's two halves agree to within their noise; drifting chains keep climbing. The
     # chains are independent, so the rise from the first half to the second is judged by its spread
-    # over chains (the draws within a chain are correlated).
+    # over chains (the draws within a chain are correlated), against the one-sided 99.5% point of
+    # Student's t for that many chains.
     whole = [t for t in traces if len(t) >= 4 and all(map(math.isfinite, t))]
-    if len(whole) >= 2:
+    if len(whole) < 2:
+        out.append("drift not checked: that needs 2 or more finite chains of 4 or more draws")
+    else:
         halves = [
             (sum(t[: len(t) // 2]) / (len(t) // 2), sum(t[len(t) // 2 :]) / (len(t) - len(t) // 2)) for t in whole
         ]
@@ -144,7 +158,7 @@ def diagnostics(chains: list[float], traces: list[list[float]], s: SGLDSettings)
         level = abs(sum(a for a, _ in halves) / len(halves))
         # Either the mean rise is clear of its spread, or every one of six or more chains rose (a chance of
         # 1 in 64 or less for stationary chains).
-        clear = mean > 3 * se or (len(rises) >= 6 and all(r > 0 for r in rises))
+        clear = mean > T_995.get(len(rises) - 1, 2.6) * se or (len(rises) >= 6 and all(r > 0 for r in rises))
         if clear and mean > 0.1 * level:
             out.append(
                 f"the chains' loss difference still rises from their first half to their second (by {mean:.3g}, "

@@ -13,6 +13,7 @@ SGLD literature asks for: the estimate at one checkpoint over a grid of step siz
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, validation_tokens
 
 PART_KINDS = ("all", "heads", "mlp")
+DEFAULT_N = 1000
 EXIT_FIELDS = {"place": int, "step": int, "last_on_shelf": int}
 
 
@@ -57,34 +59,49 @@ def part_masks(model: Transformer, kinds: list[str]) -> dict[str, list[torch.Ten
     return out
 
 
-def batches(ckpt: dict, spec: TaskSpec, batch_size: int | None, seed: int, step: int) -> Any:
-    """Batches from the run's training distribution as it was at ``step``."""
+# The batches' generator is seeded apart from the SGLD noise's (the same seed would share one stream).
+BATCH_SEED_OFFSET = 1_000_003
+
+
+def batches(ckpt: dict, spec: TaskSpec, batch_size: int | None, seed: int, step: int) -> Callable[[], torch.Tensor]:
+    """A draw of a batch from the run's training distribution as it was at ``step``: its sampler (a
+    curriculum at that step's stage, every draw), or its finite training set (whole, when the run
+    trained on whole-set batches)."""
     d = ckpt["config"]["data"]
-    size = batch_size or d.get("batch_size") or 64
+    size = batch_size if batch_size is not None else d.get("batch_size")
     if d.get("train_size") is not None:
         train, _ = validation_tokens(spec, d["val_size"], d["val_seed"], d["train_size"], d["seed"], with_train=True)
-        return FiniteBatches(train, size, seed, spec)
-    stream = InfiniteBatches(spec, size, seed, "cpu", SamplerSpec.from_config(d))
-    stream.draws.fill_(step)  # a curriculum draws what it drew at this step
-    return stream
+        return FiniteBatches(train, size, seed + BATCH_SEED_OFFSET, spec).next
+    stream = InfiniteBatches(spec, size or 64, seed + BATCH_SEED_OFFSET, "cpu", SamplerSpec.from_config(d))
+
+    def draw() -> torch.Tensor:
+        stream.draws.fill_(step)  # the stage of a curriculum is the checkpoint's, for every draw
+        return stream.next()
+
+    return draw
+
+
+def sample_size(ckpt: dict, n: int | None) -> int:
+    """The n of nβ = n / log n: as given, else a finite training set's size, else 1000."""
+    if n is not None:
+        return n
+    train_size = ckpt["config"]["data"].get("train_size")
+    return max(int(train_size), 3) if train_size is not None else DEFAULT_N
 
 
 def measure(ckpt: dict, settings: SGLDSettings, kinds: list[str], batch_size: int | None) -> dict[str, dict]:
     """LLC estimates of one checkpoint, per part."""
     model, spec = model_from_checkpoint(ckpt)
     model.train(False)
-    d = ckpt["config"]["data"]
-    if d.get("train_size") is not None and settings.n == SGLDSettings.n:
-        settings = replace(settings, n=max(int(d["train_size"]), 3))  # a finite set has its own n
     params = [p for _, p in model.named_parameters()]
     out = {}
     for name, masks in part_masks(model, kinds).items():
-        stream = batches(ckpt, spec, batch_size, settings.seed, int(ckpt["step"]))
+        next_batch = batches(ckpt, spec, batch_size, settings.seed, int(ckpt["step"]))
 
         def loss_of(tokens: torch.Tensor) -> torch.Tensor:
             return place_stats(model, tokens.unsqueeze(0), spec).loss[0]
 
-        out[name] = estimate_llc(params, loss_of, stream.next, settings, masks)
+        out[name] = estimate_llc(params, loss_of, next_batch, settings, masks)
     return out
 
 
@@ -92,7 +109,7 @@ def run(
     job_dir: str | Path,
     steps: list[int] | None = None,
     parts: list[str] | None = None,
-    n: int = SGLDSettings.n,
+    n: int | None = None,
     eps: float = SGLDSettings.eps,
     gamma: float = SGLDSettings.gamma,
     chains: int = SGLDSettings.chains,
@@ -105,13 +122,14 @@ def run(
     """The LLC at every checkpoint of ``job_dir`` (or those at ``steps``; ``job_dir`` may be one file)."""
     path = Path(job_dir)
     kinds = list(parts or ["all"])
-    settings = SGLDSettings(n=n, eps=eps, gamma=gamma, chains=chains, draws=draws, burn_in=burn_in, seed=seed)
     if path.is_file():
         found, job = [(int(load_checkpoint(path)["step"]), path)], path.parent.parent
     else:
         found, job = checkpoints_by_step(path, steps, "llc.steps"), path
     if not found:
         raise ValueError(f"checkpoint={job_dir}: no checkpoints to estimate the LLC of")
+    n = sample_size(load_checkpoint(found[0][1]), n)
+    settings = SGLDSettings(n=n, eps=eps, gamma=gamma, chains=chains, draws=draws, burn_in=burn_in, seed=seed)
     points = []
     for step, ckpt_path in found:
         estimates = measure(load_checkpoint(ckpt_path), settings, kinds, batch_size)

@@ -67,7 +67,11 @@ def examine_window(job_dir: Path, centre: int, before: int, after: int, rise: fl
     first = max(centre - before, 0)
     start, path = window_start(job_dir, first)
     state = load_checkpoint(path) if path is not None else None
-    config = (state or load_checkpoint(job_dir))["config"]
+    last = state or load_checkpoint(job_dir)
+    drawn_on = last.get("data", {}).get("device", "cpu")
+    if drawn_on != "cpu":  # from the initialisation too: the run's batches came from another generator
+        raise ValueError(f"{job_dir} drew its data on {drawn_on}: a replay on the CPU would train on other batches")
+    config = last["config"]
     max_steps = int(config["trainer"]["max_steps"])
     until = min(centre + after, max_steps)
     if until - start > MAX_REPLAY_STEPS:

@@ -4,7 +4,8 @@ run itself logged only every ``trainer.log_every_n_steps`` (a loss spike, a shel
 A resumable checkpoint holds everything a step depends on (weights, Adam's moments and step count,
 the data stream), so the replay takes the run's own steps: at a step the run logged, its train
 metrics are the logged ones (to the last bit when the replay runs the run's kernels; a run trained in
-a stack or on another device may differ in the last digits, which ``replay`` lets the caller measure).
+a stack may differ in the last digits, which the caller can measure). A run whose data were drawn on
+a GPU cannot be replayed here: its generator's stream does not exist on the CPU.
 
 Each row ``step`` holds what the run would log at that step — per-place train loss and accuracy,
 gradient norms per parameter group, learning rate; the model after ``step`` updates, on that step's
@@ -38,6 +39,11 @@ def replay(config: dict, until: int, record_from: int = 0, state: dict | None = 
     start = int(state["step"]) if state is not None else 0
     if state is not None and ("optimizer" not in state or "data" not in state):
         raise ValueError(f"the checkpoint at step {start} holds weights only: a replay needs a resumable one")
+    if state is not None and state["data"].get("device", "cpu") != "cpu":
+        # A CUDA generator's stream cannot be drawn on the CPU: the replay would train on other batches.
+        raise ValueError(
+            f"the run drew its data on {state['data']['device']}: a replay on the CPU would train on other batches"
+        )
     if not start < until <= start + MAX_REPLAY_STEPS:
         raise ValueError(
             f"a replay from step {start} runs to a later step, at most {MAX_REPLAY_STEPS} on (not {until})"
