@@ -41,8 +41,8 @@ class AnalyzeError(ValueError):
 def resolve_checkpoint(checkpoint: str | None, analysis: str) -> tuple[Path, Path]:
     """``(checkpoint file or job folder, job folder)``; raises AnalyzeError with one line.
 
-    A job folder stands for its ``checkpoints/last.ckpt``, except for ``over_training`` and ``spikes``,
-    which read the folder's checkpoints and run files.
+    A job folder stands for its ``checkpoints/last.ckpt``, except for ``over_training``, ``spikes`` and
+    ``llc``, which read the folder's checkpoints and run files (``llc`` also takes one checkpoint file).
     """
     if not checkpoint:
         raise AnalyzeError("checkpoint=<path> is required (a .ckpt file or a job folder)")

@@ -30,7 +30,6 @@ from addrepro.task.spec import TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, validation_tokens
 
 PART_KINDS = ("all", "heads", "mlp")
-DEFAULT_N = 1000
 EXIT_FIELDS = {"place": int, "step": int, "last_on_shelf": int}
 
 
@@ -86,7 +85,7 @@ def sample_size(ckpt: dict, n: int | None) -> int:
     if n is not None:
         return n
     train_size = ckpt["config"]["data"].get("train_size")
-    return max(int(train_size), 3) if train_size is not None else DEFAULT_N
+    return max(int(train_size), 3) if train_size is not None else SGLDSettings.n
 
 
 def measure(ckpt: dict, settings: SGLDSettings, kinds: list[str], batch_size: int | None) -> dict[str, dict]:
