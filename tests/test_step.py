@@ -30,6 +30,10 @@ CASES = {
     "finite data": [["seed=5", "data.train_size=300", "data.batch_size=32"]],
     "finite data, full batch": [["seed=6", "data.train_size=120", "data.batch_size=null", "data.val_size=32"]],
     "bf16-mixed": [["seed=7", "trainer.precision=bf16-mixed"]],
+    # The training distributions draw inside the step: recorded in the graph with it.
+    "carry_enriched": [["seed=8", "data.sampler=carry_enriched"]],
+    "carry_balanced": [["seed=9", "data.sampler=carry_balanced"]],
+    "curriculum": [["seed=10", "data.sampler=curriculum", "data.curriculum_steps=4"]],
     # Eight members in four (lr, weight decay) settings: members sharing one share a kernel call.
     "stack of 8": [
         [f"seed={k}", f"optimizer.lr={(1e-3, 3e-3)[k // 4]}", f"optimizer.weight_decay={k % 2}"] for k in range(8)
@@ -144,7 +148,8 @@ def test_a_diverging_member_is_stopped_as_when_the_step_runs_as_it_is(tmp_path, 
     assert_same(finals["graph rows"], finals["eager rows"])  # the other member trained on, unchanged
 
 
-def test_the_step_never_reads_the_host_not_even_at_logging_steps(tmp_path, one_thread, monkeypatch):
+@pytest.mark.parametrize("sampler", ["uniform", "carry_enriched", "carry_balanced", "curriculum"])
+def test_the_step_never_reads_the_host_not_even_at_logging_steps(tmp_path, one_thread, monkeypatch, sampler):
     """What a CUDA graph cannot capture, seen on any device: no value read on the host, no tensor
     built from Python data, no copy between devices, in any step after the first (which, logging,
     sizes the metrics buffer). The step is run as a capture runs it: computing its metrics."""
@@ -161,7 +166,8 @@ def test_the_step_never_reads_the_host_not_even_at_logging_steps(tmp_path, one_t
 
     monkeypatch.setattr(train_step.TrainStep, "run", checked)
     monkeypatch.setattr(train_step.TrainStep, "__init__", cpu_only(train_step.TrainStep.__init__))
-    run(tmp_path, "m", CASES["stack of 8"][:2], "trainer.cuda_graph=true", steps=12)
+    extra = ["data.curriculum_steps=3"] if sampler == "curriculum" else []  # its stage moves during the run
+    run(tmp_path, "m", CASES["stack of 8"][:2], "trainer.cuda_graph=true", f"data.sampler={sampler}", *extra, steps=12)
     assert steps == list(range(2, 13))  # counted after each update; logging steps (5, 10) included
     assert flagged == []
 

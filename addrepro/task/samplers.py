@@ -20,7 +20,9 @@ distribution (the carry-conditioned sets on their own conditions); only training
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -39,14 +41,14 @@ class SamplerSpec:
     curriculum_steps: int = 500
 
     @classmethod
-    def from_config(cls, data) -> SamplerSpec:  # noqa: ANN001 - the data section, a DictConfig or dict
-        get = data.get if hasattr(data, "get") else lambda k, d: getattr(data, k, d)
-        return cls(
-            name=get("sampler", "uniform"),
-            enrich_batches=float(get("enrich_batches", 0.4)),
-            enrich_digits=float(get("enrich_digits", 0.4)),
-            curriculum_steps=int(get("curriculum_steps", 500)),
-        )
+    def from_config(cls, data: Any) -> SamplerSpec:
+        """The sampler of a run config's ``data`` section, read as ``TaskSpec.from_config`` reads the
+        task (by attribute, or by key for a checkpoint's stored config). A stored config from before a
+        key existed gets this class's default, which is also the ``data`` schema's."""
+        keys = {"name": "sampler", "enrich_batches": "enrich_batches", "enrich_digits": "enrich_digits"}
+        keys["curriculum_steps"] = "curriculum_steps"
+        get = data.get if isinstance(data, dict) else partial(getattr, data)
+        return cls(**{f.name: get(keys[f.name], f.default) for f in fields(cls)})
 
 
 class OperandSampler:
@@ -87,8 +89,9 @@ class OperandSampler:
         flags = torch.rand(2, generator=g, device=self.device)  # enrich this batch?, which operand
         keys = torch.rand(size * n, generator=g, device=self.device)
         picked = int(self.sampler.enrich_digits * size * n)
-        mask = torch.zeros(size * n, dtype=torch.bool, device=self.device)
-        mask[keys.argsort()[:picked]] = True  # positions without replacement, a fixed count
+        # Positions without replacement, a fixed count; scattered, as an assignment of True would build
+        # a tensor from Python data on every draw (a host-to-device copy a CUDA graph cannot record).
+        mask = torch.zeros(size * n, dtype=torch.bool, device=self.device).scatter_(0, keys.argsort()[:picked], True)
         mask = mask.view(size, n) & (flags[0] < self.sampler.enrich_batches)
         first = flags[1] < 0.5
         return torch.where(mask & first, top - b, a), torch.where(mask & ~first, top - a, b)
