@@ -120,14 +120,19 @@ class ClassSampler:
         return torch.stack(a, -1), torch.stack(b, -1)
 
 
-def class_operands(spec: TaskSpec, k: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` uniform operand pairs conditioned on class ``k``, place-indexed ``(size, n)`` each."""
-    sampler = ClassSampler(spec)
+def class_operands(
+    spec: TaskSpec, k: int, size: int, g: torch.Generator, sampler: ClassSampler | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` uniform operand pairs conditioned on class ``k``, place-indexed ``(size, n)`` each;
+    ``sampler``: one built for ``spec`` already (its tables are the costly part)."""
+    sampler = sampler or ClassSampler(spec)
     if not 0 <= k <= spec.n_digits or not sampler.possible[k]:
         raise ValueError(f"class S{k} does not occur with {spec.n_digits} digits (S0..S{spec.n_digits})")
     return sampler.draw(torch.full((size,), k, dtype=torch.long), g)
 
 
-def class_set(spec: TaskSpec, k: int, size: int, g: torch.Generator) -> torch.Tensor:
+def class_set(
+    spec: TaskSpec, k: int, size: int, g: torch.Generator, sampler: ClassSampler | None = None
+) -> torch.Tensor:
     """``size`` token sequences of class ``S_k``, drawn as uniform sums conditioned on the class."""
-    return encode(*class_operands(spec, k, size, g), spec)
+    return encode(*class_operands(spec, k, size, g, sampler), spec)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from addrepro.task.complexity import class_set
+from addrepro.task.complexity import ClassSampler, class_set
 from addrepro.task.encoding import carries_in, encode, sample_operands
 from addrepro.task.spec import TaskSpec
 
@@ -90,8 +90,9 @@ class CarrySets:
         # Drawn from their own generator: adding them left the carry and chain sets as they were.
         g_classes = torch.Generator().manual_seed(seed + 1)
         class_parts, classes = [], {}
+        sampler = ClassSampler(spec) if class_size else None
         for k in range(spec.n_digits + 1) if class_size else ():
-            class_parts.append(class_set(spec, k, class_size, g_classes))
+            class_parts.append(class_set(spec, k, class_size, g_classes, sampler))
             classes[f"class/S{k}"] = (k * class_size, (k + 1) * class_size)
         class_tokens = torch.cat(class_parts) if class_parts else None
         return cls(tokens=torch.cat(parts), slices=slices, class_tokens=class_tokens, classes=classes)

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from addrepro.model.config import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
+from addrepro.task.samplers import SamplerSpec
 from addrepro.task.spec import ORDERS, SAMPLERS, TASKS, TaskSpec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -215,10 +216,14 @@ class DataConfig:
     val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
     val_seed: int = option(1000003, integer(-MAX_SEED - 1, MAX_SEED))  # seed of the validation set for infinite data
     # The training distribution (addrepro.task.samplers); held-out sets and metrics stay uniform.
-    sampler: str = option("uniform", choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
-    enrich_batches: float = option(0.4, fraction)  # carry_enriched: share of batches enriched
-    enrich_digits: float = option(0.4, fraction)  # carry_enriched: share of digit positions made to sum base-1
-    curriculum_steps: int = option(500, integer(1))  # curriculum: batches before the next carry class joins
+    sampler: str = option(SamplerSpec.name, choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
+    enrich_batches: float = option(SamplerSpec.enrich_batches, fraction)  # carry_enriched: share of batches enriched
+    enrich_digits: float = option(
+        SamplerSpec.enrich_digits, fraction
+    )  # carry_enriched: share of digit positions made to sum base-1
+    curriculum_steps: int = option(
+        SamplerSpec.curriculum_steps, integer(1)
+    )  # curriculum: batches before the next carry class joins
 
 
 @dataclass
