@@ -64,7 +64,7 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
         jobs = [(initial_job_idx + offset, list(overrides)) for offset, overrides in enumerate(job_overrides)]
-        returns: list[JobReturn] = []
+        returns: dict[int, JobReturn] = {}  # by job number: Hydra gets them back in the sweep's order
         left = []
         for number, overrides in jobs:
             done = self.finished_before(number, overrides)
@@ -72,10 +72,13 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
                 left.append((number, overrides))
                 continue
             note_skipped(done.name)
-            returns.append(self.completed(number, overrides))
-        if not left:
-            return returns
-        jobs = left
+            returns[number] = self.completed(number, overrides)
+        if left:
+            returns.update(self.submit(left))
+        return [returns[number] for number, _ in jobs]
+
+    def submit(self, jobs: list[Job]) -> dict[int, JobReturn]:
+        """Runs ``jobs`` as one Slurm array and waits for it: each job's return, by its number."""
         tasks = [[job] for job in jobs] if self.max_members == 1 else self.stacks(jobs)
         executor = self.executor()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -84,6 +87,7 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
         for number, task in enumerate(tasks):
             log.info("\ttask %d: job(s) %s", number, ", ".join(str(job) for job, _ in task))
         submitted = executor.map_array(self, tasks, [Singleton.get_state()] * len(tasks))
+        returns: dict[int, JobReturn] = {}
         for job, task in zip(submitted, tasks, strict=True):
             try:
                 results = job.results()[0]
@@ -91,16 +95,14 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
                 state = re.search(r"\(state: ([^)]*)\)", str(e))
                 reason = f"state {state.group(1)}" if state else type(e).__name__
                 message = f"Slurm job {job.job_id} ended without a result ({reason}; log in {job.paths.stderr})"
-                returns += [self.failed(number, overrides, message) for number, overrides in task]
+                returns.update({number: self.failed(number, overrides, message) for number, overrides in task})
                 continue
             for (number, overrides), ret in zip(task, results, strict=True):
-                if ret.status == JobStatus.COMPLETED:
-                    returns.append(ret)
-                    continue
-                # The task ran but raised: e.g. submitit's "timed-out too many times" in its signal handler.
-                error = ret._return_value  # noqa: SLF001 - reading it through return_value would raise it
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                returns.append(self.failed(number, overrides, f"Slurm job {job.job_id}: {reason}"))
+                returns[number] = (
+                    ret
+                    if ret.status == JobStatus.COMPLETED
+                    else self.failed(number, overrides, f"Slurm job {job.job_id}: {raised(ret)}")
+                )
         return returns
 
     def executor(self) -> Any:  # noqa: ANN401 - a submitit AutoExecutor
@@ -211,3 +213,11 @@ class SlurmLauncher(submitit_plugin.BaseSubmititLauncher if submitit_plugin else
             )
             return [ret]
         return train_as_stacks(self.hydra_context, self.config, task, len(task), job_id=lambda _cfg, _num: slurm_id)
+
+
+def raised(ret: JobReturn) -> str:
+    """The first line of what a failed job raised (e.g. submitit's "timed-out too many times" in its
+    signal handler). Read from the private field: the public ``return_value`` raises it again and
+    prints a line of its own, once per failed job, before the sweep summary that names them all."""
+    error = ret._return_value  # noqa: SLF001
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
