@@ -109,3 +109,13 @@ def test_a_run_with_a_sampler_resumes_bitwise(tmp_path):
     b = torch.load(cut / "last.ckpt", weights_only=True)
     assert a["data"]["draws"] == b["data"]["draws"] == 40  # the curriculum's position travels with the stream
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_sampler_is_read_from_a_config_a_stored_config_and_one_from_before_its_keys():
+    from addrepro.training.config import DataConfig  # noqa: PLC0415 - the schema, for its defaults
+
+    assert SamplerSpec.from_config(DataConfig()) == SamplerSpec()
+    set_ = {"sampler": "carry_enriched", "enrich_batches": 0.2, "enrich_digits": 0.1, "curriculum_steps": 7}
+    assert SamplerSpec.from_config(set_) == SamplerSpec("carry_enriched", 0.2, 0.1, 7)
+    assert SamplerSpec.from_config(DataConfig(**set_)) == SamplerSpec("carry_enriched", 0.2, 0.1, 7)
+    assert SamplerSpec.from_config({"n_digits": 5, "base": 10}) == SamplerSpec()  # stored before samplers existed
