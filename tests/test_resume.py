@@ -172,6 +172,39 @@ def test_preemption_signals_checkpoint_where_they_stopped_and_resume_auto_ends_b
     assert steps(read_run(tmp_path / "job")) == steps(read_run(uninterrupted))
 
 
+def test_a_preempted_ensemble_sweep_resumes_as_one_stack_and_ends_bitwise_equal(tmp_path):
+    """The stack's jobs stop at one step; ``resume=auto`` trains them as one stack again, so every row,
+    the gradient norms too (their float rounding depends on the stack's size), is the uninterrupted
+    sweep's, and the stack pays one start-up, not one per job."""
+    env = one_thread_env()
+    sweep = ["-m", "seed=0,1", "hydra/launcher=ensemble"]
+    full = subprocess.run(train_cmd(*sweep, "hydra.sweep.dir=full"), cwd=tmp_path, env=env, capture_output=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    victim = subprocess.Popen(
+        train_cmd(*sweep, "hydra.sweep.dir=cut"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    wait_for(tmp_path / "cut" / "0_seed=0" / "checkpoints" / "step_100.ckpt", victim)
+    victim.send_signal(signal.SIGTERM)
+    victim.communicate(timeout=180)
+    assert victim.returncode == 128 + signal.SIGTERM
+    step = json.loads((tmp_path / "cut" / "0_seed=0" / "status.json").read_text())["step"]
+    assert 100 <= step < 400
+    resumed = subprocess.run(
+        train_cmd(*sweep, "resume=auto", "hydra.sweep.dir=cut"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"training steps {step} to 400 (2 job(s) in this process)" in resumed.stdout + resumed.stderr
+    for job in ("0_seed=0", "1_seed=1"):
+        assert load_rows(tmp_path / "cut" / job) == load_rows(tmp_path / "full" / job), job
+        a, b = (load_checkpoint(tmp_path / d / job) for d in ("full", "cut"))
+        assert a["step"] == b["step"] == 400
+        assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"]), job
+
+
 def stepped_rows(run):
     """Every row logged at a training step, with every key but W&B's own (``_step``, ``_runtime``, …)."""
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in run.history if "trainer/global_step" in r]

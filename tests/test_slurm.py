@@ -125,14 +125,7 @@ def test_a_job_preempted_by_a_higher_priority_partition_is_requeued_and_ends_bit
         assert all(torch.equal(resumed["model"][k], v) for k, v in uninterrupted["model"].items())
         moments = uninterrupted["optimizer"]["moments"]
         assert all(torch.equal(resumed["optimizer"]["moments"][k][m], v[m]) for k, v in moments.items() for m in v)
-        # Every metrics row equal; a resumed stack's gradient norms (metrics only: weights and moments are
-        # equal) can differ from the uninterrupted stack's in the last bit, so they are compared to 1e-6.
-        rows, expected = load_rows(job), load_rows(alone / job.name)
-        assert [sorted(r) for r in rows] == [sorted(r) for r in expected]
-        for row, want in zip(rows, expected, strict=True):
-            norms = [k for k in row if "grad_norm" in k] if len(seeds) > 1 else []
-            assert {k: v for k, v in row.items() if k not in norms} == {k: v for k, v in want.items() if k not in norms}
-            assert all(row[k] == pytest.approx(want[k], rel=1e-6) for k in norms)
+        assert load_rows(job) == load_rows(alone / job.name)  # every metrics row, the gradient norms too
 
 
 def start_train(args: list[str], cwd) -> subprocess.Popen:  # noqa: ANN001

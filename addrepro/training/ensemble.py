@@ -37,12 +37,13 @@ def packing_key(cfg: DictConfig, resumed_at: int | None = None) -> str:
 
 
 def plan_key(plan: JobPlan) -> str:
-    """The packing key of a checked job: a job that continues its own checkpoints with ``resume=auto``
-    (a requeued stack's members) stacks with those resumed at the same step; a job resumed from a
-    checkpoint named by path runs alone."""
+    """The packing key of a checked job: a job that continues its own checkpoint (a sweep resumed with
+    ``resume=auto``, the only resume a sweep of several jobs takes: a requeued stack's members) stacks
+    with those resumed at the same step; a job continuing a checkpoint kept outside any job folder runs
+    alone. (A resumed job's ``resume`` is its checkpoint's path by then, whatever was given.)"""
     if plan.resume_from is None:
         return packing_key(plan.cfg)
-    if plan.cfg.get("resume") != "auto" or not plan.own_checkpoint:
+    if not plan.own_checkpoint:
         return json.dumps({"alone": str(plan.job_dir)})
     from addrepro.rundir.checkpoints import load_checkpoint  # noqa: PLC0415 - torch, once a job resumes
 
