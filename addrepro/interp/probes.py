@@ -31,6 +31,7 @@ from addrepro.interp.common import (
     new_figure,
     subject_info,
 )
+from addrepro.metrics.ridge import ridge_weights
 from addrepro.task.encoding import operands_from_tokens
 from addrepro.task.spec import TaskSpec
 
@@ -50,8 +51,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, test_fraction: f
     x = torch.cat([x, torch.ones_like(x[..., :1])], -1)  # (..., N, d+1)
     onehot = torch.nn.functional.one_hot(y, n_classes).double()
     xt, yt = x[..., :n_train, :], onehot[:n_train]
-    gram = xt.transpose(-1, -2) @ xt + ridge * n_train * torch.eye(x.shape[-1], dtype=x.dtype)
-    w = torch.linalg.solve(gram, xt.transpose(-1, -2) @ yt)  # (..., d+1, classes)
+    w = ridge_weights(xt, yt, ridge)  # (..., d+1, classes)
     pred = (x[..., n_train:, :] @ w).argmax(-1)
     return (pred == y[n_train:]).double().mean(-1)
 

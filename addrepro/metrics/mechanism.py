@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from addrepro.metrics.ridge import ridge_weights
 from addrepro.model.transformer import Transformer
 from addrepro.task.sets import CarrySets
 from addrepro.task.spec import TaskSpec
@@ -79,9 +80,7 @@ def ridge_probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor) 
     std = x[:, train].std(1, keepdim=True).clamp_min(1e-12)
     x = torch.cat([(x - mean) / std, torch.ones_like(x[..., :1])], dim=-1)  # (K, N, d + 1)
     xt, target = x[:, train], (2.0 * y[train].double() - 1.0)
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    gram = xt.transpose(1, 2) @ xt + RIDGE * xt.shape[1] * eye  # (K, d + 1, d + 1)
-    w = torch.linalg.solve(gram, xt.transpose(1, 2) @ target.expand(x.shape[0], -1)[..., None])  # (K, d + 1, 1)
+    w = ridge_weights(xt, target[:, None], RIDGE)  # (K, d + 1, 1)
     test = ~train
     predicted = (x[:, test] @ w)[..., 0] > 0  # (K, N_test)
     return (predicted == y[test].bool()).float().mean(1)
