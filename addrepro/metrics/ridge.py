@@ -12,10 +12,9 @@ def ridge_weights(x: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch
 
     The matrix is symmetric positive definite (``ridge > 0``), so it is solved by Cholesky rather than
     LU: batched LU (``torch.linalg.solve``) on the CPU, with the thread count set explicitly as training
-    sets it, fails with invalid pivots for some batch sizes and widths (MKL; pytorch/pytorch#142815, still so
-    in torch 2.13). A batch entry
-    whose matrix is not positive definite (non-finite features, e.g. a diverged member of a stack) gets
-    NaN weights; the others are unaffected.
+    sets it, fails with invalid pivots for some batch sizes and widths (MKL; pytorch/pytorch#142815,
+    still so in torch 2.13). A batch entry whose matrix is not positive definite (non-finite features,
+    e.g. a diverged member of a stack) gets NaN weights; the others are unaffected.
     """
     n, d = x.shape[-2], x.shape[-1]
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
