@@ -45,10 +45,9 @@ class SamplerSpec:
         """The sampler of a run config's ``data`` section, read as ``TaskSpec.from_config`` reads the
         task (by attribute, or by key for a checkpoint's stored config). A stored config from before a
         key existed gets this class's default, which is also the ``data`` schema's."""
-        keys = {"name": "sampler", "enrich_batches": "enrich_batches", "enrich_digits": "enrich_digits"}
-        keys["curriculum_steps"] = "curriculum_steps"
         get = data.get if isinstance(data, dict) else partial(getattr, data)
-        return cls(**{f.name: get(keys[f.name], f.default) for f in fields(cls)})
+        key = {"name": "sampler"}  # the config key of each field named otherwise
+        return cls(**{f.name: get(key.get(f.name, f.name), f.default) for f in fields(cls)})
 
 
 class OperandSampler:
