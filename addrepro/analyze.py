@@ -26,7 +26,14 @@ from addrepro.reports import learning_coefficient, spike_window
 from addrepro.rundir.atomic import atomic_write_text
 from addrepro.rundir.checkpoints import CheckpointError, checkpoint_dir, load_checkpoint
 from addrepro.rundir.checkpoints import resolve_checkpoint as checkpoint_file
-from addrepro.training.config import MAX_THREADS, ConfigError, check_override_grammar, config_dir, unknown_key
+from addrepro.training.config import (
+    MAX_THREADS,
+    ConfigError,
+    check_override_grammar,
+    config_dir,
+    quote_path_overrides,
+    unknown_key,
+)
 
 SINGLE = tuple(MODULES)
 # Analyses of a whole job folder rather than one checkpoint.
@@ -343,6 +350,7 @@ def cli() -> None:
     one line naming the nearest keys, before Hydra or the model loads."""
     known = analyze_keys()
     sections = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    sys.argv = [sys.argv[0], *quote_path_overrides(sys.argv[1:], ("checkpoint",))]
     for override in sys.argv[1:]:
         key, eq, value = override.partition("=")
         if key.startswith("~") and key[1:] in known:

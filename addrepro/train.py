@@ -19,6 +19,7 @@ from addrepro.training.config import (
     check_composition,
     check_override_keys,
     config_dir,
+    quote_path_overrides,
     sweep_folder_overrides,
 )
 from addrepro.training.plan import JobPlan
@@ -61,6 +62,7 @@ MODES |= {"--run": "run", "-r": "run", "--shell-completion": "completion", "-sc"
 
 def cli() -> None:
     """``python -m addrepro.train``: a key that does not exist is refused in one line before Hydra runs."""
+    sys.argv = [sys.argv[0], *quote_path_overrides(sys.argv[1:], ("resume",))]
     modes = [a for a in sys.argv[1:] if a in MODES]
     if len({MODES[a] for a in modes}) > 1:
         print(f"addrepro: {' and '.join(modes)} cannot be combined: give one of them", file=sys.stderr)

@@ -40,7 +40,7 @@ cp outputs/docs/base_digits/sweep_place_loss.png "$out/findings_place_loss_base_
 $py -m addrepro.train -m data.order=lsb seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/lsb
 cp outputs/docs/lsb/0_seed=0/timeline.png "$out/findings_lsb_timeline_seed0.png"
-$py -m addrepro.analyze "checkpoint='outputs/docs/lsb/0_seed=0'" analysis=spikes
+$py -m addrepro.analyze checkpoint=outputs/docs/lsb/0_seed=0 analysis=spikes
 cp "outputs/docs/lsb/0_seed=0/analysis/spike_windows.png" "$out/findings_spike_window_lsb_seed0.png"
 $py -m addrepro.train -m data.task=digitwise seed=0,1,2,3,4 hydra/launcher=ensemble logger=csv trainer.threads=1 \
     trainer.progress_bar=false hydra.sweep.dir=outputs/docs/digitwise
@@ -63,8 +63,8 @@ $py -m addrepro.train -m seed=0,1,2 hydra/launcher=ensemble logger=csv trainer.t
     hydra.sweep.dir=outputs/docs/default3
 for s in 0 1 2; do
   extra=(); [ "$s" = 0 ] && extra=(llc.sweep=true)
-  $py -m addrepro.analyze "checkpoint='outputs/docs/default3/${s}_seed=${s}'" analysis=llc llc.draws=150 "${extra[@]}"
+  $py -m addrepro.analyze checkpoint=outputs/docs/default3/${s}_seed=${s} analysis=llc llc.draws=150 "${extra[@]}"
 done
-$py -m addrepro.analyze "checkpoint='outputs/docs/default3/0_seed=0'" analysis=llc llc.draws=150 llc.gamma=1000 \
+$py -m addrepro.analyze checkpoint=outputs/docs/default3/0_seed=0 analysis=llc llc.draws=150 llc.gamma=1000 \
     "llc.steps=[0,13,103,365,556,930,1000,2000,3000]" out_dir=outputs/docs/default3/llc_gamma1000
 cp "outputs/docs/default3/0_seed=0/analysis/llc.png" "$out/findings_llc_default_seed0.png"

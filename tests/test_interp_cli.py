@@ -2,6 +2,7 @@
 checkpoints: a job folder holding the hand-built adder, first blind to carries, then whole."""
 
 import json
+import shutil
 
 import adder
 import pytest
@@ -101,3 +102,14 @@ def test_options_are_checked_before_the_model_is_exported():
     check_options("neurons", {"per_cell": 4, "clusters": 2, "max_examples": 64, "n_check": 3})
     check_options("logit_attribution", {"centred": True, "top_neurons": 5})
     check_options("patching", {"places": [0, 3]})
+
+
+def test_a_sweep_jobs_folder_is_given_as_it_is_named(job, tmp_path):
+    """Sweep job folders are named ``<n>_<key>=<value>,...``: ``=`` and ``,`` are Hydra grammar, yet the
+    folder is given as it is (the command quotes it for Hydra)."""
+    member = tmp_path / "sweep" / "1_optimizer.lr=0.001,seed=1"
+    shutil.copytree(job, member)
+    args = [f"checkpoint={member.relative_to(tmp_path)}", "analysis=probes", "data.val_size=256"]
+    proc = run_cli("addrepro.analyze", [*args, "data.carry_size=8", "data.chain_size=8"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((member / "analysis" / "probes_last.json").read_text())["step"] == 200

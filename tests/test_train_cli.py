@@ -146,3 +146,17 @@ def test_failing_job_does_not_stop_the_sweep(cli, tmp_path):
     assert summary[job_dirs(sweep)[1].name]["status"] == "ok"
     assert f"job {job_dirs(sweep)[0].name} failed: " in proc.stderr
     assert torch.load(job_dirs(sweep)[1] / "checkpoints" / "last.ckpt", weights_only=True)["step"] == 5
+
+
+def test_a_sweep_jobs_folder_is_resumed_given_as_it_is_named(cli, tmp_path):
+    """``resume=<sweep>/1_optimizer.lr=0.001,seed=1``: the ``=`` and ``,`` of the folder names a sweep gives
+    its jobs are Hydra grammar, yet the folder is given as it is."""
+    args = ["data.n_digits=2", "model.width=16", "logger=csv", "trainer.plots=false", *FAST]
+    first = cli("addrepro.train", *args, "trainer.max_steps=20", "hydra.run.dir=run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    member = tmp_path / "sweep" / "1_optimizer.lr=0.001,seed=1"
+    member.parent.mkdir()
+    (tmp_path / "run").rename(member)
+    again = cli("addrepro.train", *args, "trainer.max_steps=40", f"resume={member.relative_to(tmp_path)}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert max(r["step"] for r in load_rows(member)) == 40

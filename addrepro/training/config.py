@@ -587,6 +587,26 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                 )
 
 
+# What Hydra reads unquoted in a path; anything else (the ``=`` and ``,`` of a sweep job's folder name,
+# ``3_model.width=256,seed=1``) would be read as grammar.
+PLAIN_PATH = re.compile(r"[\w./~+@%:-]*")
+
+
+def quote_path_overrides(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """The command line with the values of path keys (``resume``, ``checkpoint``) quoted for Hydra
+    where they hold characters of its grammar, so that the folders addrepro names itself can be given
+    as they are: ``checkpoint=sweep/1_seed=1`` is ``checkpoint='sweep/1_seed=1'``. Values already
+    quoted, plain, or holding both kinds of quote are left as they are."""
+    out = []
+    for word in overrides:
+        key, eq, value = word.partition("=")
+        if eq and key.lstrip("+") in keys and not PLAIN_PATH.fullmatch(value) and value[:1] not in "'\"":
+            quote = "'" if "'" not in value else '"' if '"' not in value else ""
+            word = f"{key}={quote}{value}{quote}"
+        out.append(word)
+    return out
+
+
 # Hydra keys naming a folder that must stay inside another one: a job's own files never land elsewhere.
 INSIDE_KEYS = {"hydra.output_subdir": "inside the run folder", "hydra.sweep.subdir": "inside the sweep folder"}
 
