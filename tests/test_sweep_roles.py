@@ -172,3 +172,31 @@ def test_rest_summary_counts_places_per_level_over_seeds():
     # job 0: places 2 and 3 of 4 (50%), job 1: place 3 (25%); resampled means lie in 25%-50%
     # level ratios 1.0, 1.1, 1.1, 0.9: median 1.05; steps per place: 200, 100 (two rests), 60: median 100
     assert lines[2] == "| 10 | carry_depth_1 | 2 | 38% | 25%–50% | 1.05 | 100 |"
+
+
+def test_jobs_differing_in_a_list_are_reported_with_the_list_as_given(tmp_path):
+    """A list-valued key (a config group's list, a list option) that differs between jobs is one value
+    per job, its override text: the report groups and labels by it."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        base_cfg = compose(config_name="train")
+    spec = TaskSpec(n_digits=3, base=10)
+    lists = [("[early_stopping,lr_monitor]", "[0.9,0.99]"), ("[]", "[0.9,0.98]")]
+    for i, (callbacks, betas) in enumerate(lists):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        cfg = base_cfg.copy()
+        cfg.data.n_digits = 3
+        OmegaConf.save(cfg, job / ".hydra" / "config.yaml")
+        overrides = ["data.n_digits=3", f"callbacks={callbacks}", f"optimizer.betas={betas}"]
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        rows = rows_of(spec, i)
+        (job / "csv").mkdir()
+        lines = [",".join(rows[0])] + [",".join(str(v) for v in r.values()) for r in rows]
+        (job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    jobs = job_dirs(tmp_path)
+    keys, values = swept_values(jobs, [job_config(j) for j in jobs])
+    assert keys == ["callbacks", "optimizer.betas"]
+    assert values == [{"callbacks": c, "optimizer.betas": b} for c, b in lists]
+    draw_sweep(tmp_path)
+    shelves = (tmp_path / "sweep_shelves.md").read_text()
+    assert "| [early_stopping,lr_monitor] | [0.9,0.99] |" in shelves and "| [] | [0.9,0.98] |" in shelves

@@ -78,14 +78,16 @@ def _overrides(job: Path) -> dict[str, str]:
 
 
 def _typed(cfg, key: str, raw: str) -> Any:  # noqa: ANN001
-    """The job's value of an override key: from its config (typed), else the override text (config groups)."""
+    """The job's value of an override key: from its config (typed), else the override text (config groups).
+    A list or mapping (``callbacks=[early_stopping,lr_monitor]``, ``optimizer.betas=[0.9,0.99]``) stays
+    its text: one value, that groups jobs and labels them as the command gave it."""
     value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
     if value is None or OmegaConf.is_config(value):
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:
             value = raw
-    return value
+    return raw if isinstance(value, list | dict) else value
 
 
 def swept_values(jobs: list[Path], configs: list) -> tuple[list[str], list[dict[str, Any]]]:
