@@ -116,3 +116,25 @@ def test_path_patching_of_a_two_layer_model(norm):
     # With "clean" = corrupted every write is unchanged: no edge moves the metric.
     same = patching.path_patch(subject, corrupt[:, :-1], corrupt_cache, corrupt_cache, metric)
     assert all(v == pytest.approx([base] * 3, abs=1e-5) for v in same.values())
+
+
+def test_no_fraction_where_the_model_does_not_tell_the_pair_apart(adder_subject, tmp_path):
+    """The adder tells carry pairs apart by 2·LOGIT: below that gap every fraction is there, above it
+    (the gap a model that has not learned the carry would show, scaled up) none is, and the result says so."""
+    gap = 2 * adder.LOGIT
+    (told,) = patching.run(adder_subject, size=16, places=[1], min_gap=gap * 0.99)["results"].values()
+    assert told["told_apart"] and np.isfinite(np.asarray(told["heads"])).all()
+    result = patching.run(adder_subject, size=16, places=[1], min_gap=gap * 1.01)
+    (untold,) = result["results"].values()
+    assert untold["told_apart"] is False and untold["ld_clean"] - untold["ld_corrupted"] == pytest.approx(gap, abs=1e-3)
+    for part in ("heads", "mlp", "resid_pre"):
+        assert np.isnan(np.asarray(untold[part], dtype=float)).all(), part
+    assert all(v != v for v in patching.summarize(result).values())  # NaN: nothing to rank
+    paths = write_outputs(result, patching.plot(result), tmp_path / "patching")
+    assert paths[1].read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("min_gap", [0, -1.0, "x", True])
+def test_min_gap_must_be_a_positive_number(min_gap):
+    with pytest.raises(ValueError, match=r"patching.min_gap=.* is invalid: must be a number > 0"):
+        patching.check_options(min_gap=min_gap)

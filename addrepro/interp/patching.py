@@ -11,7 +11,10 @@ Pairs, for place j (``kind``):
 Metric: at place j's answer position, ``LD = logit(clean answer) - logit(corrupted answer)``; for
 carry pairs that is the right digit against the naive sum. A patch copies one clean activation into
 the corrupted run; the **restored fraction** is ``(LD_patched - LD_corrupted) / (LD_clean -
-LD_corrupted)`` (means over the pairs): 1 when that activation alone carries the difference.
+LD_corrupted)`` (means over the pairs): 1 when that activation alone carries the difference. Where the
+model barely tells the pair apart (``|LD_clean - LD_corrupted|`` below ``patching.min_gap``, e.g. a
+place that has not learned its carry yet) the fraction would divide by almost nothing: it is NaN, and
+the result says ``told_apart: false``.
 
 Patched, with TransformerLens's own patching functions: every head's output by layer and position
 (``hook_z``), every MLP's output by position (``hook_mlp_out``), the residual stream before each
@@ -106,7 +109,7 @@ def logit_diff_metric(spec: TaskSpec, place: int, clean: torch.Tensor, corrupt: 
 
 
 @torch.no_grad()
-def patch_place(subject: Subject, place: int, kind: str, size: int) -> dict:
+def patch_place(subject: Subject, place: int, kind: str, size: int, min_gap: float = 0.1) -> dict:
     bridge, spec = subject.bridge, subject.spec
     clean, corrupt = make_pairs(spec, place, kind, size)
     metric = logit_diff_metric(spec, place, clean, corrupt)
@@ -114,10 +117,11 @@ def patch_place(subject: Subject, place: int, kind: str, size: int) -> dict:
     corrupt_logits, corrupt_cache = bridge.run_with_cache(inputs(corrupt))
     ld_clean, ld_corrupt = metric(clean_logits).item(), metric(corrupt_logits).item()
     denom = ld_clean - ld_corrupt
+    told_apart = abs(denom) >= min_gap
 
     def scale(v: Any) -> Any:
         v = torch.as_tensor(v, dtype=torch.float64)
-        return (v - ld_corrupt) / denom if abs(denom) > 1e-9 else v * float("nan")
+        return (v - ld_corrupt) / denom if told_apart else v * float("nan")
 
     corrupt_in = inputs(corrupt)
     tl = tl_patching()
@@ -125,6 +129,8 @@ def patch_place(subject: Subject, place: int, kind: str, size: int) -> dict:
         "n_pairs": len(clean),
         "ld_clean": ld_clean,
         "ld_corrupted": ld_corrupt,
+        "told_apart": told_apart,  # |ld_clean - ld_corrupted| >= min_gap: else no fraction
+        "min_gap": min_gap,
         "heads": scale(tl.get_act_patch_attn_head_out_by_pos(bridge, corrupt_in, clean_cache, metric)),
         "resid_pre": scale(tl.get_act_patch_resid_pre(bridge, corrupt_in, clean_cache, metric)),
     }  # heads (layer, pos, head); resid_pre (layer, pos)
@@ -186,8 +192,12 @@ def path_patch(subject: Subject, corrupt_in: torch.Tensor, clean_cache: Any, cor
     return out
 
 
-def check_options(size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None) -> None:
+def check_options(
+    size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None, min_gap: float = 0.1
+) -> None:
     """Raise ValueError naming the option for a value ``run`` cannot use (before a model is loaded)."""
+    if isinstance(min_gap, bool) or not isinstance(min_gap, int | float) or not min_gap > 0:
+        raise ValueError(f"patching.min_gap={min_gap!r} is invalid: must be a number > 0 (a logit difference)")
     if places is not None and not (
         isinstance(places, list | tuple) and places and all(type(j) is int and j >= 0 for j in places)
     ):
@@ -199,9 +209,15 @@ def check_options(size: int = 64, places: list[int] | None = None, kinds: list[s
             raise ValueError(f"patching.kinds: {kind!r} is not one of {', '.join(KINDS)}")
 
 
-def run(subject: Subject, size: int = 64, places: list[int] | None = None, kinds: list[str] | None = None) -> dict:
+def run(
+    subject: Subject,
+    size: int = 64,
+    places: list[int] | None = None,
+    kinds: list[str] | None = None,
+    min_gap: float = 0.1,
+) -> dict:
     """Every place (or ``places``) and kind (default: carry pairs only; add ``a``, ``b``)."""
-    check_options(size, places, kinds)
+    check_options(size, places, kinds, min_gap)
     spec = subject.spec
     places = list(range(spec.n_places)) if places is None else list(places)
     if any(j >= spec.n_places for j in places):
@@ -215,7 +231,7 @@ def run(subject: Subject, size: int = 64, places: list[int] | None = None, kinds
         for kind in kinds:
             if kind == "carry" and (j == 0 or spec.task != "add"):
                 continue
-            results[f"place_{j}/{kind}"] = patch_place(subject, j, kind, size)
+            results[f"place_{j}/{kind}"] = patch_place(subject, j, kind, size, min_gap)
     if not results:  # e.g. carry pairs at the units place, which no carry reaches
         raise ValueError(
             f"patching.places={places} with kinds={kinds} selects nothing to patch: carry pairs need a place >= 1 "
@@ -268,6 +284,11 @@ def plot(result: dict) -> Any:
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
             ax.set_xlabel("position")
             ax.set_title(f"{key}: restored fraction, {title}", fontsize=8)
+            if not r.get("told_apart", True):
+                gap = r["ld_clean"] - r["ld_corrupted"]
+                note = f"not told apart: clean - corrupted logit difference {gap:+.2g}"
+                note += f"\n(below min_gap {r['min_gap']:g}: no fraction)"
+                ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=7)
             fig.colorbar(im, ax=ax)
     fig.suptitle(analysis_title(result, "activation patching"))
     fig.tight_layout()
