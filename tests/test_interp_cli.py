@@ -70,7 +70,7 @@ def test_options_are_checked_before_the_model_is_exported():
     from addrepro.analyze import AnalyzeError, check_options
 
     check_options("patching", {"size": 8, "kinds": ["a", "carry"]})
-    unknown = r"^patching.sise is not an option of patching \(options: size, places, kinds\)$"
+    unknown = r"^patching.sise is not an option of patching \(options: size, places, kinds, min_gap\)$"
     with pytest.raises(AnalyzeError, match=unknown):
         check_options("patching", {"sise": 8})
     with pytest.raises(AnalyzeError, match=r"^composition.top is not an option of composition \(options: none\)$"):
