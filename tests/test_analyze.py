@@ -378,7 +378,8 @@ def test_composition_scores_in_unit_interval_and_by_hand():
     for mode, value in expected.items():
         assert result["pairs"][mode]["L0H1->L1H2"] == pytest.approx(value, abs=1e-5)
     one_layer, _ = random_subject(1, None)
-    assert composition.run(one_layer)["pairs"] == {}
+    with pytest.raises(ValueError, match="analysis=composition needs a model of at least 2 layers: this one has 1"):
+        composition.run(one_layer)
 
 
 def test_over_training_attention(job, tmp_path):

@@ -338,6 +338,7 @@ ANALYZE_CASES = [
     (["analysis=over_training", "steps=[abc]"], "steps=['abc'] is invalid: must be null or a list of steps"),
     (["analysis=over_training", "steps=[999]"], "steps=[999] have no checkpoint in "),
     (["threads=0"], "threads=0 is invalid: must be an integer >= 1"),
+    (["analysis=composition"], "analysis=composition needs a model of at least 2 layers: this one has 1"),
     (["threads=abc"], "threads='abc' is invalid: must be an integer >= 1"),
     (["data.val_size=-5"], "data.val_size=-5 is invalid: must be null or an integer >= 1"),
     (["data.carry_size=0"], "data.carry_size=0 is invalid: must be an integer >= 1"),

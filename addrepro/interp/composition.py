@@ -31,11 +31,12 @@ def hand_score(w_ov_a: torch.Tensor, right_b: torch.Tensor) -> float:
 
 
 def run(subject: Subject) -> dict:
+    if subject.n_layers < 2:  # no earlier head for any head to read from
+        raise ValueError(
+            f"analysis=composition needs a model of at least 2 layers: this one has {subject.n_layers} (model.depth)"
+        )
     heads = subject.head_names()
     out = {"analysis": "composition", **subject_info(subject), "heads": heads, "pairs": {}, "matrix": {}}
-    if subject.n_layers < 2:
-        out["note"] = "composition needs at least 2 layers"
-        return out
     h = subject.n_heads
     for mode, s in scores(subject).items():
         flat = s.reshape(len(heads), len(heads))
@@ -57,10 +58,6 @@ def plot(result: dict) -> Any:
     fig, axes = new_figure(1, 3, width=4.5, height=4.0)
     heads = result["heads"]
     for ax, mode in zip(axes[0], COMPOSITION_MODES, strict=True):
-        if mode not in result["matrix"]:
-            ax.text(0.5, 0.5, result.get("note", ""), ha="center", va="center")
-            ax.axis("off")
-            continue
         im = ax.imshow(np.asarray(result["matrix"][mode]), cmap="viridis", vmin=0, aspect="auto")
         ax.set_xticks(range(len(heads)), heads, rotation=90, fontsize=7)
         ax.set_yticks(range(len(heads)), heads, fontsize=7)
