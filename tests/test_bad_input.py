@@ -143,6 +143,7 @@ CONFIG_CASES = [
     (["callbacks=[lr_monitor,nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks (options: early_"),
     (["callbacks=null"], "callbacks=None is invalid: choose a list of callbacks: callbacks=[] for none, or of early_"),
     (["-m", "logger=csv,nosuch"], "logger=nosuch is invalid: is not an option of logger (options: csv, many,"),
+    (["-m", "callbacks=[lr_monitor],[nosuch]"], "callbacks=nosuch is invalid: is not an option of callbacks"),
     (["callbacks.nosuch.x=1"], "callbacks.nosuch.x=1 is invalid: nosuch is not a callback of conf/callbacks (early_"),
     (["callbacks.lr_monitor.logging_interval=step"], "callbacks.lr_monitor.logging_interval=step is invalid: choose"),
     (["model.width=${oops}"], "model.width=${oops} is invalid: ${oops} names no key of the config"),

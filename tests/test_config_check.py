@@ -8,7 +8,7 @@ from conftest import run_cli
 from hydra import compose, initialize_config_dir
 
 import addrepro.train  # noqa: F401  (registers the `uid` resolver used by conf/hydra)
-from addrepro.training.config import ConfigError, all_keys, check_override_keys, validate
+from addrepro.training.config import ConfigError, all_keys, check_override_grammar, check_override_keys, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NO_CUDA_CHECK = torch.cuda.is_available()  # on a GPU machine accelerator=gpu is a good value
@@ -195,3 +195,10 @@ def test_every_key_of_the_schema_passes_the_command_line_check():
         ConfigError, match=r"^model\.d_modl=1 is invalid: is not a config key; did you mean model\.d_mlp"
     ):
         check_override_keys(["model.d_modl=1"])
+
+
+@pytest.mark.parametrize(
+    "sweep", ["callbacks=[lr_monitor],[early_stopping]", "callbacks=[],[lr_monitor,early_stopping]", "logger=csv,many"]
+)
+def test_a_sweep_over_group_options_and_lists_of_them_is_accepted(sweep):
+    check_override_grammar([sweep])  # each swept list is checked by its names, not by its text

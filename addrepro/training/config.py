@@ -507,6 +507,8 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
         try:
             (parsed,) = parser.parse_overrides([word])
             choices = list(parsed.sweep_string_iterator()) if parsed.is_sweep_override() else [parsed.value()]
+            # the same, as values: a swept list of callbacks is lists, not their text
+            values = list(parsed.sweep_iterator()) if parsed.is_sweep_override() else choices
         except HydraException as e:
             if "ConfigLoader is not set" in str(e):  # glob(...): only Hydra's loader can expand it
                 continue
@@ -576,9 +578,9 @@ def check_override_grammar(overrides: list[str], keys: list[str] | None = None) 
                     f"conf/callbacks/{name}.yaml does not set {arg} ({', '.join(node)}); give another argument "
                     f"of its class with +{key}=...",
                 )
-        if key == "experiment" and any(isinstance(c, list) for c in choices):  # presets would overwrite each other
+        if key == "experiment" and any(isinstance(c, list) for c in values):  # presets would overwrite each other
             raise ConfigError(key, CommandLineText(text), "choose one preset (experiment=<name>; -m sweeps them)")
-        for choice in choices:
+        for choice in values:
             names = choice if isinstance(choice, list) else [choice]
             bad = next((n for n in names if options and isinstance(n, str) and n not in options), None)
             if bad is not None and not (len(names) == 1 and bad in ("null", "~", "")):
