@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import addrepro.train  # noqa: F401 - registers the config schema
-from addrepro.reports.descent import descents
+from addrepro.reports.descent import descents, write_descent
 from addrepro.reports.job import place_atlas
 from addrepro.reports.seed_stats import bootstrap_interval
 from addrepro.reports.sweep import draw_sweep, rest_summary, sweep_place_figure, swept_values
@@ -200,3 +200,21 @@ def test_jobs_differing_in_a_list_are_reported_with_the_list_as_given(tmp_path):
     draw_sweep(tmp_path)
     shelves = (tmp_path / "sweep_shelves.md").read_text()
     assert "| [early_stopping,lr_monitor] | [0.9,0.99] |" in shelves and "| [] | [0.9,0.98] |" in shelves
+
+
+def test_a_seeds_only_sweep_has_no_setting_column_and_counts_places_not_yet_descended(tmp_path):
+    spec = TaskSpec(n_digits=3, base=10)
+    start = place_atlas(spec)[0]["answer_prefix"]
+    jobs = []
+    for seed in SEEDS:
+        rows = rows_of(spec, seed)
+        for r in rows:
+            r["train/loss/place_0"] = start  # the units never leave their starting shelf
+        jobs.append({"name": f"{seed}_seed={seed}", "spec": spec, "rows": rows, "swept": {"seed": seed}})
+    write_descent(tmp_path, jobs, ["seed"])
+    table = (tmp_path / "sweep_descent.md").read_text()
+    assert "| role | from (nats) | seeds | descent step: mean | 95% interval of the mean | min–max | not yet |" in table
+    assert f"| units | {start:.3g} | 2 | – | – | – | 2 |" in table
+    tens = [drop_step(1, 3, 10, s) for s in SEEDS]
+    assert f"| tens | {place_atlas(spec)[1]['answer_prefix']:.3g} | 2 | {np.mean(tens):.0f} |" in table
+    assert (tmp_path / "sweep_descent.png").read_bytes()[:4] == b"\x89PNG"

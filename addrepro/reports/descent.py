@@ -100,6 +100,10 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
     position = {x: (x if numeric else i) for i, x in enumerate(xs)}
     span = (max(position.values()) - min(position.values())) if len(xs) > 1 else 1
     for ax, role in zip(axes.flat, roles, strict=False):
+        waiting = [p for p in points if p["role"] == role and p["step"] is None]
+        if len(waiting) == sum(p["role"] == role for p in points):  # no job has left the shelf yet
+            note = f"no descent yet\n(still on its starting shelf in all {len(waiting)} jobs)"
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4")
         for g, group in enumerate(groups):
             colour = plt.cm.tab10(g % 10)
             offset = (g - (len(groups) - 1) / 2) * 0.015 * span  # groups side by side at one x
@@ -118,8 +122,11 @@ def plot_descent(points: list[dict], roles: list[str], keys: list[str], path: Pa
             if means_x:
                 ax.plot(means_x, means_y, color=colour, lw=1.2, label=label)
         ax.set_title(role, fontsize=9)
-        ax.set_xticks([position[x] for x in xs], [str(x) for x in xs])
-        ax.set_xlabel(x_key or "job")
+        ax.set_xticks([position[x] for x in xs], [str(x) for x in xs] if x_key else ["all jobs"])
+        ax.set_xlabel(x_key or "no swept setting but seeds")
+        lo, hi = min(position.values()), max(position.values())
+        pad = 0.08 * (hi - lo) if hi > lo else 0.5
+        ax.set_xlim(lo - pad, hi + pad)  # every panel alike, those without a point too
         ax.set_ylabel("descent step")
         ax.grid(alpha=0.2)
     axes.flat[0].set_ylim(bottom=0)  # after every panel is drawn: the shared top fits all of them
@@ -147,7 +154,8 @@ def _order(value: object) -> tuple:
 
 def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
     x_key, group_key = axes_keys(keys)
-    head = ["role", *([group_key] if group_key else []), x_key or "job", "from (nats)", "seeds", "descent step: mean"]
+    head = ["role", *([group_key] if group_key else []), *([x_key] if x_key else []), "from (nats)", "seeds"]
+    head += ["descent step: mean"]
     head += ["95% interval of the mean", "min–max", "not yet"]
     lines = ["| " + " | ".join(h for h in head) + " |", "|" + "---|" * len(head)]
     by = _grouped(points)
@@ -160,7 +168,8 @@ def descent_table(points: list[dict], roles: list[str], keys: list[str]) -> str:
             interval = "{:.0f}–{:.0f}".format(*bootstrap_interval(done)) if len(done) > 1 else "–"
             spread = f"{min(done)}–{max(done)}" if done else "–"
             levels = ", ".join(sorted({p["from"] for p in pts}))
-            cells = [role, *([str(group)] if group_key else []), str(x), levels, str(len(pts)), mean, interval, spread]
+            cells = [role, *([str(group)] if group_key else []), *([str(x)] if x_key else []), levels, str(len(pts))]
+            cells += [mean, interval, spread]
             lines.append("| " + " | ".join([*cells, str(len(pts) - len(done))]) + " |")
     return "\n".join(lines)
 
