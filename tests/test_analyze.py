@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import adder
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import cli_env, run_cli
@@ -439,3 +440,14 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_over_training_draws_a_series_in_one_colour_in_every_panel():
+    # place_2 moves most under L0H0, place_1 under L0H1: drawn in another order, yet one colour each.
+    series = {"L0H0/place_1": [0.0, 0.1], "L0H0/place_2": [0.0, 0.9], "L0H1/place_1": [0.0, 0.8]}
+    series["L0H1/place_2"] = [0.0, 0.2]
+    fig = over_training.plot({"of": "attention", "steps": [0, 100], "series": series})
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes[:2]]
+    assert colours[0] == colours[1] and colours[0]["place_1"] != colours[0]["place_2"]
+    assert [ax.get_ylabel() for ax in fig.axes[:2]] == ["attention on the own operands"] * 2
+    plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from addrepro.interp.common import Subject, load_subject, new_figure
@@ -53,6 +54,19 @@ def run(
     }
 
 
+# What the followed summary values are, where an analysis's values all mean one thing.
+Y_LABELS = {
+    "ablation": "val loss change, zero-ablated (nats)",
+    "logit_attribution": "direct logit of the right digit",
+    "attention": "attention on the own operands",
+    "composition": "composition score",
+    "patching": "restored fraction",
+    "probes": "probe accuracy",
+    "breakdown": "loss term (nats)",
+    "condition": "loss range over the cells (nats)",
+}
+
+
 def plot(result: dict, max_series: int = 8) -> Any:
     groups: dict[str, list[str]] = {}
     for name in result["series"]:
@@ -62,12 +76,18 @@ def plot(result: dict, max_series: int = 8) -> Any:
     rows = -(-n // cols)
     fig, axes = new_figure(rows, cols, width=5.0, height=3.2)
     steps = result["steps"]
+    # One colour per series label (a place, a component) in every panel: place_1 is one colour throughout.
+    labels = list(dict.fromkeys(name.split("/", 1)[-1] for name in result["series"]))
+    palette = plt.cm.tab10 if len(labels) <= 10 else plt.cm.tab20
+    colours = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     for ax, (group, names) in zip(axes.flat, groups.items(), strict=False):
         movement = {m: np.nanmax(np.abs(result["series"][m])) if result["series"][m] else 0 for m in names}
         for m in sorted(names, key=lambda m: -movement[m])[:max_series]:
-            ax.plot(steps, result["series"][m], marker=".", label=m.split("/", 1)[-1])
+            label = m.split("/", 1)[-1]
+            ax.plot(steps, result["series"][m], marker=".", label=label, color=colours[label])
         ax.set_xscale("symlog", linthresh=max(1, min([s for s in steps if s > 0], default=1)))
         ax.set_xlabel("step")
+        ax.set_ylabel(Y_LABELS.get(result["of"], ""), fontsize=8)
         ax.set_title(group, fontsize=9)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(groups) :]:
