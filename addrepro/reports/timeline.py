@@ -224,11 +224,15 @@ def timeline_markdown(
     return "\n".join(lines) + "\n"
 
 
+# Legends beside the panels, never over the curves they name.
+OUTSIDE = {"fontsize": 7, "title_fontsize": 7, "loc": "center left", "bbox_to_anchor": (1.01, 0.5), "frameon": False}
+
+
 def plot_timeline(
     rows: list[dict], spec: TaskSpec, shelves: dict[int, list[Shelf]], spikes: list[dict], path: Path, name: str = ""
 ) -> Path:
     """Loss with shelves, attention on own operands per head, carry probes: one step axis."""
-    fig, (ax_loss, ax_attn, ax_probe) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    fig, (ax_loss, ax_attn, ax_probe) = plt.subplots(3, 1, figsize=(10.5, 9), sharex=True)
     for j in range(spec.n_places - 1, -1, -1):
         shade = place_colour(j, spec)
         steps, loss = series(rows, f"train/loss/place_{j}")
@@ -244,9 +248,7 @@ def plot_timeline(
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("train loss (nats)")
     if ax_loss.lines:
-        ax_loss.legend(
-            fontsize=7, ncol=3, loc="lower left", title="thick bars: shelves; dashed red: spikes", title_fontsize=7
-        )
+        ax_loss.legend(**OUTSIDE, title="thick bars: shelves\ndashed red: spikes")
     keys = attention_keys(rows)
     for j in range(spec.n_places - 1, -1, -1):
         for kind, style in (("own", "-"), ("lower", "--")):
@@ -261,13 +263,7 @@ def plot_timeline(
     ax_attn.set_ylim(0, 1.05)
     ax_attn.set_ylabel("attention of the place's\nmost attentive head")
     if ax_attn.lines:
-        ax_attn.legend(
-            fontsize=7,
-            ncol=3,
-            loc="lower right",
-            title="solid: on a_j, b_j; dashed: on a_(j-1), b_(j-1)",
-            title_fontsize=7,
-        )
+        ax_attn.legend(**OUTSIDE, title="solid: on a_j, b_j\ndashed: on a_(j-1), b_(j-1)")
     for j in range(1, spec.n_places):
         steps, acc = series(rows, f"mech/probe/carry_in/place_{j}/acc")
         if len(steps):
@@ -277,7 +273,7 @@ def plot_timeline(
     ax_probe.set_ylabel("carry-in probe accuracy")
     ax_probe.set_xlabel("step")
     if ax_probe.get_legend_handles_labels()[0]:
-        ax_probe.legend(fontsize=7, ncol=3, loc="lower right")
+        ax_probe.legend(**OUTSIDE)
     else:  # no carries to probe (the digitwise task, one digit)
         ax_probe.text(0.5, 0.5, "no carry-in probe: the task has no carries", ha="center", transform=ax_probe.transAxes)
     for ax in (ax_loss, ax_attn, ax_probe):
