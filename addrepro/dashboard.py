@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             print(publish(saved_workspace(args.publish, args.entity)))
             return 0
         target = read_target(args.folder)
+        if not target.logged_to_wandb:  # a workspace of these runs would show nothing
+            raise RunFileError(
+                f"the runs in {target.folder} did not log to W&B (logger.wandb.enabled=false): no dashboard to "
+                f"build; their plots are redrawn by python -m addrepro.report {target.folder}"
+            )
         missing = unsynced_jobs(target)
         if missing and len(missing) == len(target.jobs):
             raise RunFileError(f"no offline W&B run to sync in {target.folder} (wandb/offline-run-* of its jobs)")
@@ -98,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         names = ", ".join(job.name for job in missing[:3]) + (" …" if len(missing) > 3 else "")
         print(f"addrepro.dashboard: {len(missing)} job(s) have no offline W&B run to sync: {names}", file=sys.stderr)
-    if not target.logged_to_wandb:
-        print("addrepro.dashboard: these runs did not log to W&B (logger.wandb.enabled=false)", file=sys.stderr)
-        return 0
     if args.online:
         print(publish(workspace))
         return 0

@@ -201,6 +201,24 @@ def test_single_run_workspace_shows_that_run_alone(sweep):
 def test_not_a_run_folder_is_one_line(tmp_path, capsys):
     assert dashboard.main([str(tmp_path)]) == 2
     assert "neither a job folder nor a sweep folder" in capsys.readouterr().err
+    assert dashboard.main([str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"addrepro.dashboard: {tmp_path / 'nope'} does not exist"
+
+
+def test_runs_that_did_not_log_to_wandb_get_no_workspace(tmp_path, capsys):
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415
+    from omegaconf import OmegaConf  # noqa: PLC0415
+
+    from addrepro.training.config import config_dir  # noqa: PLC0415
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["logger=csv"])
+    (tmp_path / "job" / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, tmp_path / "job" / ".hydra" / "config.yaml")
+    assert dashboard.main([str(tmp_path / "job")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not log to W&B (logger.wandb.enabled=false): no dashboard to build" in err[0]
+    assert not (tmp_path / "job" / WORKSPACE_JSON).exists()
 
 
 def test_swept_keys_come_from_the_sweep_config_grid_and_the_command_line(tmp_path):

@@ -150,6 +150,8 @@ def job_identity(job: Path, cfg: Any, multirun: bool) -> tuple[str, str | None]:
 def read_target(folder: Path) -> Target:
     """The sweep (or single job) in ``folder``; raises FileNotFoundError when it is neither."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}")
     if is_job_dir(folder):
         jobs, multirun = [folder], False
     else:
