@@ -315,23 +315,30 @@ def summarize(result: dict) -> dict[str, float]:
     return out
 
 
-def plot(result: dict, per_cluster: int = 3) -> Any:
-    maps = np.asarray(result["maps"], dtype=float)  # (L, d_mlp, P, base, base)
+def plot(result: dict, per_cluster: int = 2, max_rows: int = 12) -> Any:
+    """Maps of ``per_cluster`` neurons of each cluster, the clusters with the largest zero-ablation
+    effect first, at most ``max_rows`` rows (every neuron's map is in the JSON); then the clusters'
+    ablation effects, the attribution check and the map shares."""
+    maps = np.asarray(result["maps"], dtype=float)  # (L, d_mlp, P, base, base), indexed [a_j, b_j]
     places = result["places"]
-    groups = [g for g in result["clusters"] if g["cluster"] >= 0]
-    shown = [(g, n) for g in groups for n in g["neurons"][:per_cluster]]
+    groups = sorted((g for g in result["clusters"] if g["cluster"] >= 0), key=lambda g: -max(g["zero"], default=0))
+    shown = [(g, n) for g in groups for n in g["neurons"][:per_cluster]][:max_rows]
     rows = max(len(shown), 1)
     fig, axes = new_figure(rows + 1, len(places), width=2.2, height=2.0)
-    for row, (g, n) in zip(axes, shown, strict=False):
+    for i, (row, (g, n)) in enumerate(zip(axes, shown, strict=False)):
         for ax, j in zip(row, places, strict=False):
             ax.imshow(maps[g["layer"], n, j], origin="lower", cmap="viridis")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"L{g['layer']}N{n} c{g['cluster']} p{j}", fontsize=6)
+            if i == 0 and j == places[0]:
+                ax.set_xlabel("b_j →", fontsize=6, labelpad=1)
+                ax.set_ylabel("a_j →", fontsize=6, labelpad=1)
     last = axes[-1]
     names = [f"L{g['layer']}c{g['cluster']} ({len(g['neurons'])})" for g in result["clusters"]]
     values = np.array([g["zero"] for g in result["clusters"]])
-    last[0].imshow(values, cmap="magma", aspect="auto")
+    im = last[0].imshow(values, cmap="magma", aspect="auto")
+    fig.colorbar(im, ax=last[0])
     last[0].set_yticks(range(len(names)), names, fontsize=5)
     last[0].set_xticks(range(len(places)), [f"p{j}" for j in places], fontsize=6)
     last[0].set_title("cluster zero-ablation Δ loss", fontsize=7)
@@ -355,6 +362,11 @@ def plot(result: dict, per_cluster: int = 3) -> Any:
         last[2].legend(fontsize=5, loc="upper right")
     for ax in last[3:]:
         ax.axis("off")
-    fig.suptitle(analysis_title(result, "neurons"))
-    fig.tight_layout()
+    clusters = len({(g["layer"], g["cluster"]) for g, _ in shown})
+    fig.suptitle(
+        f"{analysis_title(result, 'neurons')}\nmean activation over each place's (a_j, b_j) grid, each map on its"
+        f" own scale; {len(shown)} neurons of the {clusters} clusters with the largest ablation effect",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))  # room for the two-line title
     return fig
