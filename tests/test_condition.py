@@ -109,7 +109,12 @@ def test_adder_ignores_the_answer_prefix_and_follows_its_operands():
     summary = intervene.summarize(result)
     assert summary["place_0/changed"] == 1.0 and summary["place_0/loss_change"] > 15
     fig = intervene.plot(result)
-    assert len(fig.axes) == 2
+    assert len(fig.axes) == 2 and all(ax.get_legend() is not None for ax in fig.axes)
+    # 19 cells of s_0 = a_0 + b_0: too many to name in a legend, coloured in order along a colour bar
+    many = intervene.plot(intervene.run(subject, set={"a_0": "+1"}, size=2000, by=["s_0"]))
+    panel, bar = many.axes[0], many.axes[2]
+    assert len({tuple(p.get_facecolor()) for p in panel.patches}) == 19 and panel.get_legend() is None
+    assert [t.get_text() for t in bar.get_yticklabels()][::5] == ["s_0=0", "s_0=18"]
 
 
 def test_intervention_options_are_checked():

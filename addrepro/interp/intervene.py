@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -139,21 +140,32 @@ def plot(result: dict) -> Any:
     before, after = result["before"], result["after"]
     fig, axes = new_figure(1, 2, width=max(4.5, 0.5 * len(places) * max(len(before), 1) ** 0.5 + 2), height=3.4)
     x = np.arange(len(places))
-    width = 0.8 / max(len(before), 1)
+    n = len(before)
+    width = 0.8 / max(n, 1)
+    labels = [cell_label(b["values"]) if result["by"] else "all examples" for b in before]
+    # A legend names up to 12 cells; more are coloured in their order along a colour bar that names some.
+    many = n > 12
+    colours = [plt.cm.viridis(i / max(n - 1, 1)) if many else f"C{i % 10}" for i in range(n)]
     for i, (b, a) in enumerate(zip(before, after, strict=True)):
-        label = cell_label(b["values"]) if result["by"] else "all examples"
-        offset = (i - (len(before) - 1) / 2) * width
-        axes[0][0].bar(x + offset, np.array(a["loss"]) - np.array(b["loss"]), width, yerr=a["loss_se"], label=label)
-        axes[0][1].bar(x + offset, a["changed"], width, label=label)
+        offset = (i - (n - 1) / 2) * width
+        loss = np.array(a["loss"]) - np.array(b["loss"])
+        axes[0][0].bar(x + offset, loss, width, yerr=a["loss_se"], label=labels[i], color=colours[i])
+        axes[0][1].bar(x + offset, a["changed"], width, label=labels[i], color=colours[i])
     axes[0][0].axhline(0, color="grey", lw=0.5)
     axes[0][0].set_ylabel("Δ mean loss (nats, original answer)")
     axes[0][1].set_ylabel("fraction of predictions changed")
     axes[0][1].set_ylim(0, 1)
     for ax in axes[0]:
         ax.set_xticks(x, [f"place {j}" for j in places], fontsize=7)
-        if len(before) <= 12:
+        if not many:
             ax.legend(fontsize=6)
     edits = ", ".join(f"{k}→{v}" for k, v in result["set"].items())
     fig.suptitle(analysis_title(result, f"intervene ({edits})"), fontsize=9)
     fig.tight_layout()
+    if many:  # after the layout: the bar takes its room from both panels
+        scale = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, n - 1))
+        bar = fig.colorbar(scale, ax=axes[0].tolist(), fraction=0.03, pad=0.02)
+        ticks = sorted({round(k) for k in np.linspace(0, n - 1, min(n, 6))})
+        bar.set_ticks(ticks, labels=[labels[k] for k in ticks], fontsize=6)
+        bar.set_label("cell (bars in this order)", fontsize=7)
     return fig
