@@ -27,8 +27,8 @@ TINY = ["data.n_digits=2", "model.width=16", "trainer.plots=false", *FAST]
 # Every bad value reported from the field, as a user sees it (the schema's whole table: test_config_check.py).
 CONFIG_CASES = [
     (["optimizer.betas=0.9"], "optimizer.betas=0.9 is invalid: must be two numbers in [0, 1)"),
-    (["metrics.carry_set_size=0"], "metrics.carry_set_size=0 is invalid: must be an integer in 1..100000"),
-    (["metrics.chain_set_size=-1"], "metrics.chain_set_size=-1 is invalid: must be an integer in 1..100000"),
+    (["metrics.carry_set_size=1"], "metrics.carry_set_size=1 is invalid: must be an integer in 2..100000"),
+    (["metrics.chain_set_size=-1"], "metrics.chain_set_size=-1 is invalid: must be an integer in 2..100000"),
     (
         ["data.sampler=carry_balanced", "data.train_size=100"],
         "data.sampler='carry_balanced' is invalid: draws fresh sums",

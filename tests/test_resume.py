@@ -106,7 +106,11 @@ def preempt(tmp_path, env, sig, after_step: int, *args: str) -> int:
     _, err = victim.communicate(timeout=180)
     assert victim.returncode == 128 + sig, err[-2000:]
     lines = [line for line in err.splitlines() if line.startswith("addrepro:")]
-    assert len(lines) == 1 and lines[0].startswith(f"addrepro: preempted: {sig.name} at step "), lines
+    if sig == signal.SIGINT:  # Ctrl-C is answered at once, then stops after the step under way
+        assert lines[0] == "addrepro: Ctrl-C: stopping after this step with a checkpoint (again to stop at once)"
+        lines = lines[1:]
+    verb = "interrupted" if sig == signal.SIGINT else "preempted"
+    assert len(lines) == 1 and lines[0].startswith(f"addrepro: {verb}: {sig.name} at step "), lines
     assert "Traceback" not in err
     status = json.loads((tmp_path / "job" / "status.json").read_text())
     assert status["status"] == "preempted"
@@ -114,13 +118,14 @@ def preempt(tmp_path, env, sig, after_step: int, *args: str) -> int:
 
 
 def test_preemption_signals_checkpoint_where_they_stopped_and_resume_auto_ends_bitwise_equal(uninterrupted, tmp_path):
-    """A job pre-empted twice, as SLURM does it (SIGUSR1 before the time limit, SIGTERM on requeue)."""
+    """A job pre-empted twice, as SLURM does it (SIGUSR1 before the time limit, SIGTERM on requeue), then
+    stopped with Ctrl-C (SIGINT): each time a checkpoint where it stopped, and resume=auto goes on."""
     env = one_thread_env()
     full_rows = load_rows(uninterrupted)
     spikes = json.loads((uninterrupted / "spikes.json").read_text())
     assert len(spikes) >= 2, "no spikes to compare: the detector settings of RUN should find some"
     stops = []
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         after = 100 if not stops else (stops[-1] // 100 + 1) * 100  # the first checkpoint of this part
         assert after < 400, f"the first part stopped at step {stops[-1]}: too late to pre-empt again"
         step = preempt(tmp_path, env, sig, after, *(["resume=auto"] if stops else []))
@@ -163,8 +168,13 @@ def test_preemption_signals_checkpoint_where_they_stopped_and_resume_auto_ends_b
     assert json.loads((tmp_path / "job" / "status.json").read_text())["status"] == "ok"
     # One W&B run continued under its id: each pre-empted part closed with 128 + signal, the whole read back.
     parts = sorted(find_runs(tmp_path / "job"), key=lambda p: p.stat().st_mtime)
-    assert len(parts) == 3 and len({read_run(p).run_id for p in parts}) == 1
-    assert [read_run(p).exit_code for p in parts] == [128 + signal.SIGUSR1, 128 + signal.SIGTERM, 0]
+    assert len(parts) == 4 and len({read_run(p).run_id for p in parts}) == 1
+    assert [read_run(p).exit_code for p in parts] == [
+        128 + signal.SIGUSR1,
+        128 + signal.SIGTERM,
+        128 + signal.SIGINT,
+        0,
+    ]
 
     def steps(run):
         return [(r["trainer/global_step"], r.get("train/loss")) for r in run.history if "trainer/global_step" in r]

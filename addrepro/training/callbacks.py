@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -147,7 +148,7 @@ class Checkpoints(pl.Callback):
 
 
 class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where it was asked to
-    """The run was asked to stop (SIGTERM, SIGUSR1) and wrote a resumable checkpoint first."""
+    """The run was asked to stop (SIGTERM, SIGUSR1, Ctrl-C's SIGINT) and wrote a resumable checkpoint first."""
 
     def __init__(self, signum: int, step: int, filename: str, previous_handler: object = None):
         name = signal.Signals(signum).name
@@ -156,9 +157,14 @@ class Preempted(Exception):  # noqa: N818 - not an error: the run stopped where 
         self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
 
     def chain(self) -> None:
-        """Let the handler that was installed before training see the signal (submitit's requeue)."""
-        if callable(self.previous_handler):
+        """Let the handler that was installed before training see the signal (submitit's requeue); not
+        Python's own for Ctrl-C, which would only raise KeyboardInterrupt after the checkpoint."""
+        if callable(self.previous_handler) and self.previous_handler is not signal.default_int_handler:
             self.previous_handler(self.signum, None)
+
+    @property
+    def verb(self) -> str:
+        return "interrupted" if self.signum == signal.SIGINT else "preempted"
 
 
 def preemption_signals() -> list[int]:
@@ -172,21 +178,27 @@ def preemption_signals() -> list[int]:
 
 
 class Preemption(pl.Callback):
-    """On a pre-emption signal: finish the optimiser step under way, write ``step_<N>.ckpt`` (metrics
-    file first, as every checkpoint) and stop by raising ``Preempted``.
+    """On a pre-emption signal, or Ctrl-C: finish the optimiser step under way, write ``step_<N>.ckpt``
+    (metrics file first, as every checkpoint) and stop by raising ``Preempted``.
 
     The handlers replace Lightning's for the duration of training (Lightning restores the earlier
-    ones afterwards); they only take note, the work happens at the next optimiser step's end.
+    ones afterwards); they only take note, the work happens at the next optimiser step's end. A second
+    Ctrl-C stops at once, without a checkpoint (Python's own handler is back after the first).
     """
 
     def __init__(self, checkpoints: Checkpoints):
         self.checkpoints = checkpoints
         self.received: int | None = None
-        self.signals = preemption_signals()
+        self.signals = [*preemption_signals(), signal.SIGINT]
         self.previous = {s: signal.getsignal(s) for s in self.signals}  # before Lightning's
 
     def handle(self, signum: int, frame: object) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(
+                "addrepro: Ctrl-C: stopping after this step with a checkpoint (again to stop at once)", file=sys.stderr
+            )
 
     def on_train_start(self, trainer: pl.Trainer, module: AdditionModule) -> None:
         if trainer.received_sigterm:  # arrived while Lightning's handler was in place

@@ -313,8 +313,9 @@ class MetricsConfig:
     """``metrics``: shelf-science metrics, computed on the device every ``every_n_steps`` and at the end."""
 
     every_n_steps: int = option(100, integer(1))
-    carry_set_size: int = option(128, integer(1, 100_000))  # sequences per carry-in-0 / carry-in-1 set, per place
-    chain_set_size: int = option(64, integer(1, 100_000))  # sequences per (place, carry-chain length) set
+    # At least 2 per set: each logs its loss's standard error over the set.
+    carry_set_size: int = option(128, integer(2, 100_000))  # sequences per carry-in-0 / carry-in-1 set, per place
+    chain_set_size: int = option(64, integer(2, 100_000))  # sequences per (place, carry-chain length) set
     class_set_size: int = option(128, integer(1, 100_000))  # sequences per carry-complexity class S0..Sn
     spike_window: int = option(
         50, integer(1, 100_000)

@@ -262,9 +262,15 @@ def train_and_record(plans: list[JobPlan], draw: Draw | None) -> bool:
     except Preempted as e:
         for plan in plans:
             try_status(plan.job_dir, "preempted", str(e), step=e.step, checkpoint=e.filename)
-        print(f"addrepro: preempted: {e}; continue with resume=auto (or resume=<job folder>)", file=sys.stderr)
+        print(f"addrepro: {e.verb}: {e}; continue with resume=auto (or resume=<job folder>)", file=sys.stderr)
         e.chain()
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (set-up, end-of-run files): no checkpoint now
+        message = "interrupted (Ctrl-C) outside the training steps; resume=auto continues from the last checkpoint"
+        for plan in plans:
+            try_status(plan.job_dir, "failed", message)
+        print(f"addrepro: {message}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as a shell reports it
     except Exception as e:
         for plan in plans:
             try_status(plan.job_dir, "failed", f"{type(e).__name__}: {e}")
