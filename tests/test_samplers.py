@@ -9,8 +9,7 @@ from conftest import FAST, run_cli
 
 from addrepro.task.complexity import cascade_class, class_frequencies
 from addrepro.task.encoding import operands_from_tokens
-from addrepro.task.samplers import SamplerSpec
-from addrepro.task.spec import TaskSpec
+from addrepro.task.spec import SamplerSpec, TaskSpec
 from addrepro.task.streams import InfiniteBatches, stacked_batch
 
 SPEC = TaskSpec(n_digits=5)

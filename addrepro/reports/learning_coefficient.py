@@ -25,8 +25,7 @@ from addrepro.metrics.place import place_stats
 from addrepro.model.transformer import Transformer, model_from_checkpoint
 from addrepro.rundir.checkpoints import checkpoints_by_step, load_checkpoint
 from addrepro.rundir.metrics_file import load_rows, read_records
-from addrepro.task.samplers import SamplerSpec
-from addrepro.task.spec import TaskSpec
+from addrepro.task.spec import SamplerSpec, TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, validation_tokens
 
 PART_KINDS = ("all", "heads", "mlp")

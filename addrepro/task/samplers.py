@@ -20,34 +20,11 @@ distribution (the carry-conditioned sets on their own conditions); only training
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from functools import partial
-from typing import Any
-
 import torch
 
 from addrepro.task.complexity import ClassSampler, class_frequencies
 from addrepro.task.encoding import sample_operands
-from addrepro.task.spec import SAMPLERS, TaskSpec
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """A training distribution and its parameters, as the ``data`` config sets them."""
-
-    name: str = "uniform"
-    enrich_batches: float = 0.4
-    enrich_digits: float = 0.4
-    curriculum_steps: int = 500
-
-    @classmethod
-    def from_config(cls, data: Any) -> SamplerSpec:
-        """The sampler of a run config's ``data`` section, read as ``TaskSpec.from_config`` reads the
-        task (by attribute, or by key for a checkpoint's stored config). A stored config from before a
-        key existed gets this class's default, which is also the ``data`` schema's."""
-        get = data.get if isinstance(data, dict) else partial(getattr, data)
-        key = {"name": "sampler"}  # the config key of each field named otherwise
-        return cls(**{f.name: get(key.get(f.name, f.name), f.default) for f in fields(cls)})
+from addrepro.task.spec import SAMPLERS, SamplerSpec, TaskSpec
 
 
 class OperandSampler:

@@ -113,3 +113,22 @@ def role_order(n_digits: list[int]) -> list[str]:
     middle = [f"top-{k}" for k in range(1, n - 2)]
     present = {place_role(j, d) for d in n_digits for j in range(d + 1)}
     return [r for r in ["carry-out", "top digit", *middle, "tens", "units"] if r in present]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A training distribution and its parameters, as the ``data`` config sets them."""
+
+    name: str = "uniform"
+    enrich_batches: float = 0.4
+    enrich_digits: float = 0.4
+    curriculum_steps: int = 500
+
+    @classmethod
+    def from_config(cls, data: Any) -> SamplerSpec:
+        """The sampler of a run config's ``data`` section, read as ``TaskSpec.from_config`` reads the
+        task (by attribute, or by key for a checkpoint's stored config). A stored config from before a
+        key existed gets this class's default, which is also the ``data`` schema's."""
+        get = data.get if isinstance(data, dict) else partial(getattr, data)
+        key = {"name": "sampler"}  # the config key of each field named otherwise
+        return cls(**{f.name: get(key.get(f.name, f.name), f.default) for f in fields(cls)})

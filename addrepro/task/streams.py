@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from addrepro.task.encoding import encode, operands_from_ints, sample_operands
-from addrepro.task.samplers import OperandSampler, SamplerSpec
-from addrepro.task.spec import TaskSpec
+from addrepro.task.samplers import OperandSampler
+from addrepro.task.spec import SamplerSpec, TaskSpec
 
 
 class InfiniteBatches:

@@ -38,8 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from addrepro.model.config import ACTIVATIONS, INITS, NORMALIZATIONS, ModelConfig
-from addrepro.task.samplers import SamplerSpec
-from addrepro.task.spec import ORDERS, SAMPLERS, TASKS, TaskSpec
+from addrepro.task.spec import ORDERS, SAMPLERS, TASKS, SamplerSpec, TaskSpec
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 WANDB_MODES = ("offline", "online", "disabled")

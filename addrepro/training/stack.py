@@ -17,9 +17,8 @@ from addrepro.metrics.grad_norms import grad_norm_keys
 from addrepro.metrics.place import compiled_place_stats, place_stats
 from addrepro.model.optim import StackedAdamW
 from addrepro.model.transformer import Transformer
-from addrepro.task.samplers import SamplerSpec
 from addrepro.task.sets import CarrySets
-from addrepro.task.spec import TaskSpec
+from addrepro.task.spec import SamplerSpec, TaskSpec
 from addrepro.task.streams import FiniteBatches, InfiniteBatches, stacked_batch, validation_tokens
 from addrepro.training.config import TrainConfig
 from addrepro.training.evaluation import EvaluationSets
