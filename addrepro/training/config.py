@@ -215,14 +215,13 @@ class DataConfig:
     val_size: int = option(2048, integer(1, 1_000_000))  # held-out pairs (disjoint from a finite training set)
     val_seed: int = option(1000003, integer(-MAX_SEED - 1, MAX_SEED))  # seed of the validation set for infinite data
     # The training distribution (addrepro.task.samplers); held-out sets and metrics stay uniform.
-    sampler: str = option(SamplerSpec.name, choice(SAMPLERS))  # uniform | carry_enriched | carry_balanced | curriculum
-    enrich_batches: float = option(SamplerSpec.enrich_batches, fraction)  # carry_enriched: share of batches enriched
-    enrich_digits: float = option(
-        SamplerSpec.enrich_digits, fraction
-    )  # carry_enriched: share of digit positions made to sum base-1
-    curriculum_steps: int = option(
-        SamplerSpec.curriculum_steps, integer(1)
-    )  # curriculum: batches before the next carry class joins
+    # uniform | carry_enriched | carry_balanced | curriculum
+    sampler: str = option(SamplerSpec.name, choice(SAMPLERS))
+    # carry_enriched: the share of batches enriched, and in them of digit positions made to sum base-1
+    enrich_batches: float = option(SamplerSpec.enrich_batches, fraction)
+    enrich_digits: float = option(SamplerSpec.enrich_digits, fraction)
+    # curriculum: batches before the next carry class joins
+    curriculum_steps: int = option(SamplerSpec.curriculum_steps, integer(1))
 
 
 @dataclass
